@@ -1,0 +1,196 @@
+"""Datasets and DataLoaders: files on disk -> decoded, resized uint8 batches.
+
+- Decoding and resizing run in DataLoader worker processes; the main process only moves
+  uint8 batches to the device (pinned memory, non-blocking) where they are normalised.
+- Augmentation randomness is a pure function of (seed, epoch, row): the same seed gives the
+  same batches whatever the worker count, and a resumed run continues bit-identically.
+- A file that cannot be read is skipped with a warning naming it; too many bad files stop the
+  run with InvalidDatasetError instead of a crash deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from array import array
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from .errors import InvalidDatasetError
+from .image_directory import ImageDirectory
+from .legacy_format import resolves_inside
+from .preprocessing import ImageDecodeError, Preprocessing, decode_image
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataset(Dataset):
+    """Row i -> (uint8 CHW image or None, class index, i, error or None)."""
+
+    def __init__(self, directory: ImageDirectory, targets: array, transform, size_hint: int | None, seed: int):
+        self.directory, self.targets, self.transform = directory, targets, transform
+        self.size_hint, self.seed = size_hint, seed
+        self.real_root = os.path.realpath(directory.root)
+
+    def __len__(self) -> int:
+        return len(self.directory)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        target = self.targets[index]
+        path = self.directory.path(index)
+        try:
+            if not resolves_inside(self.real_root, path):
+                raise ImageDecodeError("the path (or a symlink on it) leads outside the input folder")
+            image = decode_image(path, self.size_hint)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+                return self.transform(image), target, index, None
+        except ImageDecodeError as exc:
+            return None, target, index, str(exc)
+        except FileNotFoundError:
+            return None, target, index, "file not found"
+        except OSError as exc:
+            return None, target, index, f"cannot read the file ({exc.strerror or exc})"
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 NCHW
+    targets: torch.Tensor  # int64 N
+    failures: list[tuple[int, str]]  # (row, reason) of rows left out of this batch
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.failures)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def collate(items) -> Batch:
+    good = [item for item in items if item[0] is not None]
+    failures = [(item[2], item[3]) for item in items if item[0] is None]
+    if not good:
+        return Batch(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), failures)
+    shapes = {tuple(item[0].shape) for item in good}
+    if len(shapes) > 1:
+        raise InvalidDatasetError(
+            f"images in one batch have different sizes {sorted(shapes)[:3]}; set --image-size to resize them."
+        )
+    return Batch(torch.stack([item[0] for item in good]), torch.tensor([item[1] for item in good]), failures)
+
+
+class EpochTaggedSampler(Sampler):
+    """Wraps a sampler so each index travels with the current epoch (for per-sample seeding)."""
+
+    def __init__(self, inner: Sampler):
+        self.inner, self.epoch = inner, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((index, epoch) for index in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class ShardSampler(Sampler):
+    """Rows rank, rank+W, rank+2W, ...: every row exactly once over all ranks (no padding), for exact validation."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def default_num_workers(device: torch.device, local_world_size: int = 1) -> int:
+    """Decoding processes per training process: all CPUs on GPU hosts (minus the feeding
+    process), on CPU training leave one core per process to the model's own math."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    per_process = max(1, cpus // max(1, local_world_size))
+    if device.type == "cuda":
+        return min(8, max(1, per_process - 1))
+    return max(1, per_process - 1) if per_process > 1 else 0
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Each worker decodes one image at a time: extra intra-op threads only fight over cores.
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: ImageDataset, sampler: Sampler, *, batch_size: int, drop_last: bool,
+                num_workers: int, device: torch.device) -> DataLoader:
+    workers = num_workers > 0
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate,
+        num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+        persistent_workers=workers, prefetch_factor=4 if workers else None,
+    )
+
+
+def training_loader(dataset: ImageDataset, *, batch_size: int, seed: int, rank: int, world_size: int,
+                    num_workers: int, device: torch.device) -> DataLoader:
+    # DistributedSampler also serves a single process: a (seed, epoch)-determined shuffle.
+    inner = DistributedSampler(range(len(dataset)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return make_loader(dataset, EpochTaggedSampler(inner), batch_size=batch_size, drop_last=True,
+                       num_workers=num_workers, device=device)
+
+
+def evaluation_loader(dataset: ImageDataset, *, batch_size: int, rank: int, world_size: int,
+                      num_workers: int, device: torch.device) -> DataLoader:
+    return make_loader(dataset, ShardSampler(len(dataset), rank, world_size), batch_size=batch_size,
+                       drop_last=False, num_workers=num_workers, device=device)
+
+
+class BadImageTracker:
+    """Collects unreadable files, warns once per file, and fails past `max_fraction` of a dataset."""
+
+    MAX_NAMED = 20
+
+    def __init__(self, directory: ImageDirectory, role: str, max_fraction: float):
+        self.directory, self.role, self.max_fraction = directory, role, max_fraction
+        self.bad: dict[int, str] = {}
+
+    def record(self, failures: list[tuple[int, str]]) -> None:
+        for index, reason in failures:
+            if index in self.bad:
+                continue
+            self.bad[index] = reason
+            if len(self.bad) <= self.MAX_NAMED:
+                log.warning("Skipping unreadable %s image '%s': %s", self.role.lower(), self.directory.files[index], reason)
+            elif len(self.bad) == self.MAX_NAMED + 1:
+                log.warning("More unreadable %s images; only their count is reported from now on.", self.role.lower())
+        if self.bad and len(self.bad) > self.max_fraction * len(self.directory):
+            named = ", ".join(f"'{self.directory.files[i]}' ({r})" for i, r in list(self.bad.items())[:5])
+            raise InvalidDatasetError(
+                f"{self.role} data '{self.directory.root}': {len(self.bad)} of {len(self.directory)} images cannot be "
+                f"read, more than the allowed {self.max_fraction:.0%} (--max-bad-image-fraction). First: {named}. "
+                "Remove or replace these files."
+            )
+
+
+def class_targets(directory: ImageDirectory, class_index: dict[str, int]) -> array:
+    """Each row's class index in the training class list (matched by category name)."""
+    mapping = [class_index[name] for name in directory.categories]
+    return array("l", (mapping[label] for label in directory.labels))
+
+
+def build_dataset(directory: ImageDirectory, class_index: dict[str, int], preprocessing: Preprocessing,
+                  *, train: bool, seed: int) -> ImageDataset:
+    transform = preprocessing.train_transform() if train else preprocessing.eval_transform()
+    size_hint = preprocessing.resize_size
+    return ImageDataset(directory, class_targets(directory, class_index), transform, size_hint, seed)

@@ -1,0 +1,279 @@
+"""Reading ImageDirectory folders in every layout designer accepts (spec section 2).
+
+Layouts, tried in this order:
+1. meta route: `_meta.yaml` (or, without it, `images.lst` + `_schema.json`) → rows from
+   `images.lst`, categories from the schema's annotation column. Errors are reported, never
+   swallowed into a fallback as the original did.
+2. a COCO folder (a top-level `*.json` with `images` and `annotations`): never classification,
+   so it is refused up front with a clear error instead of failing later.
+3. a torchvision ImageFolder tree: `<class>/<image>`, classes sorted by name.
+4. a flat folder of images: readable, but not labeled.
+
+The result is an index (relative paths + label ids), built by streaming `images.lst`: memory
+is the index itself. Images are opened later, by `data.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError
+from .legacy_format import is_hidden, iter_json_lines, read_json, read_meta, safe_join
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
+CLASSIFICATION = "COCO_classification"
+DEFAULT_IMAGE_REF = "image_info"
+CONVERT_HELP = "see the README section 'Input formats' or use `python -m train_pytorch_model convert`"
+
+
+@dataclass
+class ImageDirectory:
+    """An indexed ImageDirectory: row i is image `files[i]` with label `categories[labels[i]]`."""
+
+    root: Path
+    layout: str  # "meta", "image_folder" or "flat"
+    files: list[str]  # relative POSIX paths, each checked to stay inside root
+    ids: array  # the rows' integer ids (images.lst `id`, else the row number)
+    labels: array  # index into `categories`, -1 for an unlabeled row
+    categories: list[str] | None  # class names in category-id order; None when not labeled
+    schema: dict = field(default_factory=dict)  # the `_schema.json` (generated for fallbacks)
+    annotation_column: str | None = "category"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def is_labeled(self) -> bool:
+        return self.categories is not None
+
+    def path(self, i: int) -> Path:
+        return self.root / self.files[i]
+
+
+def load_image_directory(path: str | os.PathLike, role: str = "Image") -> ImageDirectory:
+    """Index the ImageDirectory at `path`. `role` ("Training", "Validation", ...) prefixes errors."""
+    root = Path(path)
+    if not root.exists():
+        raise DirectoryNotFoundError(f"{role} data folder '{root}' does not exist.")
+    if not root.is_dir():
+        raise DirectoryNotFoundError(f"{role} data path '{root}' is a file; give the folder that holds the images.")
+    try:
+        entries = [e for e in os.listdir(root) if not is_hidden(e)]
+    except PermissionError:
+        raise DirectoryNotFoundError(f"{role} data folder '{root}' is not readable (permission denied).") from None
+    if not entries:
+        raise DirectoryEmptyError(f"{role} data folder '{root}' is empty.")
+
+    def error(message: str) -> InvalidDatasetError:
+        return InvalidDatasetError(f"{role} data '{root}' is not valid: {message}")
+
+    meta = read_meta(root, InvalidDatasetError)
+    if meta is not None or ((root / "images.lst").is_file() and (root / "_schema.json").is_file()):
+        directory = _read_meta_layout(root, meta or {}, error)
+    elif (coco := _coco_annotation_file(root)) is not None:
+        raise error(
+            f"'{coco.name}' makes this a COCO folder, which never holds classification labels. "
+            f"Training needs one category per image: arrange images as <class>/<image> folders ({CONVERT_HELP})."
+        )
+    else:
+        directory = _read_image_folder(root) or _read_flat_folder(root)
+
+    if len(directory) == 0:
+        raise error(
+            f"no image rows found. Images must have one of the extensions {sorted(IMAGE_SUFFIXES)} ({CONVERT_HELP})."
+        )
+    return directory
+
+
+# --- meta route -------------------------------------------------------------------------------------------
+
+
+def _read_meta_layout(root: Path, meta: dict, error) -> ImageDirectory:
+    kind = meta.get("type", "ImageDirectory")
+    if kind != "ImageDirectory":
+        raise error(f"_meta.yaml says type '{kind}', but an ImageDirectory is needed here. Connect an image dataset.")
+    list_name = meta.get("image_list", "images.lst")
+    schema_name = meta.get("schema", "_schema.json")
+    for key, name in (("image_list", list_name), ("schema", schema_name)):
+        if not isinstance(name, str) or safe_join(root, name) is None:
+            raise error(f"_meta.yaml key '{key}' must be a relative file name inside the folder, got {name!r}.")
+
+    schema = read_json(safe_join(root, schema_name), InvalidDatasetError)
+    image_ref, annotation_column, categories = _parse_schema(schema, error)
+
+    name_to_id = {name: i for i, name in enumerate(categories)} if categories is not None else {}
+    files: list[str] = []
+    ids, labels = array("q"), array("l")
+    unlabeled = 0
+    list_path = safe_join(root, list_name)
+    for number, row in iter_json_lines(list_path, InvalidDatasetError):
+        where = f"{list_name} line {number}"
+        info = row.get(image_ref)
+        if not isinstance(info, dict):
+            raise error(f"{where} has no '{image_ref}' object naming its image file.")
+        relative = info.get("base_file_name") or info.get("file_name")
+        if not isinstance(relative, str) or not relative:
+            if info.get("coco_url"):
+                raise error(f"{where} has only a coco_url; images must be files inside the folder (downloads are not supported).")
+            raise error(f"{where} names no image file ('file_name').")
+        if safe_join(root, relative) is None:
+            raise error(f"{where} points outside the folder ({relative!r}); image paths must be relative and stay inside it.")
+        if categories is not None:
+            value = row.get(annotation_column)
+            if value is None or value == "" or value == []:
+                unlabeled += 1
+                continue
+            if isinstance(value, bool) or not isinstance(value, str):
+                raise error(
+                    f"{where}: label {value!r} in column '{annotation_column}' is not a category name; "
+                    f"labels must be one of {_preview(categories)}."
+                )
+            if value not in name_to_id:
+                raise error(f"{where}: label {value!r} is not among the schema's categories {_preview(categories)}.")
+            labels.append(name_to_id[value])
+        else:
+            labels.append(-1)
+        files.append(relative)
+        row_id = row.get("id")
+        ids.append(row_id if isinstance(row_id, int) and not isinstance(row_id, bool) else len(files) - 1)
+
+    if unlabeled:
+        log.warning("%s: %d rows without a label were left out.", list_path, unlabeled)
+    return ImageDirectory(root, "meta", files, ids, labels, categories, schema, annotation_column)
+
+
+def _parse_schema(schema, error) -> tuple[str, str | None, list[str] | None]:
+    """(image reference column, annotation column, category names by id) from `_schema.json`."""
+    columns = schema.get("columnAttributes") if isinstance(schema, dict) else None
+    if not isinstance(columns, list) or not all(isinstance(c, dict) for c in columns):
+        raise error("_schema.json needs a 'columnAttributes' list of column objects.")
+
+    def props(column):
+        value = column.get("properties") or {}
+        return value if isinstance(value, dict) else {}
+
+    image_columns = [
+        c for c in columns
+        if (c.get("elementType") or {}).get("typeName") == "bytes" and props(c).get("mime_type") == "image/png"
+    ]
+    if not image_columns:
+        raise error("_schema.json has no image column (typeName 'bytes' with mime_type 'image/png').")
+    image_ref = props(image_columns[0]).get("image_ref", DEFAULT_IMAGE_REF)
+
+    annotated = [c for c in columns if "annotation_type" in props(c)]
+    if not annotated:
+        return image_ref, None, None
+    column = annotated[0]
+    annotation_type = props(column)["annotation_type"]
+    if annotation_type != CLASSIFICATION:
+        raise error(f"annotation type is '{annotation_type}'; only {CLASSIFICATION} can train a classifier.")
+    return image_ref, column.get("name"), _parse_categories(props(column).get("categories"), error)
+
+
+def _parse_categories(raw, error) -> list[str]:
+    """Category names in id order. Gaps in ids are closed up (the original padded them with 'Others')."""
+    if not isinstance(raw, list) or not raw:
+        raise error("the annotation column has no 'categories' list; add [{\"id\": 0, \"name\": ...}, ...].")
+    by_id: dict[int, str] = {}
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise error(f"category {item!r} needs a non-empty string 'name'.")
+        cid = item.get("id")
+        if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
+            raise error(f"category {item['name']!r} needs a non-negative integer 'id', got {cid!r}.")
+        if cid in by_id:
+            raise error(f"category id {cid} is used twice ({by_id[cid]!r} and {item['name']!r}).")
+        by_id[cid] = item["name"]
+    names = [by_id[i] for i in sorted(by_id)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise error(f"category names must be unique; {duplicates} appear more than once.")
+    return names
+
+
+def _preview(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+# --- fallbacks ---------------------------------------------------------------------------------------------
+
+
+def _coco_annotation_file(root: Path) -> Path | None:
+    for entry in sorted(root.iterdir()):
+        if entry.suffix == ".json" and entry.is_file() and not is_hidden(entry.name):
+            try:
+                data = read_json(entry, InvalidDatasetError)
+            except InvalidDatasetError:
+                continue
+            if isinstance(data, dict) and "images" in data and "annotations" in data:
+                return entry
+    return None
+
+
+def _walk_images(root: Path):
+    """Relative POSIX paths of image files below root, sorted; hidden entries pruned. Links are not followed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        for name in filenames:
+            if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(dirpath, name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def _read_image_folder(root: Path) -> ImageDirectory | None:
+    files = _walk_images(root)
+    one_deep = [f for f in files if f.count("/") == 1]
+    if not one_deep:
+        return None
+    ignored = len(files) - len(one_deep)
+    if ignored:
+        log.warning("%s: %d images not exactly one folder deep (<class>/<image>) were ignored.", root, ignored)
+    categories = sorted({f.split("/", 1)[0] for f in one_deep})
+    index = {name: i for i, name in enumerate(categories)}
+    labels = array("l", (index[f.split("/", 1)[0]] for f in one_deep))
+    schema = default_schema(categories)
+    return ImageDirectory(root, "image_folder", one_deep, array("q", range(len(one_deep))), labels, categories, schema)
+
+
+def _read_flat_folder(root: Path) -> ImageDirectory:
+    files = _walk_images(root)
+    schema = default_schema(None)
+    return ImageDirectory(root, "flat", files, array("q", range(len(files))), array("l", [-1] * len(files)), None, schema, None)
+
+
+def default_schema(categories: list[str] | None) -> dict:
+    """The schema designer writes for a classification ImageDirectory (spec 2.3); unlabeled: image + id."""
+    columns = [
+        {
+            "name": "image", "type": "Bytes", "isFeature": True,
+            "elementType": {"typeName": "bytes", "isNullable": False},
+            "properties": {"mime_type": "image/png", "image_ref": DEFAULT_IMAGE_REF},
+        },
+        {"name": "id", "type": "Numeric", "isFeature": False, "elementType": {"typeName": "int64", "isNullable": False}},
+    ]
+    if categories is not None:
+        columns.append({
+            "name": "category", "type": "String", "isFeature": False,
+            "elementType": {"typeName": "str", "isNullable": False},
+            "properties": {
+                "annotation_type": CLASSIFICATION,
+                "categories": [{"id": i, "name": name} for i, name in enumerate(categories)],
+            },
+        })
+    return {"columnAttributes": columns}
+
+
+def require_labeled(directory: ImageDirectory, role: str) -> None:
+    if not directory.is_labeled:
+        raise NotLabeledDatasetError(
+            f'There is no label column in {role.lower()} data "{directory.root}" (layout: {directory.layout}). '
+            f"Prepare a labeled image dataset: <class>/<image> folders or an ImageDirectory with categories ({CONVERT_HELP})."
+        )

@@ -1,0 +1,329 @@
+"""ModelDirectory folders: the untrained one we read (spec section 3) and the trained one we
+write and read back (spec section 4).
+
+The trained directory is at once a legacy ModelDirectory (`_meta.yaml`, `model_spec.yaml`, the
+state dict `model`, `index_to_label.csv`, `_schema.json`, `_samples.json`) and an MLflow model
+(`MLmodel`, see `pyfunc.py`). Our own recipe (classes, preprocessing) is in `training_info.json`,
+so reading it back never depends on pandas' CSV type guessing.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, OutputDirectoryError
+from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, write_text
+from .models import (FAMILIES, MODEL_FAMILY, MODEL_NAMES, Classifier, find_cached_weights, load_legacy_state,
+                     load_weights_file, pretrained_missing_error)
+from .preprocessing import Preprocessing
+
+SPEC_FILE = "model_spec.yaml"
+WEIGHTS_FILE = "model"
+LABEL_MAP_FILE = "index_to_label.csv"
+INFO_FILE = "training_info.json"
+TASK_TYPE = "MultiClassification"
+
+
+@dataclass
+class ModelSpec:
+    """What a model_spec.yaml says, validated."""
+
+    model_name: str
+    pretrained: bool = False
+    flag_value: bool = False  # memory_efficient (DenseNet) or zero_init_residual (ResNet)
+    num_classes: int | None = None
+
+    @property
+    def family(self) -> str:
+        return MODEL_FAMILY[self.model_name]
+
+    @property
+    def flag_name(self) -> str:
+        return FAMILIES[self.family][3]
+
+    def to_yaml_dict(self, *, is_cuda: bool = False, trained: bool = False) -> dict:
+        module, cls, _, _ = FAMILIES[self.family]
+        init_params = {"model_name": self.model_name, "pretrained": self.pretrained, self.flag_name: self.flag_value}
+        if self.num_classes is not None:
+            init_params["num_classes"] = self.num_classes
+        spec = {
+            "flavor": {"name": "pytorch", "serialization_method": "state_dict"},
+            "model_file": WEIGHTS_FILE,
+            "time_created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f%z"),
+            "flavor_extras": {"module": module, "class": cls, "is_cuda": is_cuda, "init_params": init_params},
+            "task_type": TASK_TYPE,
+        }
+        return spec
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+
+
+def _check_folder(path: Path, role: str) -> None:
+    if not path.exists():
+        raise DirectoryNotFoundError(f"{role} folder '{path}' does not exist.")
+    if not path.is_dir():
+        raise DirectoryNotFoundError(f"{role} path '{path}' is a file; give the model directory (the folder).")
+    if not any(path.iterdir()):
+        raise DirectoryEmptyError(f"{role} folder '{path}' is empty.")
+
+
+def read_model_spec(path: Path) -> ModelSpec:
+    """Validate `_meta.yaml` + `model_spec.yaml` of a ModelDirectory. Nothing named in them is imported."""
+    def invalid(reason: str) -> InvalidModelDirectoryError:
+        return InvalidModelDirectoryError(
+            f'ModelDirectory "{path}" is invalid: {reason} Create one with '
+            "`python -m train_pytorch_model init-model` (or designer's DenseNet/ResNet module)."
+        )
+
+    meta = read_meta(path, InvalidModelDirectoryError)
+    if meta is None:
+        raise invalid(f"{META_FILE} is missing.")
+    if meta["type"] != "ModelDirectory":
+        raise invalid(f"{META_FILE} says type '{meta['type']}', expected 'ModelDirectory'.")
+    spec = read_yaml(path / SPEC_FILE, InvalidModelDirectoryError)
+    if not isinstance(spec, dict):
+        raise invalid(f"{SPEC_FILE} must be a YAML mapping.")
+    if spec.get("file_name"):
+        raise invalid("it holds a legacy pickled model, which is never loaded (unsafe). Re-create it.")
+    flavor = spec.get("flavor") or {}
+    if not isinstance(flavor, dict) or flavor.get("name") != "pytorch" or flavor.get("serialization_method", "state_dict") != "state_dict":
+        raise invalid(f"{SPEC_FILE} flavor must be pytorch / state_dict, got {flavor!r}.")
+    task = spec.get("task_type", TASK_TYPE)
+    if task != TASK_TYPE:
+        raise invalid(f"task_type '{task}' is not supported; only {TASK_TYPE}.")
+    if spec.get("model_file", WEIGHTS_FILE) != WEIGHTS_FILE:
+        raise invalid(f"model_file must be '{WEIGHTS_FILE}', got {spec.get('model_file')!r}.")
+    extras = spec.get("flavor_extras")
+    if not isinstance(extras, dict) or not isinstance(extras.get("init_params"), dict):
+        raise invalid(f"{SPEC_FILE} needs flavor_extras with module, class and init_params.")
+    from .models import family_of
+    family = family_of(str(extras.get("module", "")), str(extras.get("class", "")))
+    params = extras["init_params"]
+    name = params.get("model_name", {"densenet": "densenet201", "resnet": "resnext101_32x8d"}[family])
+    if name not in FAMILIES[family][2]:
+        raise invalid(f"'{name}' is not a supported {family}; supported: {', '.join(FAMILIES[family][2])}.")
+    flag_name = FAMILIES[family][3]
+    unknown = set(params) - {"model_name", "pretrained", flag_name, "num_classes"}
+    if unknown:
+        raise invalid(f"init_params has unknown keys {sorted(unknown)} for {name}.")
+    for key in ("pretrained", flag_name):
+        if not isinstance(params.get(key, False), bool):
+            raise invalid(f"init_params.{key} must be true or false, got {params[key]!r}.")
+    num_classes = params.get("num_classes")
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1):
+        raise invalid(f"init_params.num_classes must be a positive integer, got {num_classes!r}.")
+    return ModelSpec(name, params.get("pretrained", True), params.get(flag_name, False), num_classes)
+
+
+def read_untrained_model_directory(path: str | os.PathLike) -> tuple[ModelSpec, Classifier | None]:
+    """The spec, and the model with the directory's (or the local cache's) weights when there are any.
+
+    Weights come from the directory's `model` file when present (this is how pretrained ImageNet
+    weights reach training without network), else from the torch hub cache when `pretrained`.
+    None means "initialise randomly" (`pretrained: false`, no file).
+    """
+    path = Path(path)
+    _check_folder(path, "Untrained model")
+    spec = read_model_spec(path)
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        state = load_weights_file(weights)
+        return spec, load_legacy_state(spec.model_name, spec.flag_value, state, str(weights))
+    if spec.pretrained:
+        cached = find_cached_weights(spec.model_name)
+        if cached is None:
+            raise pretrained_missing_error(spec.model_name, path)
+        return spec, load_legacy_state(spec.model_name, spec.flag_value, load_weights_file(cached), str(cached))
+    return spec, None
+
+
+@dataclass
+class TrainedModel:
+    model: Classifier
+    classes: list[str]
+    preprocessing: Preprocessing
+    spec: ModelSpec
+
+
+def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
+    """Load a trained model directory (ours, or one written by the original module) on CPU, eval mode."""
+    path = Path(path)
+    _check_folder(path, "Trained model")
+    spec = read_model_spec(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise InvalidModelDirectoryError(f'ModelDirectory "{path}" has no weights file \'{WEIGHTS_FILE}\'.')
+    model = load_legacy_state(spec.model_name, spec.flag_value, load_weights_file(weights), str(weights))
+    info_path = path / INFO_FILE
+    if info_path.is_file():
+        info = read_json(info_path, InvalidModelDirectoryError)
+        classes = [str(c) for c in info["classes"]]
+        preprocessing = Preprocessing.from_dict(info["preprocessing"])
+    else:  # written by the original: labels from the CSV, its normaliser, no resize
+        classes = _read_label_map(path / LABEL_MAP_FILE, model.num_classes)
+        preprocessing = Preprocessing(image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3)
+        legacy = read_yaml(path / SPEC_FILE, InvalidModelDirectoryError)
+        for item in legacy.get("inputs") or []:
+            params = ((item or {}).get("pre_processor") or {}).get("init_params") or {}
+            if "mean" in params and "std" in params:
+                preprocessing = Preprocessing(image_size=None, mean=tuple(params["mean"]), std=tuple(params["std"]))
+    if len(classes) != model.num_classes:
+        raise InvalidModelDirectoryError(
+            f'ModelDirectory "{path}" lists {len(classes)} classes but its weights have {model.num_classes} outputs.'
+        )
+    model.eval()
+    return TrainedModel(model, classes, preprocessing, spec)
+
+
+def _read_label_map(path: Path, num_classes: int) -> list[str]:
+    names = [str(i) for i in range(num_classes)]
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in list(csv.reader(handle))[1:]:
+                if len(row) >= 2 and row[0].isdigit() and int(row[0]) < num_classes:
+                    names[int(row[0])] = row[1]
+    return names
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+def write_untrained_model_directory(out: Path, spec: ModelSpec, state_dict: dict | None) -> None:
+    """What designer's DenseNet/ResNet modules write; `state_dict` None writes no `model` file."""
+    with staged_output(out) as stage:
+        if state_dict is not None:
+            torch.save(state_dict, stage / WEIGHTS_FILE)
+        write_text(stage / SPEC_FILE, dump_yaml(spec.to_yaml_dict()))
+        write_text(stage / META_FILE, dump_yaml({"type": "ModelDirectory", "extension": {}, "model": SPEC_FILE}))
+
+
+def write_legacy_trained_files(stage: Path, *, model: Classifier, spec: ModelSpec, classes: list[str],
+                               preprocessing: Preprocessing, is_cuda: bool, training_schema: dict,
+                               training_samples: list[dict], extra_info: dict) -> None:
+    """The legacy ModelDirectory part of a trained model directory, in the original's write order.
+
+    The spec says `pretrained: false` + `num_classes`: the head already fits the classes, so the
+    original's scorer rebuilds the same net and needs no network (its defect 15).
+    """
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, stage / WEIGHTS_FILE)
+    with open(stage / LABEL_MAP_FILE, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["", "label"])
+        writer.writerows(enumerate(classes))
+    trained_spec = ModelSpec(spec.model_name, False, spec.flag_value, len(classes))
+    spec_dict = trained_spec.to_yaml_dict(is_cuda=is_cuda, trained=True)
+    spec_dict["label_map_file"] = LABEL_MAP_FILE
+    spec_dict["inputs"] = [{
+        "name": "image",
+        "pre_processor": {
+            "module": "azureml.designer.core.model.model_spec.builtin_model_meta.pre_processor",
+            "class": "ImageNormalizer",
+            "init_params": {"mean": list(preprocessing.mean), "std": list(preprocessing.std)},
+        },
+    }]
+    write_text(stage / SPEC_FILE, dump_yaml(spec_dict))
+    write_text(stage / "_schema.json", dump_json(training_schema))
+    write_text(stage / "_samples.json", dump_json(training_samples))
+    info = {"format_version": 1, "model_name": spec.model_name, "classes": classes,
+            "preprocessing": preprocessing.to_dict(), **extra_info}
+    write_text(stage / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    write_text(stage / META_FILE, dump_yaml({
+        "type": "ModelDirectory", "extension": {}, "model": SPEC_FILE,
+        "registerModel": True, "modelOutputPath": "trained_model_outputs",
+    }))
+
+
+def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
+    """`_samples.json` rows (spec 2.4): the first rows, image bytes base64-encoded."""
+    samples = []
+    column_names = [c["name"] for c in schema.get("columnAttributes", [])]
+    for i in range(min(count, len(directory))):
+        row = {}
+        for name in column_names:
+            if name == "image":
+                try:
+                    row[name] = base64.b64encode(directory.path(i).read_bytes()).decode("ascii")
+                except OSError:
+                    row[name] = None
+            elif name == directory.annotation_column and directory.is_labeled:
+                row[name] = directory.categories[directory.labels[i]]
+            elif name == "id":
+                row[name] = directory.ids[i]
+        samples.append(row)
+    return samples
+
+
+class staged_output:
+    """Write a whole output folder or nothing.
+
+    Files go to a hidden sibling staging folder, which is renamed onto `out` at the end
+    (rename over an empty folder is atomic on POSIX). Where that is impossible (`out` is a mount
+    point, as in Azure ML), entries are moved in one by one with `_meta.yaml`/`MLmodel` last, so a
+    reader never sees them without the rest. On error the staging folder is removed.
+    """
+
+    MARKERS = (META_FILE, "MLmodel")
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+
+    def __enter__(self) -> Path:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise OutputDirectoryError(f"Output path '{out}' is a file; give a folder (new or empty).")
+        if out.is_dir() and any(out.iterdir()):
+            raise OutputDirectoryError(
+                f"Output folder '{out}' is not empty; give a new or empty folder so no earlier result is mixed in."
+            )
+        parent = out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+            _chmod_like_mkdir(self.stage)
+        except OSError:
+            try:  # parent not writable (a mounted output): stage inside the output itself
+                out.mkdir(parents=True, exist_ok=True)
+                self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+                _chmod_like_mkdir(self.stage)
+            except OSError as exc:
+                raise OutputDirectoryError(f"Output folder '{out}' is not writable: {exc.strerror or exc}.") from None
+        return self.stage
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            return False
+        try:
+            if self.stage.parent != self.out:
+                try:
+                    os.replace(self.stage, self.out)  # atomic when `out` is absent or an empty folder
+                    return False
+                except OSError:
+                    self.out.mkdir(parents=True, exist_ok=True)
+            entries = sorted(self.stage.iterdir(), key=lambda p: p.name in self.MARKERS)
+            for entry in entries:
+                shutil.move(entry, self.out / entry.name)  # a rename, or a copy across file systems
+            self.stage.rmdir()
+        except OSError as exc:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            raise OutputDirectoryError(f"Failed to write output folder '{self.out}': {exc.strerror or exc}.") from None
+        return False
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """mkdtemp makes 0700 folders; the output should get the usual permissions (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)

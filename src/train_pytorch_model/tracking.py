@@ -1,0 +1,79 @@
+"""MLflow logging of parameters, per-epoch metrics and artifacts.
+
+Uses the active run when there is one (an Azure ML job sets MLFLOW_TRACKING_URI and
+MLFLOW_RUN_ID, so `start_run()` attaches to the job's run); otherwise MLflow's default store,
+a local `sqlite:///mlflow.db`, or `--mlflow-tracking-uri`. Tracking is a side channel: a
+tracking-server failure is warned about once and never fails a training run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "train_pytorch_model"
+
+
+class Tracker:
+    def __init__(self, enabled: bool, tracking_uri: str | None = None, run_name: str | None = None):
+        self.enabled = enabled
+        self.run = None
+        self._owns_run = False
+        self._warned = False
+        if not enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        try:
+            if tracking_uri:
+                mlflow.set_tracking_uri(tracking_uri)
+            self.run = mlflow.active_run()
+            if self.run is None:
+                import os
+                if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_NAME") \
+                        and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+                    mlflow.set_experiment(EXPERIMENT)
+                self.run = mlflow.start_run(run_name=run_name)
+                self._owns_run = True
+            log.info("MLflow: logging to run %s at %s", self.run.info.run_id, mlflow.get_tracking_uri())
+        except Exception as exc:  # noqa: BLE001 - tracking must never fail training
+            self._warn(exc)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run else None
+
+    def _warn(self, exc: Exception) -> None:
+        if not self._warned:
+            log.warning("MLflow tracking failed, training continues without it: %s: %s", type(exc).__name__, exc)
+            self._warned = True
+        self.run = None
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        if self.run is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self._warn(exc)
+
+    def log_params(self, params: dict) -> None:
+        self._call(self.mlflow.log_params, {k: ("" if v is None else v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self._call(self.mlflow.log_metrics, finite, step=step)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self._call(self.mlflow.log_artifact, path, artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        self._call(self.mlflow.set_tags, tags)
+
+    def close(self, failed: bool = False) -> None:
+        if self.run is not None and self._owns_run:
+            self._call(self.mlflow.end_run, "FAILED" if failed else "FINISHED")
+        self.run = None

@@ -1,0 +1,225 @@
+"""The training loop: one epoch of SGD, one exact validation pass, early stopping on the best
+validation loss, and a copy of the best epoch's weights.
+
+Optimiser: SGD, momentum 0.9, Nesterov, weight decay 1e-4 (the original's), or AdamW. The
+learning rate warms up linearly for `warmup_epochs`, then follows a cosine decay to zero over
+the remaining steps, updated every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import BadImageTracker, Batch
+from .distributed import Context
+from .preprocessing import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hyperparameters:
+    epochs: int = 5
+    learning_rate: float = 0.001
+    patience: int = 3  # 0 disables early stopping
+    optimizer: str = "sgd"
+    warmup_epochs: int = 0
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
+    channels_last: bool = False
+    print_freq: int = 10
+
+
+class EarlyStopping:
+    """Stops after `patience` consecutive epochs whose validation loss does not beat the best so far.
+
+    (The original compared with the previous epoch, so a loss that oscillated never stopped.)
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best_loss = math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+
+    def step(self, epoch: int, valid_loss: float) -> bool:
+        """Record an epoch; True when it is the new best."""
+        if valid_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad_epochs = valid_loss, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.best_epoch, self.bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
+
+
+def make_optimizer(model: nn.Module, hp: Hyperparameters, lr: float) -> torch.optim.Optimizer:
+    if hp.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+
+def make_scheduler(optimizer, hp: Hyperparameters, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = hp.warmup_epochs * steps_per_epoch
+    total = max(1, hp.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    lr: float
+    train_loss: float
+    train_accuracy: float
+    train_images_per_second: float
+    valid_loss: float
+    valid_top1: float
+    valid_top5: float | None
+    data_wait_fraction: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class TrainingState:
+    """Everything an epoch boundary needs to resume (saved by checkpoints)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    early_stopping: EarlyStopping
+    best_state: dict | None = None
+    history: list[EpochMetrics] = field(default_factory=list)
+    next_epoch: int = 0
+
+
+class Trainer:
+    def __init__(self, ctx: Context, hp: Hyperparameters, preprocessing: Preprocessing, num_classes: int,
+                 train_loader, valid_loader, train_bad: BadImageTracker, valid_bad: BadImageTracker):
+        self.ctx, self.hp, self.preprocessing, self.num_classes = ctx, hp, preprocessing, num_classes
+        self.train_loader, self.valid_loader = train_loader, valid_loader
+        self.train_bad, self.valid_bad = train_bad, valid_bad
+        self.memory_format = torch.channels_last if hp.channels_last else torch.contiguous_format
+
+    def to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch.images.to(self.ctx.device, non_blocking=True)
+        targets = batch.targets.to(self.ctx.device, non_blocking=True)
+        images = self.preprocessing.normalize(images).contiguous(memory_format=self.memory_format)
+        return images, targets
+
+    def train_epoch(self, state: TrainingState, epoch: int, log_progress) -> tuple[float, float, float, float]:
+        model, hp = state.model, self.hp
+        model.train()
+        self.train_loader.sampler.set_epoch(epoch)
+        loss_sum = correct = seen = 0.0
+        wait = 0.0
+        steps = len(self.train_loader)
+        start = tick = time.perf_counter()
+        for step, batch in enumerate(self.train_loader, start=1):
+            wait += time.perf_counter() - tick
+            self.train_bad.record(batch.failures)
+            if len(batch) < 2:  # BatchNorm cannot train on one sample; only bad files make batches this small
+                tick = time.perf_counter()
+                continue
+            images, targets = self.to_device(batch)
+            with autocast(self.ctx.device, hp.precision):
+                logits = model(images)
+                loss = F.cross_entropy(logits, targets)
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scaler.scale(loss).backward()
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            state.scheduler.step()
+            n = len(targets)
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(1) == targets).sum().item()
+            seen += n
+            if step % hp.print_freq == 0 or step == steps:
+                log_progress(epoch, step, steps, loss_sum / max(seen, 1), seen / (time.perf_counter() - start))
+            tick = time.perf_counter()
+        elapsed = time.perf_counter() - start
+        loss_sum, correct, seen, elapsed_max = self.ctx.all_reduce_sum([loss_sum, correct, seen, elapsed])
+        elapsed_mean = elapsed_max / self.ctx.world_size
+        return loss_sum / max(seen, 1), correct / max(seen, 1), seen / max(elapsed_mean, 1e-9), wait / max(elapsed, 1e-9)
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module) -> tuple[float, float, float | None]:
+        """Loss, top-1 and top-5 over the whole validation set, summed exactly over ranks."""
+        model.eval()
+        loss_sum = top1 = top5 = seen = 0.0
+        k = min(5, self.num_classes)
+        for batch in self.valid_loader:
+            self.valid_bad.record(batch.failures)
+            if len(batch) == 0:
+                continue
+            images, targets = self.to_device(batch)
+            with autocast(self.ctx.device, self.hp.precision):
+                logits = model(images)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            topk = logits.topk(k, dim=1).indices
+            hits = topk == targets[:, None]
+            top1 += hits[:, 0].sum().item()
+            top5 += hits.any(dim=1).sum().item()
+            seen += len(targets)
+        loss_sum, top1, top5, seen = self.ctx.all_reduce_sum([loss_sum, top1, top5, seen])
+        if seen == 0:
+            return math.inf, 0.0, None
+        return loss_sum / seen, top1 / seen, (top5 / seen if self.num_classes >= 5 else None)
+
+    def fit(self, state: TrainingState, on_epoch_end, log_progress, should_interrupt=lambda: False) -> TrainingState:
+        """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics)` logs and checkpoints."""
+        raw_model = state.model.module if hasattr(state.model, "module") else state.model
+        for epoch in range(state.next_epoch, self.hp.epochs):
+            started = time.perf_counter()
+            lr = state.optimizer.param_groups[0]["lr"]
+            train_loss, train_acc, ips, wait = self.train_epoch(state, epoch, log_progress)
+            valid_loss, top1, top5 = self.evaluate(state.model)
+            metrics = EpochMetrics(epoch + 1, lr, train_loss, train_acc, ips, valid_loss, top1, top5, wait,
+                                   time.perf_counter() - started)
+            state.history.append(metrics)
+            if state.early_stopping.step(epoch, valid_loss):
+                # A copy, on CPU: the live weights keep changing (the original kept a reference).
+                state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
+            state.next_epoch = epoch + 1
+            stop = self.ctx.broadcast_flag(state.early_stopping.should_stop)
+            on_epoch_end(state, metrics, stopping=stop)
+            if stop:
+                log.info("Early stopping: validation loss has not improved on epoch %d's %.4f for %d epochs.",
+                         state.early_stopping.best_epoch + 1, state.early_stopping.best_loss, state.early_stopping.bad_epochs)
+                break
+            if should_interrupt():
+                break
+        return state
