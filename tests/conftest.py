@@ -1,0 +1,84 @@
+"""Shared test fixtures: the legacy fixtures in ../shared, and small generated image folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path, monkeypatch):
+    """Every test logs to its own sqlite store; nothing lands in the repo."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def shared_fixtures() -> Path:
+    return SHARED_FIXTURES
+
+
+@pytest.fixture
+def legacy_image_dir() -> Path:
+    return SHARED_FIXTURES / "legacy_image_directory"
+
+
+@pytest.fixture
+def resnet18_dir() -> Path:
+    return SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"
+
+
+@pytest.fixture
+def densenet121_dir() -> Path:
+    return SHARED_FIXTURES / "legacy_untrained_model" / "densenet121"
+
+
+def class_pattern(label: int, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """An easy-to-learn image: class k is a bright band in position k, plus noise."""
+    w, h = size
+    pixels = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+    band = h // 4
+    top = (label * band) % max(1, h - band)
+    pixels[top:top + band, :, label % 3] = 230
+    return pixels
+
+
+def write_image_folder(root: Path, classes: dict[str, int], size=(40, 36), suffix=".png", seed=0) -> Path:
+    """An ImageFolder tree `<class>/<n><suffix>` with `classes[name]` images each."""
+    rng = np.random.default_rng(seed)
+    for label, (name, count) in enumerate(classes.items()):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(count):
+            Image.fromarray(class_pattern(label, size, rng)).save(folder / f"{n}{suffix}")
+    return root
+
+
+@pytest.fixture
+def make_image_folder(tmp_path):
+    """Factory: make_image_folder("train", {"a": 6, "b": 6}, size=(40, 36), suffix=".png")."""
+    def make(name: str, classes: dict[str, int], **kwargs) -> Path:
+        return write_image_folder(tmp_path / name, classes, **kwargs)
+    return make
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m train_pytorch_model ...` in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "train_pytorch_model", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or REPO, timeout=600)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

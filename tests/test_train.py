@@ -1,0 +1,200 @@
+"""The `train` command end to end: the core contract of issue 3."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+from array import array
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from train_pytorch_model.cli import main
+from train_pytorch_model.data import class_targets
+from train_pytorch_model.image_directory import load_image_directory
+from train_pytorch_model.model_directory import read_trained_model_directory
+from train_pytorch_model.train import EarlyStopping
+
+FAST = ["--image-size", "32", "--num-workers", "0", "--batch-size", "4"]
+
+
+def train(untrained, train_dir, valid_dir, out, *extra) -> int:
+    return main(["train", "--untrained-model", str(untrained), "--training-data", str(train_dir),
+                 "--validation-data", str(valid_dir), "--trained-model", str(out), *FAST, *extra])
+
+
+def read_metrics(out) -> list[dict]:
+    with open(out / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_cli_trains_resnet18_on_the_legacy_fixtures(cli, tmp_path, legacy_image_dir, resnet18_dir):
+    out = tmp_path / "trained"
+    result = cli("train", "--untrained-model", str(resnet18_dir), "--training-data", str(legacy_image_dir),
+                 "--validation-data", str(legacy_image_dir), "--trained-model", str(out),
+                 "--epochs", "2", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Epoch 2/2" in result.stderr
+    # Legacy ModelDirectory part (spec section 4) ...
+    for name in ("model", "index_to_label.csv", "model_spec.yaml", "_schema.json", "_samples.json", "_meta.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "index_to_label.csv").read_text() == ",label\n0,cat\n1,dog\n2,fox\n"
+    assert len(json.loads((out / "_samples.json").read_text())) == 3
+    # ... and an MLflow model that predicts category names from bytes or base64.
+    model = mlflow.pyfunc.load_model(str(out))
+    images = sorted((legacy_image_dir / "image").iterdir())
+    frame = pd.DataFrame({"image": [images[0].read_bytes(), base64.b64encode(images[-1].read_bytes()).decode()]})
+    predictions = model.predict(frame)
+    assert set(predictions["label"]) <= {"cat", "dog", "fox"}
+    probabilities = predictions[["probability_cat", "probability_dog", "probability_fox"]].to_numpy()
+    assert probabilities.shape == (2, 3) and abs(probabilities.sum(axis=1) - 1).max() < 1e-5
+
+
+def test_cli_trains_densenet121(cli, tmp_path, legacy_image_dir, densenet121_dir):
+    out = tmp_path / "trained"
+    result = cli("train", "--untrained-model", str(densenet121_dir), "--training-data", str(legacy_image_dir),
+                 "--validation-data", str(legacy_image_dir), "--trained-model", str(out), "--epochs", "1", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = read_trained_model_directory(out)
+    assert trained.spec.model_name == "densenet121" and trained.classes == ["cat", "dog", "fox"]
+    assert trained.model.num_classes == 3
+
+
+def test_same_seed_gives_identical_weights_and_other_seeds_differ(tmp_path, make_image_folder, resnet18_dir):
+    data = make_image_folder("data", {"a": 6, "b": 6})
+    runs = {}
+    for name, seed in (("first", "7"), ("again", "7"), ("other", "8")):
+        assert train(resnet18_dir, data, data, tmp_path / name, "--epochs", "2", "--random-seed", seed,
+                     "--num-workers", "1") == 0
+        runs[name] = torch.load(tmp_path / name / "model", weights_only=True)
+    assert all(torch.equal(runs["first"][k], runs["again"][k]) for k in runs["first"])
+    assert not all(torch.equal(runs["first"][k], runs["other"][k]) for k in runs["first"])
+
+
+def test_saved_weights_are_the_best_epochs(tmp_path, make_image_folder, resnet18_dir):
+    train_dir = make_image_folder("train", {"a": 8, "b": 8, "c": 8})
+    valid_dir = make_image_folder("valid", {"a": 3, "b": 3, "c": 3}, seed=1)
+    out = tmp_path / "out"
+    # A large learning rate makes later epochs worse, so "best" and "last" differ.
+    assert train(resnet18_dir, train_dir, valid_dir, out, "--epochs", "4", "--patience", "0",
+                 "--learning-rate", "0.3", "--augmentation", "none") == 0
+    metrics = read_metrics(out)
+    losses = [float(m["valid_loss"]) for m in metrics]
+    info = json.loads((out / "training_info.json").read_text())["training"]
+    assert info["best_epoch"] == losses.index(min(losses)) + 1
+    # Re-evaluate the saved weights: they reproduce the best epoch's validation loss, not the last one's.
+    trained = read_trained_model_directory(out)
+    directory = load_image_directory(valid_dir)
+    transform = trained.preprocessing.eval_transform()
+    from train_pytorch_model.preprocessing import decode_image
+    batch = torch.stack([transform(decode_image(directory.path(i))) for i in range(len(directory))])
+    targets = torch.tensor(list(directory.labels))
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(trained.model(trained.preprocessing.normalize(batch)), targets).item()
+    assert loss == pytest.approx(min(losses), rel=1e-4)
+
+
+def test_early_stopping_counts_from_the_best_epoch_not_the_previous():
+    stopper = EarlyStopping(patience=3)
+    history = [1.0, 0.9, 0.95, 0.92, 0.91]  # never beats 0.9 again, though it keeps decreasing
+    decisions = []
+    for epoch, loss in enumerate(history):
+        stopper.step(epoch, loss)
+        decisions.append(stopper.should_stop)
+    assert decisions == [False, False, False, False, True]
+    assert stopper.best_epoch == 1
+    assert not EarlyStopping(patience=0).should_stop
+
+
+def test_early_stopping_ends_the_run(tmp_path, make_image_folder, resnet18_dir):
+    data = make_image_folder("data", {"a": 6, "b": 6})
+    out = tmp_path / "out"
+    assert train(resnet18_dir, data, data, out, "--epochs", "8", "--patience", "1", "--learning-rate", "1.5") == 0
+    epochs_run = len(read_metrics(out))
+    assert epochs_run < 8
+    losses = [float(m["valid_loss"]) for m in read_metrics(out)]
+    assert losses[-1] >= min(losses[:-1])  # stopped right after an epoch that did not beat the best
+
+
+def test_validation_labels_are_matched_by_name_not_by_id(tmp_path, legacy_image_dir):
+    # A validation set with its own numbering: fox=0, cat=1 (and no dog).
+    train_dir = load_image_directory(legacy_image_dir)
+    valid_root = tmp_path / "valid"
+    (valid_root / "fox").mkdir(parents=True)
+    (valid_root / "cat").mkdir()
+    Image.new("RGB", (8, 8)).save(valid_root / "fox" / "1.png")
+    Image.new("RGB", (8, 8)).save(valid_root / "cat" / "1.png")
+    valid_dir = load_image_directory(valid_root)
+    assert valid_dir.categories == ["cat", "fox"]  # its own ids differ from training's cat=0, dog=1, fox=2
+    index = {name: i for i, name in enumerate(train_dir.categories)}
+    targets = class_targets(valid_dir, index)
+    assert [train_dir.categories[t] for t in targets] == [valid_dir.categories[l] for l in valid_dir.labels]
+    assert targets == array("l", [0, 2])
+
+
+def test_validation_categories_must_be_a_subset(tmp_path, make_image_folder, resnet18_dir, capsys):
+    train_dir = make_image_folder("train", {"a": 4, "b": 4})
+    valid_dir = make_image_folder("valid", {"a": 2, "wolf": 2})
+    code = train(resnet18_dir, train_dir, valid_dir, tmp_path / "out", "--epochs", "1")
+    assert code != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("InvalidDatasetError:") and "'wolf'" in last
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixed_image_sizes_and_small_training_set(tmp_path, resnet18_dir, caplog):
+    root = tmp_path / "mixed"
+    for label, color in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (root / label).mkdir(parents=True)
+        for n, size in enumerate([(40, 30), (64, 64), (33, 90)]):
+            Image.new("RGB", size, color).save(root / label / f"{n}.jpg")
+    out = tmp_path / "out"
+    assert train(resnet18_dir, root, root, out, "--epochs", "1", "--batch-size", "16") == 0
+    assert "Batch size 16 is larger than the 6 training images" in caplog.text
+    assert json.loads((out / "training_info.json").read_text())["training"]["batch_size"] == 6
+
+
+def test_unreadable_images_are_skipped_by_name_or_fail_the_run(tmp_path, make_image_folder, resnet18_dir, caplog,
+                                                              capsys):
+    data = make_image_folder("data", {"a": 10, "b": 10})
+    (data / "a" / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    assert train(resnet18_dir, data, data, out, "--epochs", "1") == 0
+    assert "Skipping unreadable training image 'a/broken.png'" in caplog.text
+
+    for path in data.rglob("*.png"):
+        path.write_bytes(b"garbage")
+    assert train(resnet18_dir, data, data, tmp_path / "out2", "--epochs", "1") != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("InvalidDatasetError:") and "cannot be read" in last
+    assert not (tmp_path / "out2").exists()
+
+
+def test_metrics_are_logged_per_epoch_to_mlflow(tmp_path, make_image_folder, resnet18_dir):
+    data = make_image_folder("data", {c: 3 for c in "abcde"})
+    out = tmp_path / "out"
+    assert train(resnet18_dir, data, data, out, "--epochs", "2") == 0
+    run_id = json.loads((out / "training_info.json").read_text())["training"]["mlflow_run_id"]
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.data.params["model_name"] == "resnet18" and run.data.params["num_classes"] == "5"
+    for key in ("train_loss", "valid_loss", "valid_top1", "valid_top5", "lr", "train_images_per_second"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"metrics.csv", "training_curves.png"} <= artifacts
+
+
+def test_not_labeled_training_data_is_refused(cli, tmp_path, resnet18_dir):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n in range(4):
+        Image.new("RGB", (8, 8)).save(flat / f"{n}.png")
+    result = cli("train", "--untrained-model", str(resnet18_dir), "--training-data", str(flat),
+                 "--validation-data", str(flat), "--trained-model", str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("NotLabeledDatasetError:")
