@@ -45,6 +45,13 @@ def test_cli_trains_resnet18_on_the_legacy_fixtures(cli, tmp_path, legacy_image_
         assert (out / name).is_file(), name
     assert (out / "index_to_label.csv").read_text() == ",label\n0,cat\n1,dog\n2,fox\n"
     assert len(json.loads((out / "_samples.json").read_text())) == 3
+    # The original's scorer rebuilds the net from init_params and loads `model` strictly: that must work.
+    import torchvision, yaml
+    init_params = yaml.safe_load((out / "model_spec.yaml").read_text())["flavor_extras"]["init_params"]
+    assert init_params == {"model_name": "resnet18", "pretrained": False, "zero_init_residual": False, "num_classes": 3}
+    legacy = torch.nn.Module()
+    legacy.model = torchvision.models.resnet18(num_classes=init_params["num_classes"])
+    legacy.load_state_dict(torch.load(out / "model", weights_only=True), strict=True)
     # ... and an MLflow model that predicts category names from bytes or base64.
     model = mlflow.pyfunc.load_model(str(out))
     images = sorted((legacy_image_dir / "image").iterdir())
