@@ -1,0 +1,55 @@
+"""The trained model directory served by MLflow, also where our package is not installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from train_pytorch_model.cli import main
+
+SERVE_WITHOUT_PACKAGE = r"""
+import base64, importlib.util, sys
+sys.path = [p for p in sys.path if not p.rstrip('/').endswith('/src')]
+assert importlib.util.find_spec('train_pytorch_model') is None, 'package must not be importable here'
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+image = open(sys.argv[2], 'rb').read()
+result = model.predict(pd.DataFrame({'image': [image, base64.b64encode(image).decode()]}))
+print(list(result.columns)); print(list(result['label']))
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, request):
+    fixtures = request.config.rootpath.parent / "shared" / "fixtures"
+    out = tmp_path_factory.mktemp("pyfunc") / "trained"
+    assert main(["train", "--untrained-model", str(fixtures / "legacy_untrained_model" / "resnet18"),
+                 "--training-data", str(fixtures / "legacy_image_directory"),
+                 "--validation-data", str(fixtures / "legacy_image_directory"), "--trained-model", str(out),
+                 "--epochs", "1", "--batch-size", "6", "--image-size", "32", "--num-workers", "0"]) == 0
+    return out
+
+
+def test_serves_from_its_own_code_copy_without_the_package_installed(trained_dir, legacy_image_dir):
+    image = next((legacy_image_dir / "image").iterdir())
+    result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_PACKAGE, str(trained_dir), str(image)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    columns, labels = result.stdout.strip().splitlines()[-2:]
+    assert columns == "['label', 'probability_cat', 'probability_dog', 'probability_fox']"
+    assert eval(labels)[0] == eval(labels)[1] and eval(labels)[0] in ("cat", "dog", "fox")
+
+
+def test_bad_input_is_a_named_error(trained_dir):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from train_pytorch_model.errors import InvalidDatasetError
+
+    model = mlflow.pyfunc.load_model(str(trained_dir))
+    with pytest.raises(InvalidDatasetError, match="Row 0: 'image' is not a readable image"):
+        model.predict(pd.DataFrame({"image": [b"not an image"]}))
+    with pytest.raises(InvalidDatasetError, match="not valid base64"):
+        model.predict(pd.DataFrame({"image": ["%%%"]}))
