@@ -170,8 +170,8 @@ class Trainer:
                 log_progress(epoch, step, steps, loss_sum / max(seen, 1), seen / (time.perf_counter() - start))
             tick = time.perf_counter()
         elapsed = time.perf_counter() - start
-        loss_sum, correct, seen, elapsed_max = self.ctx.all_reduce_sum([loss_sum, correct, seen, elapsed])
-        elapsed_mean = elapsed_max / self.ctx.world_size
+        loss_sum, correct, seen, elapsed_sum = self.ctx.all_reduce_sum([loss_sum, correct, seen, elapsed])
+        elapsed_mean = elapsed_sum / self.ctx.world_size  # images/s of the whole job: all ranks' images per second
         return loss_sum / max(seen, 1), correct / max(seen, 1), seen / max(elapsed_mean, 1e-9), wait / max(elapsed, 1e-9)
 
     @torch.inference_mode()
