@@ -17,7 +17,8 @@ SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
-    """Every test logs to its own sqlite store; nothing lands in the repo."""
+    """Every test logs to its own sqlite store and runs in its own folder (MLflow puts artifacts in ./mlruns)."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -76,7 +77,7 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
     """Run `python -m train_pytorch_model ...` in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "train_pytorch_model", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or REPO, timeout=600)
+                          env=full_env, cwd=cwd or os.getcwd(), timeout=600)
 
 
 @pytest.fixture

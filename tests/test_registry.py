@@ -1,6 +1,11 @@
-"""register_model against a real, local sqlite-backed MLflow model registry."""
+"""Registering the result: register_model against a real, local sqlite-backed MLflow model
+registry, and the optional azureml-core (SDK v1) metric logging."""
 
 from __future__ import annotations
+
+import shutil
+import sys
+import types
 
 import mlflow
 import pandas as pd
@@ -8,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+from train_pytorch_model import azureml_v1
 from train_pytorch_model.errors import InvalidModelDirectoryError, InvalidParameterError
 from train_pytorch_model.registry import ARTIFACT_PATH, register_model
 
@@ -61,8 +67,6 @@ def test_second_registration_is_version_2(tracking, saved_model):
 
 
 def test_the_registered_files_outlive_the_output_folder(tracking, saved_model):
-    import shutil
-
     register_model(saved_model, "image-classifier")
     shutil.rmtree(saved_model)  # an Azure ML output folder is gone after the job
     assert mlflow.pyfunc.load_model("models:/image-classifier/1") is not None
@@ -99,3 +103,96 @@ def test_rejects_a_folder_that_is_not_an_mlflow_model(tracking, tmp_path):
 def test_rejects_an_empty_name(tracking, saved_model):
     with pytest.raises(InvalidParameterError, match="registered_model_name"):
         register_model(saved_model, "  ")
+
+
+# --- azureml-core (SDK v1) metrics: optional, off unless a live v1 run exists ------------------
+
+EPOCH_METRICS = {"epoch": 3, "lr": 0.0005, "train_images_per_second": 120.5, "train_loss": 0.8,
+                 "train_accuracy": 0.75, "valid_loss": 0.9, "valid_top1": 0.6, "valid_top5": 0.95,
+                 "data_wait_fraction": 0.1, "seconds": 4.2}
+
+
+def test_v1_row_uses_the_original_names_in_the_original_order():
+    row = azureml_v1.v1_metric_row(EPOCH_METRICS)
+    assert list(row) == ["learning rate", "Train images per second", "Train loss", "Train error",
+                         "Valid loss", "Top-1 validation accuracy", "Top-5 validation accuracy"]
+    assert row["Train error"] == pytest.approx(0.25)
+    assert (row["learning rate"], row["Train loss"], row["Valid loss"]) == (0.0005, 0.8, 0.9)
+    assert (row["Top-1 validation accuracy"], row["Top-5 validation accuracy"]) == (0.6, 0.95)
+
+
+def test_v1_row_top5_is_one_when_the_trainer_has_none():
+    # The trainer leaves top-5 out under five classes; the original logged 1.0 there.
+    metrics = {k: v for k, v in EPOCH_METRICS.items() if k != "valid_top5"}
+    assert azureml_v1.v1_metric_row(metrics)["Top-5 validation accuracy"] == 1.0
+    assert azureml_v1.v1_metric_row({**metrics, "valid_top5": None})["Top-5 validation accuracy"] == 1.0
+
+
+def test_v1_row_names_a_missing_metric():
+    with pytest.raises(KeyError, match="valid_loss"):
+        azureml_v1.v1_metric_row({k: v for k, v in EPOCH_METRICS.items() if k != "valid_loss"})
+
+
+class FakeRun:
+    def __init__(self, run_id: str):
+        self.id = run_id
+        self.rows = []
+
+    def log_row(self, name, description=None, **kwargs):
+        self.rows.append((name, kwargs))
+
+
+@pytest.fixture
+def v1_run(monkeypatch):
+    """Install a stand-in `azureml.core` (SDK v1 is not installable offline) and yield a setter."""
+    core = types.ModuleType("azureml.core")
+    core.Run = types.SimpleNamespace(get_context=lambda: None)
+    monkeypatch.setitem(sys.modules, "azureml", types.ModuleType("azureml"))
+    monkeypatch.setitem(sys.modules, "azureml.core", core)
+    azureml_v1.live_v1_run.cache_clear()
+
+    def use(run):
+        core.Run.get_context = lambda: run
+        azureml_v1.live_v1_run.cache_clear()
+        return run
+
+    yield use
+    azureml_v1.live_v1_run.cache_clear()
+
+
+def test_v1_logging_is_a_silent_no_op_without_azureml_core(monkeypatch):
+    monkeypatch.setitem(sys.modules, "azureml.core", None)  # makes `import azureml.core` fail
+    azureml_v1.live_v1_run.cache_clear()
+    assert azureml_v1.live_v1_run() is None
+    assert azureml_v1.log_epoch_v1(1, EPOCH_METRICS) is None
+    azureml_v1.live_v1_run.cache_clear()
+
+
+def test_v1_logging_skips_an_offline_run(v1_run):
+    run = v1_run(FakeRun("OfflineRun_0f6b2c"))
+    azureml_v1.log_epoch_v1(1, EPOCH_METRICS)
+    assert run.rows == []
+
+
+def test_v1_logging_logs_one_row_per_epoch_to_a_live_run(v1_run):
+    run = v1_run(FakeRun("train_pytorch_model_1700000000_abcd"))
+    azureml_v1.log_epoch_v1(1, EPOCH_METRICS)
+    azureml_v1.log_epoch_v1(2, EPOCH_METRICS)
+    assert [name for name, _ in run.rows] == [azureml_v1.TABLE_NAME] * 2
+    assert run.rows[1][1] == {"epoch": 2, **azureml_v1.v1_metric_row(EPOCH_METRICS)}
+
+
+def test_v1_logging_only_on_rank_0(v1_run, monkeypatch):
+    run = v1_run(FakeRun("live"))
+    monkeypatch.setenv("RANK", "1")
+    azureml_v1.log_epoch_v1(1, EPOCH_METRICS)
+    assert run.rows == []
+
+
+def test_v1_logging_failure_does_not_stop_training(v1_run):
+    class BrokenRun(FakeRun):
+        def log_row(self, name, description=None, **kwargs):
+            raise RuntimeError("service unavailable")
+
+    v1_run(BrokenRun("live"))
+    azureml_v1.log_epoch_v1(1, EPOCH_METRICS)  # warns, does not raise

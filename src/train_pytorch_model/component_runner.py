@@ -35,6 +35,7 @@ BINDING = re.compile(r"^\s*(inputs|outputs)\.([A-Za-z_][A-Za-z0-9_]*)\s*$")
 OPTIONAL_BLOCK = re.compile(r"\$\[\[(.*?)\]\]", re.DOTALL)
 FILE_TYPES = {"uri_file"}
 FOLDER_TYPES = {"uri_folder", "mlflow_model", "custom_model", "mltable", "triton_model"}
+LITERAL_TYPES = {"string", "integer", "number", "boolean"}
 
 
 def add_arguments(parser) -> None:
@@ -58,8 +59,10 @@ def run(args) -> int:
     if args.dry_run:
         print(shlex.join(argv))
         return 0
-    for path in outputs.values():
-        Path(path).mkdir(parents=True, exist_ok=True)  # Azure ML hands the command an existing folder
+    for name, path in outputs.items():
+        # Azure ML hands the command an existing folder (the parent folder for a uri_file).
+        is_file = spec["outputs"][name].get("type") in FILE_TYPES
+        (Path(path).parent if is_file else Path(path)).mkdir(parents=True, exist_ok=True)
     log.info("Running in %s: %s", code_dir, shlex.join(argv))
     completed = subprocess.run(argv, cwd=code_dir, env=job_environment(spec))
     # A command killed by a signal reports -N; exit like a shell would.
@@ -98,6 +101,8 @@ def bind_inputs(ports: dict, given: dict[str, str], spec_dir: Path) -> dict[str,
     values: dict[str, str | None] = {}
     for name, port in ports.items():
         kind = port.get("type")
+        if kind not in FILE_TYPES | FOLDER_TYPES | LITERAL_TYPES:
+            raise ComponentSpecError(f"Input '{name}' has type {kind!r}, which is not a v2 component input type.")
         value = given.get(name)
         if value == "":
             value = None  # an empty value means "not given", as in the designer's parameter panel
@@ -210,7 +215,7 @@ def value_of(expression: str, inputs: dict, outputs: dict) -> str:
 def resolve_code_dir(spec: dict, spec_dir: Path) -> Path:
     code = spec.get("code")
     if code is None:
-        return spec_dir
+        return spec_dir  # no code folder: run next to the YAML
     path = (spec_dir / str(code)).resolve()
     if not path.is_dir():
         raise ComponentSpecError(f"code: '{code}' is not a local folder next to the component ('{path}').")
