@@ -35,14 +35,14 @@ EXPECTED_INPUTS = {
     "learning_rate": ("number", 0.001, False, 1e-9),  # "> 0": the schema only has an inclusive min
     "random_seed": ("integer", 1, False, None),
     "patience": ("integer", 3, False, 0),  # 0 disables early stopping
-    "image_size": ("integer", None, True, 1),
+    "image_size": ("integer", None, True, 32),
     "num_workers": ("integer", None, True, 0),
     "registered_model_name": ("string", None, True, None),
 }
 # The train flags the component may use (the trainer has more; the component exposes these).
 ALLOWED_FLAGS = {"--untrained-model", "--training-data", "--validation-data", "--trained-model", "--epochs",
                  "--batch-size", "--learning-rate", "--random-seed", "--patience", "--image-size",
-                 "--registered-model-name", "--num-workers"}
+                 "--registered-model-name", "--num-workers", "--checkpoint-dir"}
 # Names that mean something else in an input definition or a job YAML (`path: azureml:...`),
 # Python keywords (the SDK turns inputs into keyword arguments) and `self`.
 RESERVED_NAMES = set(keyword.kwlist) | {"self", "path", "type", "mode", "name", "version", "description",
@@ -81,7 +81,8 @@ def test_inputs_and_output_are_what_the_issue_says():
         assert (port.type, port.default, bool(port.optional), port.min) == (kind, default, optional, minimum), name
         assert port.description, f"{name} needs a description"
     assert component.inputs["learning_rate"].min > 0
-    assert list(component.outputs) == ["trained_model"]
+    assert list(component.outputs) == ["trained_model", "checkpoints"]
+    assert component.outputs["checkpoints"].type == "uri_folder" and component.outputs["checkpoints"].mode == "rw_mount"
     assert component.outputs["trained_model"].type == "mlflow_model"
     assert component.outputs["trained_model"].description
 
@@ -256,7 +257,7 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     inputs = {name: str(tmp_path) if port["type"] == "uri_folder" else None for name, port in spec["inputs"].items()}
     inputs.update({name: str(port["default"]) for name, port in spec["inputs"].items() if "default" in port})
     inputs.update(image_size="64", num_workers="2", registered_model_name="my-model")
-    argv = bind_command(spec["command"], inputs, {"trained_model": str(tmp_path / "out")})
+    argv = bind_command(spec["command"], inputs, {"trained_model": str(tmp_path / "out"), "checkpoints": str(tmp_path / "ckpt")})
     assert argv[:4] == ["python", "-m", "train_pytorch_model", "train"]
     assert {word for word in argv if word.startswith("--")} == ALLOWED_FLAGS
 
@@ -266,6 +267,7 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     assert (args.epochs, args.batch_size, args.learning_rate, args.random_seed, args.patience) == (5, 16, 0.001, 1, 3)
     assert (args.image_size, str(args.num_workers), args.registered_model_name) == (64, "2", "my-model")
     assert Path(args.trained_model) == tmp_path / "out"
+    assert Path(args.checkpoint_dir) == tmp_path / "ckpt"
 
 
 # --- environment/ ----------------------------------------------------------------------------------

@@ -53,13 +53,14 @@ def data_inputs(tmp_path):
 
 
 def test_binds_required_inputs_and_yaml_defaults_and_drops_unset_optional_blocks(capsys, data_inputs, tmp_path):
-    argv = dry_run(capsys, data_inputs, {"trained_model": str(tmp_path / "out")})
+    argv = dry_run(capsys, data_inputs, {"trained_model": str(tmp_path / "out"), "checkpoints": str(tmp_path / "ckpt")})
     assert argv == [
         sys.executable, "-m", "train_pytorch_model", "train",
         "--untrained-model", data_inputs["untrained_model"],
         "--training-data", data_inputs["training_data"],
         "--validation-data", data_inputs["validation_data"],
         "--trained-model", str(tmp_path / "out"),
+        "--checkpoint-dir", str(tmp_path / "ckpt"),
         "--epochs", "5", "--batch-size", "16", "--learning-rate", "0.001",
         "--random-seed", "1", "--patience", "3",
     ]
@@ -93,7 +94,7 @@ def test_relative_paths_become_absolute_because_the_command_runs_elsewhere(capsy
     ("learning_rate", "-0.1", "minimum"),
     ("learning_rate", "nan", "finite"),
     ("patience", "-1", "minimum is 0"),
-    ("image_size", "0", "minimum is 1"),
+    ("image_size", "0", "minimum is 32"),
 ])
 def test_parameters_are_type_and_range_checked_from_the_yaml(data_inputs, name, value, message):
     with pytest.raises(ComponentSpecError, match=message) as error:
@@ -114,9 +115,14 @@ def test_unknown_inputs_and_outputs_are_refused(data_inputs):
         run_component(COMPONENT, data_inputs, {"trained_model": "out", "model": "x"}, "--dry-run")
 
 
-def test_outputs_must_be_given(data_inputs):
-    with pytest.raises(ComponentSpecError, match="trained_model"):
-        run_component(COMPONENT, data_inputs, {}, "--dry-run")
+def test_unbound_outputs_get_a_fresh_folder_each_run(capsys, data_inputs, tmp_path):
+    # As in Azure ML, where every job gets new output folders: a stale checkpoint is never picked up.
+    first = dry_run(capsys, data_inputs, {"trained_model": str(tmp_path / "out")})
+    second = dry_run(capsys, data_inputs, {"trained_model": str(tmp_path / "out")})
+    folder = first[first.index("--checkpoint-dir") + 1]
+    assert "component-output-checkpoints-" in folder
+    assert folder != second[second.index("--checkpoint-dir") + 1]
+    assert not Path(folder).exists()  # a dry run creates nothing
 
 
 def test_data_inputs_must_exist(data_inputs, tmp_path):

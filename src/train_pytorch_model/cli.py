@@ -10,8 +10,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
-from .errors import TrainPyTorchModelError
+from .errors import ModuleOutOfMemoryError, TrainPyTorchModelError, UnexpectedError, UsageError
 
 # command name -> (module, one-line help). Modules import lazily: `--help` stays instant.
 COMMANDS = {
@@ -24,8 +25,18 @@ COMMANDS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage errors ending in the same one-line `<ErrorClass>: <message>` as every error."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        error = UsageError(f"{self.prog}: {message}. See `{self.prog} --help`.")
+        print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(error.exit_code)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train_pytorch_model", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m train_pytorch_model", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -41,9 +52,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except TrainPyTorchModelError as exc:
-        # The contract: stderr ends with exactly one line naming the error class.
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+        return report(exc)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except MemoryError:
+        hint = f" (now {args.batch_size})" if isinstance(getattr(args, "batch_size", None), int) else ""
+        return report(ModuleOutOfMemoryError(
+            f"Memory has been exhausted. Reduce --batch-size{hint} or --image-size, lower --num-workers, "
+            "or use a machine with more memory."
+        ))
+    except Exception as exc:  # noqa: BLE001 - the last line must still name an error, whatever happened
+        traceback.print_exc()  # above the one-line error, for whoever debugs it
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        return report(UnexpectedError(
+            f"{type(exc).__name__}: {first_line}. This is not a known input problem; the traceback above shows "
+            "where it happened. Please report it with that traceback."
+        ))
+
+
+def report(exc: TrainPyTorchModelError) -> int:
+    """The contract: stderr ends with exactly one line naming the error class."""
+    print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    return exc.exit_code

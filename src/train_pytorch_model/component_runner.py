@@ -22,6 +22,8 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import yaml
@@ -160,10 +162,13 @@ def bind_outputs(ports: dict, given: dict[str, str]) -> dict[str, str]:
     unknown = sorted(set(given) - set(ports))
     if unknown:
         raise ComponentSpecError(f"Unknown output(s) {', '.join(unknown)}; the component declares {', '.join(ports)}.")
-    missing = [name for name in ports if name not in given]
-    if missing:
-        raise ComponentSpecError(f"Output(s) {', '.join(missing)} need a folder: pass --output NAME=DIR.")
-    return {name: str(Path(path).resolve()) for name, path in given.items()}
+    bound = {name: str(Path(path).resolve()) for name, path in given.items()}
+    for name in ports:
+        if name not in bound:
+            # Azure ML gives every output a fresh folder of the job's own; do the same, and say where.
+            bound[name] = os.path.join(tempfile.gettempdir(), f"component-output-{name}-{uuid.uuid4().hex[:8]}")
+            log.info("Output '%s' not bound (--output %s=DIR): using %s", name, name, bound[name])
+    return bound
 
 
 def bind_command(command: str, inputs: dict[str, str | None], outputs: dict[str, str]) -> list[str]:

@@ -3,16 +3,34 @@
 Azure ML's `distribution: pytorch` and `torchrun` both set WORLD_SIZE, RANK, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT. With WORLD_SIZE > 1 we join the process group (NCCL on GPU,
 gloo on CPU); otherwise nothing distributed happens at all.
+
+A failure on one rank must not leave the others blocked in a collective until the timeout
+(NCCL does not notice a dead peer, and not every launcher kills the survivors as torchrun does). So each
+rank watches a key in the rendezvous store (the TCPStore at MASTER_ADDR:MASTER_PORT that every
+rank already reaches): a failing rank writes its one-line error there, and every other rank
+prints it and exits at once, with the root cause as its own last stderr line.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from .errors import TrainingFailedError
+
+log = logging.getLogger(__name__)
+
+# Per attempt: torchrun --max-restarts keeps its store across restarts, and an old failure must not end the new attempt.
+FAILURE_KEY = f"train_pytorch_model/failure/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -22,6 +40,7 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    watch: "FailureWatch | None" = None
 
     @property
     def is_main(self) -> bool:
@@ -39,6 +58,14 @@ class Context:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
+    def any_rank(self, *flags: bool) -> list[bool]:
+        """For each flag: is it true on at least one rank? (Every rank gets the same answer.)"""
+        if not self.distributed:
+            return [bool(f) for f in flags]
+        tensor = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in tensor.tolist()]
+
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's decision, on every rank (so every rank stops at the same epoch)."""
         if not self.distributed:
@@ -47,9 +74,68 @@ class Context:
         dist.broadcast(tensor, src=0)
         return bool(tensor.item())
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+        DDP syncs buffers at the start of each forward, so after an epoch every rank holds its own
+        last update; rank 0's are the ones that get saved, so those are the ones to validate."""
+        if not self.distributed:
+            return
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+    def broadcast_object(self, obj):
+        """Rank 0's (picklable) object on every rank."""
+        if not self.distributed:
+            return obj
+        holder = [obj if self.is_main else None]
+        dist.broadcast_object_list(holder, src=0, device=self.device if self.device.type == "cuda" else None)
+        return holder[0]
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+class FailureWatch:
+    """Polls the rendezvous store for another rank's failure; `report` publishes this rank's."""
+
+    def __init__(self, rank: int, host: str, port: int, timeout: timedelta):
+        self.rank = rank
+        # A client of its own: the thread never shares a connection with the process group.
+        self.store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="failure-watch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(POLL_SECONDS):
+            try:
+                if not self.store.check([FAILURE_KEY]):
+                    continue
+                cause = self.store.get(FAILURE_KEY).decode("utf-8", "replace")
+            except Exception:  # noqa: BLE001 - the store went away (rank 0 or the launcher exited): nothing to read
+                return
+            if self.stopped.is_set():
+                return
+            error = TrainingFailedError(f"Another process of this distributed job failed, so process {self.rank} "
+                                        f"stops too. The failure: {cause}")
+            print(f"{type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            # The main thread is blocked inside a collective that will never complete: leave now.
+            os._exit(error.exit_code)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def report(self, error: BaseException) -> None:
+        self.stop()
+        message = " ".join(str(error).split())[:2000]
+        try:
+            self.store.set(FAILURE_KEY, f"process {self.rank}: {type(error).__name__}: {message}")
+        except Exception:  # noqa: BLE001 - best effort; the launcher or the timeout still ends the job
+            return
+        # Stay alive (and connected) a moment, so the others read the cause before they see a closed socket.
+        time.sleep(5 * POLL_SECONDS)
 
 
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
@@ -62,21 +148,42 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def setup(requested_device: str = "auto", timeout_minutes: float = 30) -> Context:
+    """Join the job's process group when WORLD_SIZE > 1. `timeout_minutes` bounds the rendezvous and
+    every collective: the longest a rank may wait for the others (rank 0 writing the model included)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world_size <= 1:
         return Context(pick_device(requested_device))
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or max(1, torch.cuda.device_count())
+    if rank != 0:
+        # One voice: rank 0 prints progress; the others only warnings and errors.
+        logging.getLogger().setLevel(logging.WARNING)
     device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method="env://", timeout=timedelta(minutes=timeout_minutes),
+    timeout = timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, init_method="env://", timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
-    return Context(device, rank, world_size, local_rank, local_world_size)
+    watch = None
+    try:
+        watch = FailureWatch(rank, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout)
+    except Exception as exc:  # noqa: BLE001 - without it a failure still ends the job, only later
+        log.warning("Cannot watch the other processes for failures (%s); a failed process may leave the others "
+                    "waiting until the %g-minute timeout.", exc, timeout_minutes)
+    return Context(device, rank, world_size, local_rank, local_world_size, watch)
 
 
-def teardown(context: Context) -> None:
-    if context.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(context: Context, failure: BaseException | None = None) -> None:
+    """Leave the process group. With `failure` (an exception leaving this rank, not one every rank
+    raises together), tell the other ranks first and skip the collective shutdown."""
+    if context.watch is not None:
+        context.watch.stop()
+    if not context.distributed or not dist.is_initialized():
+        return
+    if failure is not None and not getattr(failure, "all_ranks", False):
+        if context.watch is not None:
+            context.watch.report(failure)
+        return  # destroy_process_group could wait on peers that are stuck in a collective
+    dist.destroy_process_group()

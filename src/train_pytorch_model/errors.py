@@ -70,6 +70,13 @@ class CheckpointMismatchError(TrainPyTorchModelError):
     """A resume checkpoint was written for other inputs (other classes or model)."""
 
 
+class TrainingInterruptedError(TrainPyTorchModelError):
+    """SIGTERM stopped training; the command can be run again to resume from the last checkpoint."""
+
+    exit_code = 143  # 128 + SIGTERM, as if the signal had ended the process: never mistaken for success
+    all_ranks = True  # every rank raises it at the same step: nothing to tell the others
+
+
 class ModuleOutOfMemoryError(TrainPyTorchModelError):
     """Host or GPU memory ran out; the message carries the batch-size hint."""
 
@@ -90,3 +97,15 @@ class TimeoutOccurredError(TrainingFailedError):
 
 class ComponentSpecError(TrainPyTorchModelError):
     """A component YAML or a binding given to the local component runner is wrong."""
+
+
+class UsageError(TrainPyTorchModelError):
+    """The command line itself is wrong: an unknown flag, a missing one, a value of the wrong type."""
+
+    exit_code = 2  # the usual exit status of a command-line usage error
+
+
+class UnexpectedError(TrainPyTorchModelError):
+    """Anything we did not foresee. The traceback is printed above the one-line error."""
+
+    legacy_code = 1000  # the original's LibraryExceptionError

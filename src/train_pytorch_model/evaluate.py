@@ -1,9 +1,234 @@
-"""Placeholder: being written."""
+"""`evaluate`: a scored table (output of `score`) with true labels -> classification metrics
+(designer's "Evaluate Model" for a multi-class image classifier).
+
+Input: the `score` output folder, or a `.parquet`/`.csv` file with the same columns. The true
+labels are in `--label-column` (default `category`, which `score` fills from a labeled image
+directory); the predictions in `Scored Labels` and `Scored Probabilities_<class>`.
+
+Output folder:
+- `metrics.json`: counts, accuracy, top-k accuracy, macro and weighted precision/recall/F1,
+  log loss, and per-class precision/recall/F1/support;
+- `per_class_metrics.csv`, `confusion_matrix.csv` (rows: true label, columns: predicted) and
+  `confusion_matrix.png`.
+The headline metrics and the files are also logged to MLflow (the job's run in Azure ML).
+
+Rows without a true label, and images that could not be scored (non-empty `error`), are left
+out of every metric and counted in `metrics.json` (`unlabeled_rows`, `unscored_rows`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError
+from .model_directory import staged_output
+from .score import ERROR_COLUMN, LABEL_COLUMN, PROBABILITY_PREFIX, SCORED_CSV, SCORED_LABELS, SCORED_PARQUET
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class_metrics.csv"
+CONFUSION_CSV = "confusion_matrix.csv"
+CONFUSION_PNG = "confusion_matrix.png"
+ANNOTATE_UP_TO = 30  # classes; beyond that the confusion-matrix cells are too small for numbers
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scored-data", required=True, type=Path,
+                        help=f"output folder of `score`, or a {SCORED_PARQUET} / {SCORED_CSV} file")
+    parser.add_argument("--evaluation", required=True, type=Path, help="output folder (new or empty) for the metrics")
+    parser.add_argument("--label-column", default=LABEL_COLUMN, help=f"column with the true labels (default {LABEL_COLUMN})")
+    parser.add_argument("--top-k", default="1,3,5",
+                        help="comma-separated k for top-k accuracy; values above the class count are left out (default 1,3,5)")
+    parser.add_argument("--mlflow-tracking-uri", default=None,
+                        help="MLflow tracking URI (default: the active run / MLFLOW_TRACKING_URI / sqlite:///mlflow.db)")
 
 
-def run(args):
-    raise SystemExit("not yet implemented")
+def run(args: argparse.Namespace) -> int:
+    ks = parse_top_k(args.top_k)
+    table = read_scored_table(args.scored_data)
+    metrics, confusion = evaluate_table(table, args.label_column, ks)
+    write_evaluation(args.evaluation, metrics, confusion)
+    log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri)
+    print(summary_text(metrics, args.evaluation))
+    return 0
+
+
+def parse_top_k(text: str) -> list[int]:
+    try:
+        ks = sorted({int(part) for part in str(text).split(",") if part.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise InvalidParameterError("Top k", text, "must be comma-separated integers >= 1, e.g. 1,3,5")
+    return ks
+
+
+def read_scored_table(path: Path) -> pd.DataFrame:
+    path = Path(path)
+    if path.is_dir():
+        for name in (SCORED_PARQUET, SCORED_CSV):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise InvalidDatasetError(f"Scored data folder '{path}' has neither {SCORED_PARQUET} nor {SCORED_CSV}; "
+                                      "give the output folder of `score`.")
+    if not path.is_file():
+        raise InvalidDatasetError(f"Scored data '{path}' does not exist.")
+    try:
+        if path.suffix.lower() == ".csv":
+            # Labels stay text: "0".."9" must not become numbers, or they no longer match the column names.
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types for one cause
+        raise InvalidDatasetError(f"Scored data '{path}' cannot be read as a table: {type(exc).__name__}: {exc}.") from None
+
+
+def evaluate_table(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
+                   ks: list[int] = (1, 3, 5)) -> tuple[dict, pd.DataFrame]:
+    """(metrics, confusion matrix as a labeled DataFrame) for a scored table."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    probability_columns = [c for c in table.columns if c.startswith(PROBABILITY_PREFIX)]
+    classes = [c[len(PROBABILITY_PREFIX):] for c in probability_columns]
+    if SCORED_LABELS not in table.columns or not classes:
+        raise InvalidDatasetError(f"The table has no '{SCORED_LABELS}' and '{PROBABILITY_PREFIX}<class>' columns; "
+                                  "give the output of `score`.")
+    if label_column not in table.columns:
+        raise NotLabeledDatasetError(
+            f"The scored table has no label column '{label_column}' (columns: {list(table.columns)[:8]}...). "
+            "Score a labeled image directory (<class>/<image> folders or a labeled ImageDirectory), "
+            "or name the label column with --label-column."
+        )
+    true = table[label_column].map(_text)
+    predicted = table[SCORED_LABELS].map(_text)
+    errors = table[ERROR_COLUMN].map(_text) if ERROR_COLUMN in table.columns else pd.Series("", index=table.index)
+    labeled = true != ""
+    scored = (predicted != "") & (errors == "")
+    use = (labeled & scored).to_numpy()
+    if not use.any():
+        raise InvalidDatasetError(f"No row has both a true label in '{label_column}' and a prediction "
+                                  f"({int(labeled.sum())} labeled, {int(scored.sum())} scored of {len(table)}).")
+    y_true = true[use].to_numpy(dtype=object)
+    y_pred = predicted[use].to_numpy(dtype=object)
+    probabilities = table.loc[use, probability_columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+
+    # Labels the model does not know still count (as misses) and get their own confusion-matrix row.
+    unknown = sorted(set(y_true) - set(classes))
+    labels = classes + unknown
+    class_index = {name: i for i, name in enumerate(classes)}
+    true_index = np.array([class_index.get(label, -1) for label in y_true])
+    known = true_index >= 0
+    true_probability = np.where(known, probabilities[np.arange(len(y_true)), np.maximum(true_index, 0)], np.nan)
+    # Rank of the true class: how many classes score strictly higher.
+    rank = np.where(known, (probabilities > true_probability[:, None]).sum(axis=1), len(classes))
+    top_k = {str(k): float(np.mean(rank < k)) for k in ks if k <= len(classes)}
+
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    present = [i for i, label in enumerate(labels) if support[i] > 0 or (y_pred == label).any()]
+
+    def average(weights) -> dict:
+        w = np.asarray(weights, dtype=np.float64)
+        return {name: float(np.average(values[present], weights=w[present])) if w[present].sum() else 0.0
+                for name, values in (("precision", precision), ("recall", recall), ("f1", f1))}
+
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    eps = 1e-15
+    log_loss = float(-np.mean(np.log(np.clip(true_probability[known], eps, 1.0)))) if known.any() else None
+    metrics = {
+        "rows": int(len(table)),
+        "evaluated_rows": int(use.sum()),
+        "unlabeled_rows": int((~labeled).sum()),
+        "unscored_rows": int((labeled & ~scored).sum()),
+        "classes": classes,
+        "labels_unknown_to_model": unknown,
+        "accuracy": float(np.mean(y_true == y_pred)),
+        "top_k_accuracy": top_k,
+        "macro": average(np.ones(len(labels))),
+        "weighted": average(support),
+        "log_loss": log_loss,
+        "per_class": {
+            label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                    "support": int(support[i])}
+            for i, label in enumerate(labels)
+        },
+    }
+    confusion = pd.DataFrame(matrix, index=pd.Index(labels, name="true label"), columns=labels)
+    return metrics, confusion
+
+
+def _text(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame) -> None:
+    with staged_output(out) as stage:
+        (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        per_class = pd.DataFrame.from_dict(metrics["per_class"], orient="index")
+        per_class.index.name = "label"
+        per_class.to_csv(stage / PER_CLASS_FILE)
+        confusion.to_csv(stage / CONFUSION_CSV)
+        plot_confusion_matrix(stage / CONFUSION_PNG, confusion, metrics["accuracy"])
+
+
+def plot_confusion_matrix(path: Path, confusion: pd.DataFrame, accuracy: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: compute nodes have no display
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    count = len(confusion)
+    side = min(24.0, max(5.0, 0.45 * count + 2.5))
+    fig, ax = plt.subplots(figsize=(side, side))
+    display = ConfusionMatrixDisplay(confusion.to_numpy(), display_labels=list(confusion.columns))
+    display.plot(ax=ax, include_values=count <= ANNOTATE_UP_TO, cmap="Blues", colorbar=count > ANNOTATE_UP_TO,
+                 xticks_rotation="vertical" if count > 10 else "horizontal")
+    ax.set(title=f"Confusion matrix (accuracy {accuracy:.1%}, {int(confusion.to_numpy().sum())} images)",
+           xlabel="predicted label", ylabel="true label")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def log_to_mlflow(folder: Path, metrics: dict, tracking_uri: str | None) -> None:
+    from .tracking import Tracker
+
+    tracker = Tracker(True, tracking_uri, run_name="evaluate")
+    flat = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro"]["f1"],
+            "macro_precision": metrics["macro"]["precision"], "macro_recall": metrics["macro"]["recall"],
+            "weighted_f1": metrics["weighted"]["f1"], "evaluated_rows": metrics["evaluated_rows"]}
+    flat.update({f"top_{k}_accuracy": v for k, v in metrics["top_k_accuracy"].items()})
+    if metrics["log_loss"] is not None:
+        flat["log_loss"] = metrics["log_loss"]
+    tracker.log_metrics(flat, step=0)
+    for name in (METRICS_FILE, CONFUSION_PNG, CONFUSION_CSV, PER_CLASS_FILE):
+        tracker.log_artifact(str(Path(folder) / name), "evaluation")
+    tracker.close()
+
+
+def summary_text(metrics: dict, folder: Path) -> str:
+    lines = [f"Evaluated {metrics['evaluated_rows']} of {metrics['rows']} rows"
+             + (f" ({metrics['unlabeled_rows']} unlabeled, {metrics['unscored_rows']} unscored left out)"
+                if metrics["unlabeled_rows"] or metrics["unscored_rows"] else "") + ".",
+             f"Accuracy {metrics['accuracy']:.2%}" + "".join(
+                 f", top-{k} {v:.2%}" for k, v in metrics["top_k_accuracy"].items() if k != "1"),
+             f"Macro precision {metrics['macro']['precision']:.3f}, recall {metrics['macro']['recall']:.3f}, "
+             f"F1 {metrics['macro']['f1']:.3f}",
+             f"{'class':>16}  precision  recall     f1  support"]
+    for label, m in list(metrics["per_class"].items())[:50]:
+        lines.append(f"{label[:16]:>16}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
+    if len(metrics["per_class"]) > 50:
+        lines.append(f"... {len(metrics['per_class']) - 50} more classes in {PER_CLASS_FILE}")
+    lines.append(f"Metrics: {Path(folder) / METRICS_FILE}; confusion matrix: {Path(folder) / CONFUSION_PNG}")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError
-from .legacy_format import is_hidden, iter_json_lines, read_json, read_meta, safe_join
+from .legacy_format import is_hidden, iter_json_lines, read_json, read_meta, resolves_inside, safe_join
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,8 @@ def _read_meta_layout(root: Path, meta: dict, error) -> ImageDirectory:
     for key, name in (("image_list", list_name), ("schema", schema_name)):
         if not isinstance(name, str) or safe_join(root, name) is None:
             raise error(f"_meta.yaml key '{key}' must be a relative file name inside the folder, got {name!r}.")
+        if not resolves_inside(root, safe_join(root, name)):
+            raise error(f"'{name}' (_meta.yaml key '{key}') is a symlink leading outside the folder; copy the file in.")
 
     schema = read_json(safe_join(root, schema_name), InvalidDatasetError)
     image_ref, annotation_column, categories = _parse_schema(schema, error)
@@ -141,7 +143,8 @@ def _read_meta_layout(root: Path, meta: dict, error) -> ImageDirectory:
             labels.append(-1)
         files.append(relative)
         row_id = row.get("id")
-        ids.append(row_id if isinstance(row_id, int) and not isinstance(row_id, bool) else len(files) - 1)
+        valid_id = isinstance(row_id, int) and not isinstance(row_id, bool) and -2**63 <= row_id < 2**63
+        ids.append(row_id if valid_id else len(files) - 1)
 
     if unlabeled:
         log.warning("%s: %d rows without a label were left out.", list_path, unlabeled)
@@ -158,13 +161,16 @@ def _parse_schema(schema, error) -> tuple[str, str | None, list[str] | None]:
         value = column.get("properties") or {}
         return value if isinstance(value, dict) else {}
 
-    image_columns = [
-        c for c in columns
-        if (c.get("elementType") or {}).get("typeName") == "bytes" and props(c).get("mime_type") == "image/png"
-    ]
+    def type_name(column):
+        value = column.get("elementType") or {}
+        return value.get("typeName") if isinstance(value, dict) else None
+
+    image_columns = [c for c in columns if type_name(c) == "bytes" and props(c).get("mime_type") == "image/png"]
     if not image_columns:
         raise error("_schema.json has no image column (typeName 'bytes' with mime_type 'image/png').")
     image_ref = props(image_columns[0]).get("image_ref", DEFAULT_IMAGE_REF)
+    if not isinstance(image_ref, str) or not image_ref:
+        raise error(f"_schema.json: the image column's 'image_ref' must be a column name, got {image_ref!r}.")
 
     annotated = [c for c in columns if "annotation_type" in props(c)]
     if not annotated:
@@ -172,8 +178,11 @@ def _parse_schema(schema, error) -> tuple[str, str | None, list[str] | None]:
     column = annotated[0]
     annotation_type = props(column)["annotation_type"]
     if annotation_type != CLASSIFICATION:
-        raise error(f"annotation type is '{annotation_type}'; only {CLASSIFICATION} can train a classifier.")
-    return image_ref, column.get("name"), _parse_categories(props(column).get("categories"), error)
+        raise error(f"annotation type is {annotation_type!r}; only {CLASSIFICATION} can train a classifier.")
+    name = column.get("name")
+    if not isinstance(name, str) or not name:
+        raise error(f"_schema.json: the annotation column needs a string 'name' (the images.lst key), got {name!r}.")
+    return image_ref, name, _parse_categories(props(column).get("categories"), error)
 
 
 def _parse_categories(raw, error) -> list[str]:

@@ -58,6 +58,11 @@ def read_yaml(path: Path, error_type: type[TrainPyTorchModelError]) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise error_type(f"'{path}' is not valid YAML{where}: {problem}. Fix or regenerate the file.") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # The safe loader still converts values (dates, numbers) and recurses on nesting.
+        raise error_type(
+            f"'{path}' is not valid YAML: {type(exc).__name__}: {str(exc)[:200]}. Fix or regenerate the file."
+        ) from None
 
 
 def read_json(path: Path, error_type: type[TrainPyTorchModelError]) -> Any:
@@ -69,17 +74,19 @@ def read_json(path: Path, error_type: type[TrainPyTorchModelError]) -> Any:
             f"'{path}' is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}. "
             "Fix or regenerate the file."
         ) from None
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number, nesting deeper than Python's stack
+        raise error_type(f"'{path}' cannot be read as JSON: {str(exc)[:200]}. Fix or regenerate the file.") from None
 
 
 def read_text(path: Path, error_type: type[TrainPyTorchModelError]) -> str:
     try:
         return Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise error_type(f"'{path}' is missing.") from None
+        raise error_type(f"'{path}' is missing; restore it, or regenerate the folder it belongs to.") from None
     except UnicodeDecodeError as exc:
-        raise error_type(f"'{path}' is not UTF-8 text (byte {exc.start}).") from None
+        raise error_type(f"'{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
     except OSError as exc:
-        raise error_type(f"'{path}' cannot be read: {exc.strerror or exc}.") from None
+        raise error_type(f"'{path}' cannot be read: {exc.strerror or exc}. Check the file and its permissions.") from None
 
 
 def iter_json_lines(path: Path, error_type: type[TrainPyTorchModelError]) -> Iterator[tuple[int, dict]]:
@@ -87,9 +94,9 @@ def iter_json_lines(path: Path, error_type: type[TrainPyTorchModelError]) -> Ite
     try:
         handle = open(path, encoding="utf-8-sig")
     except FileNotFoundError:
-        raise error_type(f"'{path}' is missing.") from None
+        raise error_type(f"'{path}' is missing; restore it, or regenerate the folder it belongs to.") from None
     except OSError as exc:
-        raise error_type(f"'{path}' cannot be read: {exc.strerror or exc}.") from None
+        raise error_type(f"'{path}' cannot be read: {exc.strerror or exc}. Check the file and its permissions.") from None
     with handle:
         try:
             for number, line in enumerate(handle, start=1):
@@ -99,13 +106,19 @@ def iter_json_lines(path: Path, error_type: type[TrainPyTorchModelError]) -> Ite
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise error_type(
-                        f"'{path}' line {number} is not valid JSON (column {exc.colno}: {exc.msg})."
+                        f"'{path}' line {number} is not valid JSON (column {exc.colno}: {exc.msg}). "
+                        "Each line must be one JSON object."
+                    ) from None
+                except (ValueError, RecursionError) as exc:  # huge numbers, absurd nesting
+                    raise error_type(
+                        f"'{path}' line {number} cannot be read as JSON ({str(exc)[:200]}). "
+                        "Each line must be one JSON object."
                     ) from None
                 if not isinstance(row, dict):
-                    raise error_type(f"'{path}' line {number} is not a JSON object.")
+                    raise error_type(f"'{path}' line {number} is not a JSON object. Each line must be one JSON object.")
                 yield number, row
         except UnicodeDecodeError as exc:
-            raise error_type(f"'{path}' is not UTF-8 text (byte {exc.start}).") from None
+            raise error_type(f"'{path}' is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
 
 
 def read_meta(directory: Path, error_type: type[TrainPyTorchModelError]) -> dict | None:
@@ -115,9 +128,14 @@ def read_meta(directory: Path, error_type: type[TrainPyTorchModelError]) -> dict
         return None
     meta = read_yaml(path, error_type)
     if not isinstance(meta, dict):
-        raise error_type(f"'{path}' must be a YAML mapping with a 'type' key, got {type(meta).__name__}.")
+        raise error_type(
+            f"'{path}' must be a YAML mapping with a 'type' key, got {type(meta).__name__}. Fix or regenerate the file."
+        )
     if not meta.get("type"):
-        raise error_type(f"Required field 'type' is not found in meta file '{path}'.")
+        raise error_type(
+            f"Required field 'type' is not found in meta file '{path}'. Add the line `type: ImageDirectory` "
+            "(or `type: ModelDirectory`), or regenerate the folder."
+        )
     return meta
 
 

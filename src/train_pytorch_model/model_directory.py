@@ -91,6 +91,8 @@ def read_model_spec(path: Path) -> ModelSpec:
         raise invalid(f"{META_FILE} is missing.")
     if meta["type"] != "ModelDirectory":
         raise invalid(f"{META_FILE} says type '{meta['type']}', expected 'ModelDirectory'.")
+    if not (path / SPEC_FILE).is_file():
+        raise invalid(f"{SPEC_FILE} is missing.")
     spec = read_yaml(path / SPEC_FILE, InvalidModelDirectoryError)
     if not isinstance(spec, dict):
         raise invalid(f"{SPEC_FILE} must be a YAML mapping.")
@@ -116,7 +118,7 @@ def read_model_spec(path: Path) -> ModelSpec:
     flag_name = FAMILIES[family][3]
     unknown = set(params) - {"model_name", "pretrained", flag_name, "num_classes"}
     if unknown:
-        raise invalid(f"init_params has unknown keys {sorted(unknown)} for {name}.")
+        raise invalid(f"init_params has unknown keys {sorted(map(str, unknown))} for {name}.")
     for key in ("pretrained", flag_name):
         if not isinstance(params.get(key, False), bool):
             raise invalid(f"init_params.{key} must be true or false, got {params[key]!r}.")
@@ -168,8 +170,20 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
     info_path = path / INFO_FILE
     if info_path.is_file():
         info = read_json(info_path, InvalidModelDirectoryError)
+        if not isinstance(info, dict) or not isinstance(info.get("classes"), list) \
+                or not isinstance(info.get("preprocessing"), dict):
+            raise InvalidModelDirectoryError(
+                f"'{info_path}' needs a 'classes' list and a 'preprocessing' object; "
+                "the trained model directory is damaged: train it again."
+            )
         classes = [str(c) for c in info["classes"]]
-        preprocessing = Preprocessing.from_dict(info["preprocessing"])
+        try:
+            preprocessing = Preprocessing.from_dict(info["preprocessing"])
+        except (TypeError, ValueError) as exc:
+            raise InvalidModelDirectoryError(
+                f"'{info_path}' has an invalid 'preprocessing' ({exc}); the trained model directory is damaged: "
+                "train it again."
+            ) from None
     else:  # written by the original: labels from the CSV, its normaliser, no resize
         classes = _read_label_map(path / LABEL_MAP_FILE, model.num_classes)
         preprocessing = Preprocessing(image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -180,7 +194,8 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
                 preprocessing = Preprocessing(image_size=None, mean=tuple(params["mean"]), std=tuple(params["std"]))
     if len(classes) != model.num_classes:
         raise InvalidModelDirectoryError(
-            f'ModelDirectory "{path}" lists {len(classes)} classes but its weights have {model.num_classes} outputs.'
+            f'ModelDirectory "{path}" lists {len(classes)} classes but its weights have {model.num_classes} outputs: '
+            "its files come from different trainings. Use an intact trained model directory, or train again."
         )
     model.eval()
     return TrainedModel(model, classes, preprocessing, spec)
@@ -265,6 +280,53 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
     return samples
 
 
+STAGE_PREFIX = ".partial-"  # staging folders made inside a mounted output folder
+
+
+def check_output_folder(out: str | os.PathLike) -> None:
+    """Refuse, before any work is done, an output that is a file, a non-empty folder, or not writable.
+
+    The rule: the output folder must be new or empty (our own leftover staging folders aside),
+    so a result is never mixed with an earlier one and nothing a user had there is overwritten.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise OutputDirectoryError(f"Output path '{out}' is a file; give a folder (new or empty).")
+        try:
+            names = [entry.name for entry in out.iterdir()]
+        except OSError as exc:
+            raise OutputDirectoryError(f"Output folder '{out}' cannot be read: {exc.strerror or exc}.") from None
+        if any(not name.startswith(STAGE_PREFIX) for name in names):
+            raise OutputDirectoryError(
+                f"Output folder '{out}' is not empty; give a new or empty folder so no earlier result is mixed in."
+            )
+        problem = _write_problem(out)
+        if problem:
+            raise OutputDirectoryError(f"Output folder '{out}' is not writable ({problem}). Give a folder you can write to.")
+        return
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputDirectoryError(f"Output folder '{out}' cannot be created: '{ancestor}' is a file, not a folder.")
+    problem = _write_problem(ancestor)
+    if problem:
+        raise OutputDirectoryError(
+            f"Output folder '{out}' cannot be created: '{ancestor}' is not writable ({problem}). "
+            "Give a folder you can write to."
+        )
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why nothing can be created in `folder`, or None. Tried for real: os.access ignores ACLs, mounts, capabilities."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 class staged_output:
     """Write a whole output folder or nothing.
 
@@ -281,12 +343,10 @@ class staged_output:
 
     def __enter__(self) -> Path:
         out = self.out
-        if out.exists() and not out.is_dir():
-            raise OutputDirectoryError(f"Output path '{out}' is a file; give a folder (new or empty).")
-        if out.is_dir() and any(out.iterdir()):
-            raise OutputDirectoryError(
-                f"Output folder '{out}' is not empty; give a new or empty folder so no earlier result is mixed in."
-            )
+        check_output_folder(out)
+        if out.is_dir():
+            for stale in out.glob(f"{STAGE_PREFIX}*"):  # left inside by a killed run (mounted output)
+                shutil.rmtree(stale, ignore_errors=True)
         parent = out.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +355,7 @@ class staged_output:
         except OSError:
             try:  # parent not writable (a mounted output): stage inside the output itself
                 out.mkdir(parents=True, exist_ok=True)
-                self.stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+                self.stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
                 _chmod_like_mkdir(self.stage)
             except OSError as exc:
                 raise OutputDirectoryError(f"Output folder '{out}' is not writable: {exc.strerror or exc}.") from None

@@ -13,6 +13,7 @@ stacked `Linear(1000, C)` after the ImageNet logits, which we read but never wri
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -96,29 +97,42 @@ def replace_head(net: nn.Module, num_classes: int) -> None:
 
 def load_legacy_state(model_name: str, flag_value: bool, state: dict, source: str) -> Classifier:
     """A Classifier holding `state` (a legacy wrapper state dict), with whatever head it was saved with."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InvalidModelDirectoryError(f"'{source}' is not a PyTorch state dict (a mapping of names to tensors).")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise InvalidModelDirectoryError(
+            f"'{source}' is not a PyTorch state dict (a mapping of names to tensors). Re-create the untrained model "
+            "directory with init-model, or save the weights with torch.save(model.state_dict(), path)."
+        )
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if not any(k.startswith("model.") for k in state):
         # Also accept a bare torchvision state dict (e.g. a torch hub cache file).
         state = {f"model.{k}": v for k, v in state.items()}
     head_key = next((k for k in ("model.fc.weight", "model.classifier.weight") if k in state), None)
-    if head_key is None:
+    linear_ok = all(state[k].dim() == 2 and min(state[k].shape) > 0
+                    for k in (head_key, "out_linear_model.weight") if k in state)
+    if head_key is None or not linear_ok:
         raise InvalidModelDirectoryError(
-            f"'{source}' does not hold a {model_name} state dict (no classification head weights found)."
+            f"'{source}' does not hold a {model_name} state dict (no usable classification head weights found). "
+            "Re-create the untrained model directory with init-model."
         )
     out_linear = None
     if "out_linear_model.weight" in state:
         w = state["out_linear_model.weight"]
         out_linear = nn.Linear(w.shape[1], w.shape[0])
     model = Classifier(build_net(model_name, state[head_key].shape[0], flag_value), out_linear)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(v.shape)} instead of {tuple(expected[k].shape)}"
+                for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or reshaped:
         raise InvalidModelDirectoryError(
             f"'{source}' does not match architecture {model_name}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}), "
+            f"{len(reshaped)} of another shape (e.g. {reshaped[:2]}). "
             "Was it saved from another model? Re-create the untrained model directory with init-model."
         )
+    model.load_state_dict(state)
     return model
 
 
@@ -151,9 +165,19 @@ def load_weights_file(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure means the same thing to the user
         raise InvalidModelDirectoryError(
-            f"'{path}' cannot be loaded as PyTorch weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            "Only plain state dicts (tensors) are accepted, never pickled code."
+            f"'{path}' cannot be loaded as PyTorch weights ({type(exc).__name__}: {_load_failure_reason(exc)}). "
+            "Only plain state dicts (tensors) are accepted, never pickled code: re-create the directory with "
+            "init-model, or save the weights with torch.save(model.state_dict(), path)."
         ) from None
+
+
+def _load_failure_reason(exc: Exception) -> str:
+    """The useful part of a torch.load error. Its generic text suggests weights_only=False, which we never do."""
+    text = str(exc)
+    specific = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", text)
+    if specific:
+        return specific.group(1).strip()[:200]
+    return (text.splitlines() or [""])[0][:200]
 
 
 def pretrained_missing_error(model_name: str, directory: Path) -> PretrainedWeightsNotFoundError:

@@ -45,14 +45,18 @@ def decode_image(source: str | Path | bytes, size_hint: int | None = None) -> Im
             image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
             if size_hint and image.format == "JPEG":
                 image.draft("RGB", (size_hint, size_hint))
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the decoded pixels
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 array = np.asarray(image, dtype=np.float32)
                 scale = 257.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 1.0
                 image = Image.fromarray((array / scale).clip(0, 255).astype(np.uint8))
             elif image.mode == "P":
                 image = image.convert("RGBA")
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
             ZeroDivisionError, IndexError, TypeError, EOFError) as exc:
         raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from None

@@ -22,11 +22,11 @@ class Tracker:
         self.run = None
         self._owns_run = False
         self._warned = False
-        if not enabled:
-            return
         import mlflow
 
-        self.mlflow = mlflow
+        self.mlflow = mlflow  # set even when disabled: the log_* calls name it before _call sees run is None
+        if not enabled:
+            return
         try:
             if tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +36,7 @@ class Hyperparameters:
     warmup_epochs: int = 0
     precision: str = "fp32"  # resolved: fp32, bf16 or fp16
     channels_last: bool = False
+    compile: bool = False  # torch.compile the model (see compile_model)
     print_freq: int = 10
 
 
@@ -87,6 +90,26 @@ def make_scheduler(optimizer, hp: Hyperparameters, steps_per_epoch: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def compile_model(model: nn.Module, device: torch.device) -> bool:
+    """torch.compile `model` in place (nn.Module.compile keeps the state-dict keys, so checkpoints and the
+    trained model directory do not change). The first steps pay for compilation (a minute or more).
+
+    On CPU, Inductor builds C++ kernels: without a C++ compiler it would fail at the first step, so the model
+    stays eager, with a warning. Returns whether the model was compiled."""
+    if device.type == "cpu":
+        candidates = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+        if not any(shutil.which(name) for name in candidates if name):
+            log.warning("--compile true: no C++ compiler found (set CXX or install g++); training without torch.compile.")
+            return False
+    model.compile()
+    return True
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only, whose narrow range lets small gradients underflow; bf16 and fp32 need none."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -109,6 +132,14 @@ class EpochMetrics:
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class Interrupted(Exception):
+    """`should_interrupt` stopped `fit` before `epoch` (0-based) was complete; that epoch must be run again."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"interrupted before epoch {epoch + 1} was complete")
+        self.epoch = epoch
 
 
 @dataclass
@@ -139,7 +170,9 @@ class Trainer:
         images = self.preprocessing.normalize(images).contiguous(memory_format=self.memory_format)
         return images, targets
 
-    def train_epoch(self, state: TrainingState, epoch: int, log_progress) -> tuple[float, float, float, float]:
+    def train_epoch(self, state: TrainingState, epoch: int, log_progress,
+                    should_interrupt=lambda: False) -> tuple[float, float, float, float] | None:
+        """One epoch; None when `should_interrupt` turned true on some rank (the epoch is abandoned)."""
         model, hp = state.model, self.hp
         model.train()
         self.train_loader.sampler.set_epoch(epoch)
@@ -150,7 +183,12 @@ class Trainer:
         for step, batch in enumerate(self.train_loader, start=1):
             wait += time.perf_counter() - tick
             self.train_bad.record(batch.failures)
-            if len(batch) < 2:  # BatchNorm cannot train on one sample; only bad files make batches this small
+            # Ranks decide together: under DDP one rank skipping a step another takes would
+            # mismatch the gradient all-reduces, and all must stop at the same step.
+            skip, stop = self.ctx.any_rank(len(batch) < 2, should_interrupt())
+            if stop:
+                return None
+            if skip:  # BatchNorm cannot train on one sample; only bad files make batches this small
                 tick = time.perf_counter()
                 continue
             images, targets = self.to_device(batch)
@@ -176,7 +214,12 @@ class Trainer:
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module) -> tuple[float, float, float | None]:
-        """Loss, top-1 and top-5 over the whole validation set, summed exactly over ranks."""
+        """Loss, top-1 and top-5 over the whole validation set, summed exactly over ranks.
+
+        `model` is the bare module, not the DDP wrapper: ranks hold different numbers of validation
+        batches, and DDP's forward would run a buffer broadcast per batch. Every rank evaluates
+        rank 0's weights (the ones saved), so the result is what one process would measure."""
+        self.ctx.broadcast_buffers(model)
         model.eval()
         loss_sum = top1 = top5 = seen = 0.0
         k = min(5, self.num_classes)
@@ -200,13 +243,22 @@ class Trainer:
         return loss_sum / seen, top1 / seen, (top5 / seen if self.num_classes >= 5 else None)
 
     def fit(self, state: TrainingState, on_epoch_end, log_progress, should_interrupt=lambda: False) -> TrainingState:
-        """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics)` logs and checkpoints."""
+        """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics)` logs and checkpoints.
+
+        `should_interrupt()` is this rank's wish to stop (SIGTERM); it is checked before every step and
+        after every epoch's `on_epoch_end`, agreed over all ranks, and raises Interrupted.
+        """
         raw_model = state.model.module if hasattr(state.model, "module") else state.model
+        if state.early_stopping.should_stop:  # resumed from the checkpoint of a run that had stopped
+            return state
         for epoch in range(state.next_epoch, self.hp.epochs):
             started = time.perf_counter()
             lr = state.optimizer.param_groups[0]["lr"]
-            train_loss, train_acc, ips, wait = self.train_epoch(state, epoch, log_progress)
-            valid_loss, top1, top5 = self.evaluate(state.model)
+            result = self.train_epoch(state, epoch, log_progress, should_interrupt)
+            if result is None:
+                raise Interrupted(epoch)
+            train_loss, train_acc, ips, wait = result
+            valid_loss, top1, top5 = self.evaluate(raw_model)
             metrics = EpochMetrics(epoch + 1, lr, train_loss, train_acc, ips, valid_loss, top1, top5, wait,
                                    time.perf_counter() - started)
             state.history.append(metrics)
@@ -220,6 +272,6 @@ class Trainer:
                 log.info("Early stopping: validation loss has not improved on epoch %d's %.4f for %d epochs.",
                          state.early_stopping.best_epoch + 1, state.early_stopping.best_loss, state.early_stopping.bad_epochs)
                 break
-            if should_interrupt():
-                break
+            if epoch + 1 < self.hp.epochs and self.ctx.any_rank(should_interrupt())[0]:
+                raise Interrupted(epoch + 1)
         return state

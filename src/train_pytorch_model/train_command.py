@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from . import checkpoint, distributed
+from .azureml_v1 import log_epoch_v1
 from .data import BadImageTracker, build_dataset, default_num_workers, evaluation_loader, training_loader
 from .errors import (InvalidDatasetError, InvalidParameterError, ModuleOutOfMemoryError, TrainingFailedError,
                      TrainPyTorchModelError)
 from .image_directory import ImageDirectory, load_image_directory, require_labeled
-from .model_directory import (read_untrained_model_directory, staged_output, training_samples,
+from .model_directory import (check_output_folder, read_untrained_model_directory, staged_output, training_samples,
                               write_legacy_trained_files)
 from .models import Classifier, adapt_to_classes, build_net
 from .preprocessing import AUGMENTATIONS, Preprocessing
 from .tracking import Tracker
-from .train import EarlyStopping, EpochMetrics, Hyperparameters, Trainer, TrainingState, make_optimizer, make_scheduler
+from .train import (EarlyStopping, EpochMetrics, Hyperparameters, Interrupted, Trainer, TrainingState, compile_model,
+                    make_optimizer, make_scaler, make_scheduler)
 
 log = logging.getLogger("train_pytorch_model")
 
@@ -37,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--training-data", required=True, type=Path, help="labeled training ImageDirectory")
     io.add_argument("--validation-data", required=True, type=Path, help="labeled validation ImageDirectory")
     io.add_argument("--trained-model", required=True, type=Path, help="output folder (new or empty)")
+    io.add_argument("--checkpoint-dir", type=Path, default=None,
+                    help="folder for the resume checkpoint, written every epoch; when it holds one, training resumes "
+                         "from it (same command after a preemption). Give it a new folder per training run")
     p = parser.add_argument_group("designer parameters")
     p.add_argument("--epochs", type=int, default=5, help="maximum number of epochs (default 5)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step, per process (default 16)")
@@ -57,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="auto: bf16 autocast on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
     x.add_argument("--channels-last", choices=("auto", "true", "false"), default="auto",
                    help="NHWC memory format; auto: on GPU only")
+    x.add_argument("--compile", choices=("true", "false"), default="false",
+                   help="torch.compile the model: faster steps on GPU for long runs, after a compile of a minute "
+                        "or more (default false)")
     x.add_argument("--max-bad-image-fraction", type=float, default=0.05,
                    help="unreadable images are skipped with a warning; fail when more than this fraction is bad (default 0.05)")
     x.add_argument("--print-freq", type=int, default=10, help="progress line every N steps (default 10)")
@@ -101,7 +110,7 @@ def validate(args: argparse.Namespace, device: torch.device, local_world_size: i
         epochs=args.epochs, learning_rate=args.learning_rate, patience=args.patience, optimizer=args.optimizer,
         warmup_epochs=args.warmup_epochs, precision=resolve_precision(args.precision, device),
         channels_last=(device.type == "cuda") if args.channels_last == "auto" else args.channels_last == "true",
-        print_freq=args.print_freq,
+        compile=args.compile == "true", print_freq=args.print_freq,
     )
     if hp.precision == "fp16" and device.type != "cuda":
         raise InvalidParameterError("Precision", "fp16", "fp16 needs a GPU; use bf16 or fp32 on CPU")
@@ -166,8 +175,11 @@ def run(args: argparse.Namespace) -> int:
         raise
     except RuntimeError as exc:
         raise translate_runtime_error(exc, args.batch_size) from exc
+    except MemoryError as exc:
+        raise translate_runtime_error(RuntimeError("out of memory (MemoryError)"), args.batch_size) from exc
     finally:
-        distributed.teardown(ctx)
+        # The exception leaving this rank, if any: the other ranks are told instead of left waiting.
+        distributed.teardown(ctx, failure=sys.exc_info()[1])
     return 0
 
 
@@ -178,7 +190,7 @@ def translate_runtime_error(exc: RuntimeError, batch_size: int) -> TrainPyTorchM
             f"Memory has been exhausted ({str(exc).splitlines()[0][:200]}). Reduce --batch-size (now {batch_size}) "
             "or --image-size, or use a machine with more memory."
         )
-    if "dataloader worker" in text:
+    if "dataloader worker" in text or "unable to write to file </torch_" in text:  # the latter: /dev/shm is full
         return TrainingFailedError(
             f"An image decoding worker died ({str(exc).splitlines()[0][:200]}). This is usually host memory or "
             "shared memory (/dev/shm) running out: lower --num-workers or --batch-size."
@@ -188,6 +200,8 @@ def translate_runtime_error(exc: RuntimeError, batch_size: int) -> TrainPyTorchM
 
 def train_model(args: argparse.Namespace, ctx: distributed.Context) -> dict:
     settings = validate(args, ctx.device, ctx.local_world_size)
+    if ctx.is_main:
+        check_output_folder(args.trained_model)  # now, not after hours of training
     hp = settings.hp
     seed_everything(args.random_seed)
     if ctx.device.type == "cpu":
@@ -224,13 +238,15 @@ def train_model(args: argparse.Namespace, ctx: distributed.Context) -> dict:
     valid_loader = evaluation_loader(valid_set, batch_size=batch_size * 2, **common)
 
     model = model.to(ctx.device, memory_format=torch.channels_last if hp.channels_last else torch.contiguous_format)
+    if hp.compile:
+        hp.compile = compile_model(model, ctx.device)
     raw_model = model
     if ctx.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     lr = hp.learning_rate * ctx.world_size  # linear scaling: batch_size is per process
     optimizer = make_optimizer(model, hp, lr)
     scheduler = make_scheduler(optimizer, hp, len(train_loader))
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=hp.precision == "fp16")
+    scaler = make_scaler(ctx.device, hp.precision)
     state = TrainingState(model, optimizer, scheduler, scaler, EarlyStopping(hp.patience))
 
     tracker = Tracker(ctx.is_main, args.mlflow_tracking_uri)
@@ -239,10 +255,22 @@ def train_model(args: argparse.Namespace, ctx: distributed.Context) -> dict:
         "epochs": hp.epochs, "batch_size": batch_size, "learning_rate": args.learning_rate, "random_seed": args.random_seed,
         "patience": hp.patience, "image_size": args.image_size, "augmentation": args.augmentation,
         "optimizer": hp.optimizer, "warmup_epochs": hp.warmup_epochs, "precision": hp.precision,
-        "channels_last": hp.channels_last, "num_workers": settings.num_workers, "world_size": ctx.world_size,
+        "channels_last": hp.channels_last, "compile": hp.compile, "num_workers": settings.num_workers, "world_size": ctx.world_size,
         "device": str(ctx.device), "training_images": len(train_dir), "validation_images": len(valid_dir),
     }
     tracker.log_params(params)
+    identity = resume_from = None
+    if args.checkpoint_dir:
+        identity = checkpoint.run_identity(
+            model_name=spec.model_name, pretrained=spec.pretrained, classes=classes, train_dir=train_dir,
+            valid_dir=valid_dir, world_size=ctx.world_size,
+            hyperparameters={k: params[k] for k in ("epochs", "batch_size", "learning_rate", "random_seed", "patience",
+                                                    "image_size", "augmentation", "optimizer", "warmup_epochs",
+                                                    "precision")},
+        )
+        resume_from = checkpoint.load(args.checkpoint_dir, ctx)
+        if resume_from is not None:
+            checkpoint.check_compatible(resume_from, identity, args.checkpoint_dir / checkpoint.CHECKPOINT_FILE)
     if ctx.is_main:
         log.info("Training on %s (%d process(es)): %d training and %d validation images, %d classes, batch %d, %s, %d workers.",
                  ctx.device, ctx.world_size, len(train_dir), len(valid_dir), len(classes), batch_size, hp.precision,
@@ -261,13 +289,31 @@ def train_model(args: argparse.Namespace, ctx: distributed.Context) -> dict:
                  m.epoch, hp.epochs, m.train_loss, 100 * m.train_accuracy, m.valid_loss, 100 * m.valid_top1, top5,
                  m.lr, m.train_images_per_second, m.seconds, "  (best)" if best else "")
         tracker.log_metrics(m.as_dict(), step=m.epoch)
+        log_epoch_v1(m.epoch, m.as_dict())  # azureml-core v1 run, when one is live
+        if args.checkpoint_dir:
+            checkpoint.save(args.checkpoint_dir, state, raw_model, identity)
 
     train_bad = BadImageTracker(train_dir, "Training", args.max_bad_image_fraction)
     valid_bad = BadImageTracker(valid_dir, "Validation", args.max_bad_image_fraction)
     trainer = Trainer(ctx, hp, preprocessing, len(classes), train_loader, valid_loader, train_bad, valid_bad)
+    if resume_from is not None:
+        # Last before fitting: this also puts back the RNG states of the epoch boundary.
+        checkpoint.restore(resume_from, state, raw_model, args.checkpoint_dir / checkpoint.CHECKPOINT_FILE)
+        del resume_from
+        if ctx.is_main:
+            log.info("Resuming from the checkpoint in %s: %d of %d epochs done.", args.checkpoint_dir,
+                     state.next_epoch, hp.epochs)
     failed = True
     try:
-        state = trainer.fit(state, on_epoch_end, log_progress)
+        with checkpoint.StopOnSigterm() as stop_requested:
+            try:
+                state = trainer.fit(state, on_epoch_end, log_progress, should_interrupt=stop_requested)
+            except (Interrupted, RuntimeError) as exc:
+                # (A SIGTERM to the whole process group also ends the DataLoader workers: a RuntimeError here.)
+                if isinstance(exc, RuntimeError) and not stop_requested():
+                    raise
+                raise checkpoint.interrupted(args.checkpoint_dir, state.next_epoch, hp.epochs,
+                                             all_ranks=isinstance(exc, Interrupted)) from None
         if state.best_state is not None:
             raw_model.load_state_dict(state.best_state)
         best_epoch = state.early_stopping.best_epoch + 1

@@ -1,0 +1,638 @@
+"""Training speed, measured against the compute ceiling (issue 7). One run, one generated dataset, one model.
+
+    python benchmarks/benchmark_training.py                    # defaults: < 10 minutes on 2 CPU cores
+    python benchmarks/benchmark_training.py --quick            # smoke run, about a minute
+    python benchmarks/benchmark_training.py --model resnet50 --image-sizes 224 --batch-size 128   # on a GPU
+
+What it measures, each in a fresh subprocess (so thread settings, caches and peak memory do not leak
+between measurements), interleaved over `--repeats` rounds so background load hits all of them alike:
+
+- ceiling:  forward + backward + optimizer step on one uint8 batch already in memory (the same model,
+            optimizer, precision and normalisation as training): what the hardware can do at best.
+- train:    the real thing: `python -m train_pytorch_model train` (cli.main, in-process) on image files on
+            disk; images/s of every epoch after the first, read from the run's metrics.csv (process start,
+            index building, worker start-up and model writing excluded).
+- baseline: a loop shaped like the original module: PIL decode + resize + ToTensor + Normalize in the main
+            process, no workers, no overlap, fp32.
+- eval:     validation throughput through Trainer.evaluate vs an in-memory inference ceiling.
+- workers:  `train` with --num-workers 0, 1, 2, ... (the data behind default_num_workers).
+- index:    load_image_directory on generated images.lst files of 100k and 1M rows: seconds and memory.
+- memory:   peak memory of `train` at 2k vs 20k rows (the 20k-row images.lst repeats the generated files).
+- fixture:  `train` on the legacy fixture ImageDirectory (a compatibility check; too small to time).
+
+Results: <out>/benchmark.json and <out>/benchmark.md (a markdown table). Timing is never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+CLASSES = [f"class{k}" for k in range(10)]
+
+
+# --- dataset -------------------------------------------------------------------------------------------------
+
+
+def synthetic_photo(rng, width: int, height: int, label: int):
+    """A photo-like image: smooth colour field, a class-coloured shape with edges, mild sensor noise.
+
+    (Pure noise would make JPEG decoding unrealistically slow; flat colour unrealistically fast.)
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    field = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(field)
+    x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+    x1, y1 = x0 + rng.integers(width // 4, width // 2 + 1), y0 + rng.integers(height // 4, height // 2 + 1)
+    hue = int(255 * label / len(CLASSES))
+    colour = Image.new("HSV", (1, 1), (hue, 220, 230)).convert("RGB").getpixel((0, 0))
+    (draw.ellipse if label % 2 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    pixels = np.asarray(field, dtype=np.int16) + rng.integers(-6, 7, (height, width, 3), dtype=np.int16)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def write_dataset(root: Path, count: int, seed: int, min_side: int, max_side: int, png_fraction: float) -> dict:
+    """An ImageFolder tree `<class>/<n>.jpg|png` of `count` images: long side log-uniform in [min_side, max_side],
+    aspect 3:4 to 4:3, JPEG quality 85-95 or PNG. Reused when a manifest with the same recipe exists."""
+    import numpy as np
+
+    recipe = {"count": count, "seed": seed, "min_side": min_side, "max_side": max_side, "png_fraction": png_fraction,
+              "version": 1}
+    manifest = root / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("recipe") == recipe:
+        return json.loads(manifest.read_text())
+    rng = np.random.default_rng(seed)
+    files, total_bytes, pixels = [], 0, 0
+    for n in range(count):
+        label = n % len(CLASSES)
+        long_side = int(round(math.exp(rng.uniform(math.log(min_side), math.log(max_side)))))
+        aspect = rng.uniform(0.75, 1.0)
+        short_side = max(8, int(long_side * aspect))
+        width, height = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
+        image = synthetic_photo(rng, width, height, label)
+        png = rng.random() < png_fraction
+        path = root / CLASSES[label] / f"{n:06d}.{'png' if png else 'jpg'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if png:
+            image.save(path, "PNG")
+        else:
+            image.save(path, "JPEG", quality=int(rng.integers(85, 96)))
+        files.append(path.relative_to(root).as_posix())
+        total_bytes += path.stat().st_size
+        pixels += width * height
+    summary = {"recipe": recipe, "images": count, "megabytes": round(total_bytes / 1e6, 1),
+               "mean_megapixels": round(pixels / count / 1e6, 3), "png_fraction": png_fraction,
+               "sides": f"{min_side}-{max_side} px", "files": files}
+    manifest.write_text(json.dumps(summary))
+    return summary
+
+
+def write_image_list(root: Path, rows: int, files: list[str] | None, image_root: Path | None = None) -> Path:
+    """A meta-route ImageDirectory (`_meta.yaml`, `_schema.json`, `images.lst`) with `rows` rows.
+
+    With `files`, rows cycle through them (hard links into `image_root`, so a 20k-row dataset needs no 20k
+    image files; symlinks would be refused as leaving the folder); without, rows name files that do not exist
+    (enough for indexing)."""
+    sys.path.insert(0, str(REPO / "src"))
+    from train_pytorch_model.image_directory import default_schema
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "_meta.yaml").write_text("type: ImageDirectory\nimage_list: images.lst\nschema: _schema.json\n")
+    (root / "_schema.json").write_text(json.dumps(default_schema(CLASSES)))
+    for name in files or []:
+        link = root / "image" / name
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.link(image_root / name, link)
+    with open(root / "images.lst", "w", encoding="utf-8") as handle:
+        for n in range(rows):
+            if files:
+                name = files[n % len(files)]
+                label = name.split("/", 1)[0]
+            else:
+                name, label = f"{CLASSES[n % 10]}/{n:07d}.jpg", CLASSES[n % 10]
+            handle.write(json.dumps({"image_info": {"file_name": f"image/{name}"}, "category": label, "id": n}) + "\n")
+    return root
+
+
+# --- measurements (each runs in its own subprocess: `--measure KIND`) ----------------------------------------
+
+
+def peak_memory() -> dict:
+    """Peak resident memory (MiB) of this process and of its largest child (DataLoader workers), Linux ru_maxrss."""
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 / 1024
+    out = {"main_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1),
+           "worker_peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale, 1)}
+    import torch
+
+    if torch.cuda.is_available():
+        out["gpu_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def make_model_and_step(spec: dict, device):
+    """Model, optimizer, precision and one training step exactly as train_command/train.py set them up."""
+    import torch
+    import torch.nn.functional as F
+
+    from train_pytorch_model.models import Classifier, build_net
+    from train_pytorch_model.preprocessing import Preprocessing
+    from train_pytorch_model.train import Hyperparameters, autocast, make_optimizer
+    from train_pytorch_model.train_command import resolve_precision
+
+    torch.manual_seed(0)
+    precision = resolve_precision(spec.get("precision", "auto"), device)
+    channels_last = device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = Classifier(build_net(spec["model"], len(CLASSES))).to(device, memory_format=memory_format)
+    if spec.get("compile"):
+        model.compile()
+    hp = Hyperparameters(learning_rate=0.001, precision=precision)
+    optimizer = make_optimizer(model, hp, hp.learning_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    prep = Preprocessing(image_size=spec["image_size"])
+
+    def step(images_uint8, targets):
+        images = prep.normalize(images_uint8.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(images), targets.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
+    return model, step, prep, precision, memory_format
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ceiling(spec: dict) -> dict:
+    """Images/s of training steps on one in-memory batch, timed over as many steps as an epoch has."""
+    import torch
+
+    from train_pytorch_model.distributed import pick_device
+
+    device = pick_device(spec.get("device", "auto"))
+    model, step, _, precision, _ = make_model_and_step(spec, device)
+    model.train()
+    size, batch = spec["image_size"], spec["batch_size"]
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    targets = torch.randint(0, len(CLASSES), (batch,))
+    if device.type == "cuda":
+        images, targets = images.pin_memory(), targets.pin_memory()
+    for _ in range(spec.get("warmup_steps", 5)):
+        step(images, targets)
+    sync(device)
+    steps = max(5, spec["steps_per_epoch"])
+    rates = []
+    for _ in range(spec["timed_epochs"]):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(images, targets)
+        sync(device)
+        rates.append(steps * batch / (time.perf_counter() - start))
+    return {"images_per_second": statistics.median(rates), "epochs": rates, "precision": precision,
+            "threads": torch.get_num_threads(), **peak_memory()}
+
+
+def measure_eval_ceiling(spec: dict) -> dict:
+    """Images/s of inference (inference_mode, eval batch = 2x training batch) on one in-memory batch."""
+    import torch
+
+    from train_pytorch_model.distributed import pick_device
+    from train_pytorch_model.train import autocast
+
+    device = pick_device(spec.get("device", "auto"))
+    model, _, prep, precision, memory_format = make_model_and_step(spec, device)
+    model.eval()
+    size, batch = spec["image_size"], 2 * spec["batch_size"]
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    steps = max(5, spec["valid_images"] // batch)
+    rates = []
+    with torch.inference_mode():
+        for round_ in range(spec["timed_epochs"] + 1):
+            start = time.perf_counter()
+            for _ in range(steps):
+                with autocast(device, precision):
+                    model(prep.normalize(images.to(device)).contiguous(memory_format=memory_format)).float().argmax(1)
+            sync(device)
+            if round_:
+                rates.append(steps * batch / (time.perf_counter() - start))
+    return {"images_per_second": statistics.median(rates), "epochs": rates, **peak_memory()}
+
+
+def train_argv(spec: dict, out: Path) -> list[str]:
+    return [
+        "train", "--untrained-model", spec["untrained_model"], "--training-data", spec["train_dir"],
+        "--validation-data", spec["valid_dir"], "--trained-model", str(out), "--epochs", str(spec["epochs"]),
+        "--batch-size", str(spec["batch_size"]), "--image-size", str(spec["image_size"]), "--patience", "0",
+        "--num-workers", str(spec.get("workers", "auto")), "--device", spec.get("device", "auto"),
+        "--print-freq", "1000000", *(["--compile", "true"] if spec.get("compile") else []),
+    ]
+
+
+def measure_train(spec: dict) -> dict:
+    """The CLI, in this process: images/s of each epoch after the first, from the run's metrics.csv."""
+    from train_pytorch_model import cli
+
+    if spec.get("x_threads"):  # EXPERIMENT
+        import torch
+        torch.set_num_threads(int(spec["x_threads"]))
+    if spec.get("x_nice"):  # EXPERIMENT
+        from train_pytorch_model import data as data_module
+        original = data_module._worker_init
+        def niced(worker_id, nice=int(spec["x_nice"])):
+            os.nice(nice)
+            original(worker_id)
+        data_module._worker_init = niced
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        out = Path(tmp) / "trained"
+        started = time.perf_counter()
+        code = cli.main(train_argv(spec, out))
+        wall = time.perf_counter() - started
+        if code != 0:
+            raise SystemExit(f"train exited with {code}")
+        with open(out / "metrics.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    timed = rows[1:] or rows  # the first epoch pays for worker start-up and warm caches
+    rates = [float(r["train_images_per_second"]) for r in timed]
+    waits = [float(r["data_wait_fraction"]) for r in timed]
+    # Validation + bookkeeping time per epoch: the epoch's seconds minus its training time.
+    seen = (spec["train_images"] // spec["batch_size"]) * spec["batch_size"]
+    valid_seconds = [float(r["seconds"]) - seen / float(r["train_images_per_second"]) for r in timed]
+    return {"images_per_second": statistics.median(rates), "epochs": rates,
+            "data_wait_fraction": statistics.median(waits),
+            "valid_images_per_second": spec["valid_images"] / max(statistics.median(valid_seconds), 1e-9),
+            "wall_seconds": wall, **peak_memory()}
+
+
+def measure_baseline(spec: dict) -> dict:
+    """The original module's shape: decode/resize/ToTensor/Normalize in the main process, no workers, fp32."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    from train_pytorch_model.models import Classifier, build_net
+
+    files = sorted(p for p in Path(spec["train_dir"]).rglob("*") if p.suffix in (".jpg", ".png"))
+    labels = [CLASSES.index(p.parent.name) for p in files]
+    size = spec["image_size"]
+    # The original had no resize (images had to share a size); mixed sizes need one, so it resizes to a square.
+    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
+                                    transforms.Normalize([0.5] * 3, [0.5] * 3)])
+
+    class Files(Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            return transform(Image.open(files[i]).convert("RGB")), labels[i]
+
+    torch.manual_seed(0)
+    loader = DataLoader(Files(), batch_size=spec["batch_size"], shuffle=True, drop_last=True, num_workers=0)
+    model = Classifier(build_net(spec["model"], len(CLASSES)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    model.train()
+    rates = []
+    for epoch in range(spec["epochs"]):
+        seen, start = 0, time.perf_counter()
+        for images, targets in loader:
+            loss = F.cross_entropy(model(images), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(targets)
+        if epoch:  # as for `train`: the first epoch is warm-up
+            rates.append(seen / (time.perf_counter() - start))
+    return {"images_per_second": statistics.median(rates), "epochs": rates, **peak_memory()}
+
+
+def measure_decode(spec: dict) -> dict:
+    """Core-milliseconds per image of the data path alone (one process, one thread): the profile of what the
+    CPU must do besides the model's math. CPU time, not wall time: it holds up on a busy machine."""
+    import torch
+
+    from train_pytorch_model.data import build_dataset, collate
+    from train_pytorch_model.image_directory import load_image_directory
+    from train_pytorch_model.preprocessing import Preprocessing, decode_image
+
+    torch.set_num_threads(1)
+    directory = load_image_directory(spec["train_dir"], "Training")
+    prep = Preprocessing(image_size=spec["image_size"])
+    dataset = build_dataset(directory, {c: i for i, c in enumerate(CLASSES)}, prep, train=True, seed=1)
+    rows = range(0, len(dataset), max(1, len(dataset) // spec.get("decode_images", 1000)))
+    transform = prep.train_transform()
+    clock = time.process_time
+
+    start = clock()
+    for i in rows:
+        directory.path(i).read_bytes()
+    timings = {"read_file": clock() - start}
+    decoded, by_format = [], {".jpg": [], ".png": []}
+    for i in rows:
+        start = clock()
+        decoded.append(decode_image(directory.path(i), prep.resize_size))
+        by_format[directory.path(i).suffix].append(clock() - start)
+    timings["decode"] = sum(map(sum, by_format.values()))
+    start = clock()
+    tensors = [transform(image) for image in decoded]
+    timings["resize_augment"] = clock() - start
+    start = clock()
+    items = [dataset[(i, 0)] for i in rows]
+    timings["dataset_item_total"] = clock() - start
+    batch = spec["batch_size"]
+    start = clock()
+    for i in range(0, len(items) - batch + 1, batch):
+        collate(items[i:i + batch])
+    timings["collate"] = clock() - start
+    start = clock()
+    for i in range(0, len(tensors) - batch + 1, batch):
+        prep.normalize(torch.stack(tensors[i:i + batch]))
+    timings["normalize"] = clock() - start
+    result = {name: round(1000 * seconds / len(rows), 4) for name, seconds in timings.items()}
+    for suffix, seconds in by_format.items():
+        result[f"decode{suffix.replace('.', '_')}"] = round(1000 * statistics.mean(seconds), 4) if seconds else None
+    return result | {"images": len(rows)}
+
+
+def measure_index(spec: dict) -> dict:
+    """Seconds and memory to index an images.lst of `rows` rows."""
+    from train_pytorch_model.image_directory import load_image_directory
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    directory = load_image_directory(spec["index_dir"], "Training")
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"rows": len(directory), "seconds": seconds, "rows_per_second": len(directory) / seconds,
+            "index_mib": round((after - before) / 1024, 1), **peak_memory()}
+
+
+MEASUREMENTS = {"ceiling": measure_ceiling, "eval_ceiling": measure_eval_ceiling, "train": measure_train,
+                "baseline": measure_baseline, "decode": measure_decode, "index": measure_index}
+
+
+def run_measurement(kind: str, spec: dict, log_dir: Path, name: str) -> dict:
+    """`kind` in a fresh interpreter; returns its JSON result (stderr goes to <out>/logs/<name>.log)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, str(Path(__file__).resolve()), "--measure", kind, "--spec", json.dumps(spec)]
+    started = time.perf_counter()
+    with open(log_dir / f"{name}.log", "w") as log:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=log_dir)
+    if done.returncode != 0:
+        tail = (log_dir / f"{name}.log").read_text()[-2000:]
+        raise RuntimeError(f"measurement {name} failed (exit {done.returncode}):\n{tail}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {name:<28} {summary_line(result)}  ({time.perf_counter() - started:.0f}s)", flush=True)
+    return result
+
+
+def summary_line(result: dict) -> str:
+    if "images_per_second" in result:
+        return f"{result['images_per_second']:8.1f} img/s  main peak {result.get('main_peak_mib', 0):.0f} MiB"
+    if "rows_per_second" in result:
+        return f"{result['rows']} rows in {result['seconds']:.2f}s, index {result['index_mib']} MiB"
+    return json.dumps(result)
+
+
+# --- the report ----------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cpus_available": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+def median_of(results: list[dict], key: str = "images_per_second") -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# Training speed benchmark", "",
+        f"Machine: {m['cpu']}, {m['cpus_available']} CPUs available, torch {m['torch']} "
+        f"({m.get('gpu', 'no GPU')}, CPU capability {m['cpu_capability']}), Python {m['python']}.  ",
+        f"Dataset: {report['dataset']['images']} training images ({report['dataset']['sides']}, "
+        f"{report['dataset']['png_fraction']:.0%} PNG, rest JPEG, {report['dataset']['megabytes']} MB), "
+        f"{report['config']['valid_images']} validation images; model {report['config']['model']}, batch "
+        f"{report['config']['batch_size']}, {report['config']['epochs']} epochs per run (first excluded), "
+        f"medians over {report['config']['repeats']} repeats.  ",
+        f"Command: `{report['command']}`", "",
+        "| image size | ceiling img/s | train (end-to-end) img/s | baseline img/s | train / ceiling | train / baseline "
+        "| data wait | valid img/s (ceiling) | train peak MiB (main / worker) | baseline peak MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["sizes"]:
+        lines.append(
+            f"| {row['image_size']} | {row['ceiling']:.0f} | {row['train']:.0f} | {row['baseline']:.0f} "
+            f"| **{row['train_over_ceiling']:.2f}** | **{row['train_over_baseline']:.2f}** "
+            f"| {row['data_wait_fraction']:.0%} | {row['valid']:.0f} ({row['eval_ceiling']:.0f}) "
+            f"| {row['train_main_peak_mib']:.0f} / {row['train_worker_peak_mib']:.0f} | {row['baseline_peak_mib']:.0f} |")
+    if report.get("decode"):
+        lines += ["", "Where a training image's CPU time goes (one core, ms per image; the model's math is "
+                  "`2 cores / ceiling`):", "",
+                  "| image size | read file | decode (PIL, JPEG draft) | of a JPEG / a PNG | resize + augment "
+                  "| whole dataset item | collate | normalise | model math (core-ms) | bound: train / ceiling |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for size, d in report["decode"].items():
+            lines.append(f"| {size} | {d['read_file']:.3f} | {d['decode']:.3f} "
+                         f"| {d['decode_jpg'] or 0:.2f} / {d['decode_png'] or 0:.2f} | {d['resize_augment']:.3f} "
+                         f"| {d['dataset_item_total']:.3f} | {d['collate']:.3f} | {d['normalize']:.3f} "
+                         f"| {d['model_core_ms']:.3f} | {d['bound']:.2f} |")
+    if report.get("workers"):
+        lines += ["", f"Decoding workers (image size {report['workers']['image_size']}):", "",
+                  "| --num-workers | train img/s | data wait |", "|---:|---:|---:|"]
+        for w, r in report["workers"]["results"].items():
+            lines.append(f"| {w} | {r['images_per_second']:.0f} | {r['data_wait_fraction']:.0%} |")
+    if report.get("index"):
+        lines += ["", "Indexing an `images.lst` (load_image_directory, meta route):", "",
+                  "| rows | seconds | rows/s | index memory MiB | process peak MiB |", "|---:|---:|---:|---:|---:|"]
+        for r in report["index"]:
+            lines.append(f"| {r['rows']:,} | {r['seconds']:.2f} | {r['rows_per_second']:,.0f} | {r['index_mib']} "
+                         f"| {r['main_peak_mib']:.0f} |")
+    if report.get("memory"):
+        lines += ["", "Peak memory of `train` vs dataset size (rows; 1 epoch):", "",
+                  "| rows | main process peak MiB | largest worker peak MiB | img/s |", "|---:|---:|---:|---:|"]
+        for r in report["memory"]:
+            lines.append(f"| {r['rows']:,} | {r['main_peak_mib']:.0f} | {r['worker_peak_mib']:.0f} "
+                         f"| {r['images_per_second']:.0f} |")
+    if report.get("fixture"):
+        f = report["fixture"]
+        lines += ["", f"Legacy fixture ImageDirectory (18 images): `train` ran, {f['images_per_second']:.0f} img/s "
+                  "(too small to mean anything but that the path works)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "benchmark_output")
+    parser.add_argument("--images", type=int, default=2000, help="training images generated (default 2000)")
+    parser.add_argument("--valid-images", type=int, default=400, help="validation images generated (default 400)")
+    parser.add_argument("--min-side", type=int, default=48, help="smallest generated long side, px (default 48)")
+    parser.add_argument("--max-side", type=int, default=500, help="largest generated long side, px (default 500)")
+    parser.add_argument("--png-fraction", type=float, default=0.2, help="share of PNG files (default 0.2)")
+    parser.add_argument("--image-sizes", default="32,64", help="--image-size values, comma-separated (default 32,64)")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per timed run; the first is excluded (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of ceiling/train/baseline (default 3)")
+    parser.add_argument("--workers", default="auto", help="--num-workers for `train` (default auto)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="also pass --compile true to `train` and the ceiling")
+    parser.add_argument("--workers-sweep", default="0,1,2", help="worker counts to compare; '' skips (default 0,1,2)")
+    parser.add_argument("--index-rows", default="100000,1000000", help="images.lst sizes to index; '' skips")
+    parser.add_argument("--memory-rows", default="2000,20000", help="dataset rows for the memory check; '' skips")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the speed")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.measure:  # inside a measurement subprocess
+        result = MEASUREMENTS[args.measure](json.loads(args.spec))
+        print(json.dumps(result), flush=True)
+        return 0
+
+    if args.quick:
+        args.images, args.valid_images, args.image_sizes, args.epochs, args.repeats = 256, 64, "32", 2, 1
+        args.batch_size, args.index_rows, args.memory_rows, args.workers_sweep = 32, "10000,100000", "256,1024", ""
+    command = "python benchmarks/benchmark_training.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = args.out.resolve()
+    data, logs = out / "data", out / "logs"
+    sizes = [int(s) for s in args.image_sizes.split(",") if s]
+    started = time.perf_counter()
+
+    print(f"Generating data in {data} ...", flush=True)
+    train_info = write_dataset(data / "train", args.images, 1, args.min_side, args.max_side, args.png_fraction)
+    write_dataset(data / "valid", args.valid_images, 2, args.min_side, args.max_side, args.png_fraction)
+    untrained = data / "untrained_model"
+    if not (untrained / "model_spec.yaml").is_file():
+        sys.path.insert(0, str(REPO / "src"))
+        from train_pytorch_model.model_directory import ModelSpec, write_untrained_model_directory
+
+        write_untrained_model_directory(untrained, ModelSpec(args.model), None)
+    base = {"model": args.model, "batch_size": args.batch_size, "epochs": args.epochs, "device": args.device,
+            "train_dir": str(data / "train"), "valid_dir": str(data / "valid"), "untrained_model": str(untrained),
+            "train_images": args.images, "valid_images": args.valid_images, "workers": args.workers,
+            "timed_epochs": max(1, args.epochs - 1), "steps_per_epoch": args.images // args.batch_size,
+            "compile": args.compile}
+
+    report = {"command": command, "machine": machine(), "config": {k: v for k, v in vars(args).items()
+              if k not in ("measure", "spec", "out")} | {"out": str(out)},
+              "dataset": {k: v for k, v in train_info.items() if k != "files"}, "sizes": [], "raw": {}}
+
+    for size in sizes:
+        spec = {**base, "image_size": size}
+        raw = report["raw"][str(size)] = {"ceiling": [], "train": [], "baseline": []}
+        print(f"Image size {size}:", flush=True)
+        for r in range(args.repeats):  # interleaved, so background load hits every kind alike
+            for kind in ("ceiling", "train", "baseline"):
+                raw[kind].append(run_measurement(kind, spec, logs, f"{kind}-{size}-{r}"))
+        raw["eval_ceiling"] = [run_measurement("eval_ceiling", spec, logs, f"eval_ceiling-{size}")]
+        raw["decode"] = run_measurement("decode", spec, logs, f"decode-{size}")
+        ceiling, train, baseline = median_of(raw["ceiling"]), median_of(raw["train"]), median_of(raw["baseline"])
+        report["sizes"].append({
+            "image_size": size, "ceiling": ceiling, "train": train, "baseline": baseline,
+            "train_over_ceiling": train / ceiling, "train_over_baseline": train / baseline,
+            "data_wait_fraction": median_of(raw["train"], "data_wait_fraction"),
+            "valid": median_of(raw["train"], "valid_images_per_second"), "eval_ceiling": median_of(raw["eval_ceiling"]),
+            "train_main_peak_mib": max(r["main_peak_mib"] for r in raw["train"]),
+            "train_worker_peak_mib": max(r["worker_peak_mib"] for r in raw["train"]),
+            "baseline_peak_mib": max(r["main_peak_mib"] for r in raw["baseline"]),
+        })
+        d = raw["decode"]
+        cpus = report["machine"]["cpus_available"]
+        d["model_core_ms"] = 1000 * cpus / ceiling
+        # With decoding overlapped perfectly, the cores share model math and data work.
+        d["bound"] = min(1.0, d["model_core_ms"] / (d["model_core_ms"] + d["dataset_item_total"] + d["collate"]))
+        report.setdefault("decode", {})[str(size)] = d
+
+    if args.workers_sweep:
+        size = sizes[0]
+        print(f"Workers sweep (image size {size}):", flush=True)
+        results = {}
+        for workers in args.workers_sweep.split(","):
+            spec = {**base, "image_size": size, "workers": workers}
+            results[workers] = run_measurement("train", spec, logs, f"workers-{workers}")
+        report["workers"] = {"image_size": size, "results": results}
+
+    if args.index_rows:
+        print("Indexing images.lst:", flush=True)
+        report["index"] = []
+        for rows in [int(r) for r in args.index_rows.split(",")]:
+            index_dir = write_image_list(out / "index" / f"rows{rows}", rows, None) if not (
+                out / "index" / f"rows{rows}" / "images.lst").is_file() else out / "index" / f"rows{rows}"
+            report["index"].append(run_measurement("index", {"index_dir": str(index_dir)}, logs, f"index-{rows}"))
+
+    if args.memory_rows:
+        print("Peak memory vs dataset size:", flush=True)
+        report["memory"] = []
+        for rows in [int(r) for r in args.memory_rows.split(",")]:
+            root = out / "memory" / f"rows{rows}"
+            if not (root / "images.lst").is_file():
+                write_image_list(root, rows, train_info["files"], data / "train")
+            spec = {**base, "image_size": sizes[0], "epochs": 1, "train_dir": str(root), "train_images": rows}
+            result = run_measurement("train", spec, logs, f"memory-{rows}")
+            report["memory"].append({"rows": rows, **result})
+
+    fixture = FIXTURES / "legacy_image_directory"
+    if fixture.is_dir():
+        print("Legacy fixture:", flush=True)
+        spec = {**base, "image_size": 32, "batch_size": 4, "train_dir": str(fixture), "valid_dir": str(fixture),
+                "train_images": 18, "valid_images": 18, "epochs": 2,
+                "untrained_model": str(FIXTURES / "legacy_untrained_model" / "resnet18")}
+        report["fixture"] = run_measurement("train", spec, logs, "fixture")
+
+    report["seconds"] = time.perf_counter() - started
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    (out / "benchmark.md").write_text(markdown(report))
+    print("\n" + markdown(report))
+    print(f"Written {out / 'benchmark.json'} and {out / 'benchmark.md'} in {report['seconds']:.0f}s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
