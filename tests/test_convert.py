@@ -216,3 +216,17 @@ def test_errors(tmp_path, capsys, legacy_image_dir, case, error):
         assert not out.exists()
     else:
         assert os.listdir(out) == ["keep.txt"]
+
+
+def test_symlinks_leading_outside_the_input_are_skipped(tmp_path, capsys):
+    tree = make_tree(tmp_path / "tree")
+    secret = tmp_path / "outside.png"
+    secret.write_bytes(png_bytes((1, 1, 1)))
+    (tree / "cat" / "escape.png").symlink_to(secret)
+    (tree / "dog" / "alias.png").symlink_to(tree / "cat" / "1.png")  # inside the input: fine
+    assert convert(tree, tmp_path / "out") == 0
+    assert "Skipped 'cat/escape.png': symbolic link to a file outside the input folder" in capsys.readouterr().err
+    rows = (tmp_path / "out" / "images.lst").read_text().splitlines()
+    assert len(rows) == 4 and '"image/1_3.png"' in rows[3]  # dog/1.png, then dog/alias.png
+    assert (tmp_path / "out" / "image" / "1_3.png").read_bytes() == (tree / "cat" / "1.png").read_bytes()
+    assert not (tmp_path / "out" / "image" / "1_3.png").is_symlink()

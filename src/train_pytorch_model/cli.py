@@ -19,7 +19,7 @@ COMMANDS = {
     "train": ("train_command", "train a classifier from an untrained model directory and two image directories"),
     "init-model": ("init_model", "write an untrained DenseNet/ResNet model directory (designer's DenseNet/ResNet modules)"),
     "convert": ("convert", "turn an ImageFolder tree, flat folder or archive into an ImageDirectory"),
-    "score": ("score", "score an image directory with a trained model directory"),
+    "score": ("score", "score an image directory with a trained model directory: a predictions table (parquet + csv)"),
     "evaluate": ("evaluate", "accuracy, per-class metrics and a confusion matrix from a scored table"),
     "run-component": ("component_runner", "run a component YAML locally, binding inputs like Azure ML does"),
 }

@@ -102,6 +102,7 @@ def convert(source: Path, out: Path, *, max_extracted_bytes: int = 32 * 2**30) -
             result = scan(root)
             result.skipped[:0] = skipped
             if not result.files:
+                report_skipped(result.skipped)
                 raise InvalidDatasetError(
                     f"Input '{source}' holds no readable image (extensions {sorted(IMAGE_SUFFIXES)}); "
                     f"{len(result.skipped)} files skipped{_reason_summary(result.skipped)}."

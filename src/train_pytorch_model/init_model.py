@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidModelDirectoryError, InvalidParameterError, PretrainedWeightsNotFoundError
+from .errors import InvalidParameterError, PretrainedWeightsNotFoundError
 from .model_directory import ModelSpec, write_untrained_model_directory
 from .models import (FAMILIES, MODEL_FAMILY, MODEL_NAMES, Classifier, build_net, find_cached_weights,
                      imagenet_weights_file, load_legacy_state, load_weights_file)
@@ -86,12 +86,7 @@ def build_untrained(model_name: str, *, pretrained: bool, weights: Path | None =
         if not Path(path).is_file():
             raise PretrainedWeightsNotFoundError(f"Weights file '{path}' does not exist.")
         # load_legacy_state checks the file really is this architecture (keys and shapes).
-        try:
-            model = load_legacy_state(model_name, flag_value, load_weights_file(path), str(path))
-        except RuntimeError as exc:  # same key, other shape: load_state_dict raises even with strict=False
-            raise InvalidModelDirectoryError(
-                f"'{path}' does not match architecture {model_name}: {str(exc).splitlines()[1].strip()[:200]}"
-            ) from None
+        model = load_legacy_state(model_name, flag_value, load_weights_file(path), str(path))
         log.info("Pretrained %s weights from %s", model_name, path)
     else:
         with torch.random.fork_rng(devices=[]):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDir
 from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, write_text
 from .models import (FAMILIES, MODEL_FAMILY, MODEL_NAMES, Classifier, find_cached_weights, load_legacy_state,
                      load_weights_file, pretrained_missing_error)
-from .preprocessing import Preprocessing
+from .preprocessing import AUGMENTATIONS, Preprocessing
 
 SPEC_FILE = "model_spec.yaml"
 WEIGHTS_FILE = "model"
@@ -179,19 +180,18 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
         classes = [str(c) for c in info["classes"]]
         try:
             preprocessing = Preprocessing.from_dict(info["preprocessing"])
-        except (TypeError, ValueError) as exc:
-            raise InvalidModelDirectoryError(
-                f"'{info_path}' has an invalid 'preprocessing' ({exc}); the trained model directory is damaged: "
-                "train it again."
-            ) from None
+        except (TypeError, ValueError):
+            preprocessing = None
+        source = info_path
     else:  # written by the original: labels from the CSV, its normaliser, no resize
         classes = _read_label_map(path / LABEL_MAP_FILE, model.num_classes)
-        preprocessing = Preprocessing(image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3)
-        legacy = read_yaml(path / SPEC_FILE, InvalidModelDirectoryError)
-        for item in legacy.get("inputs") or []:
-            params = ((item or {}).get("pre_processor") or {}).get("init_params") or {}
-            if "mean" in params and "std" in params:
-                preprocessing = Preprocessing(image_size=None, mean=tuple(params["mean"]), std=tuple(params["std"]))
+        preprocessing = _legacy_preprocessing(read_yaml(path / SPEC_FILE, InvalidModelDirectoryError))
+        source = path / SPEC_FILE
+    if preprocessing is None or not _is_valid(preprocessing):
+        raise InvalidModelDirectoryError(
+            f"'{source}' has an invalid preprocessing recipe ({preprocessing}); the trained model directory is "
+            "damaged: use an intact copy, or train again."
+        )
     if len(classes) != model.num_classes:
         raise InvalidModelDirectoryError(
             f'ModelDirectory "{path}" lists {len(classes)} classes but its weights have {model.num_classes} outputs: '
@@ -204,11 +204,44 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
 def _read_label_map(path: Path, num_classes: int) -> list[str]:
     names = [str(i) for i in range(num_classes)]
     if path.is_file():
-        with open(path, newline="", encoding="utf-8") as handle:
-            for row in list(csv.reader(handle))[1:]:
-                if len(row) >= 2 and row[0].isdigit() and int(row[0]) < num_classes:
-                    names[int(row[0])] = row[1]
+        try:
+            with open(path, newline="", encoding="utf-8") as handle:
+                for row in list(csv.reader(handle))[1:]:
+                    if len(row) >= 2 and row[0].isascii() and row[0].isdigit() and int(row[0]) < num_classes:
+                        names[int(row[0])] = row[1]
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise InvalidModelDirectoryError(
+                f"'{path}' cannot be read as a label map ({exc}); use an intact copy of the model directory."
+            ) from None
     return names
+
+
+def _legacy_preprocessing(spec: dict) -> Preprocessing | None:
+    """The original's ImageNormalizer mean/std from model_spec.yaml `inputs`, else its default (0.5)."""
+    inputs = spec.get("inputs") or []
+    for item in inputs if isinstance(inputs, list) else []:
+        processor = item.get("pre_processor") if isinstance(item, dict) else None
+        params = processor.get("init_params") if isinstance(processor, dict) else None
+        if isinstance(params, dict) and "mean" in params and "std" in params:
+            if not isinstance(params["mean"], list) or not isinstance(params["std"], list):
+                return None
+            return Preprocessing(image_size=None, mean=tuple(params["mean"]), std=tuple(params["std"]))
+    return Preprocessing(image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _is_valid(p: Preprocessing) -> bool:
+    """Three finite means, three finite positive stds, a sane size and crop, a known augmentation."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    return (
+        len(p.mean) == 3 and all(number(v) for v in p.mean)
+        and len(p.std) == 3 and all(number(v) and v > 0 for v in p.std)
+        and (p.image_size is None or (isinstance(p.image_size, int) and not isinstance(p.image_size, bool)
+                                      and 1 <= p.image_size <= 4096))
+        and number(p.crop_fraction) and 0 < p.crop_fraction <= 1
+        and p.augmentation in AUGMENTATIONS
+    )
 
 
 # --- writing -----------------------------------------------------------------------------------------------
