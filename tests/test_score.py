@@ -129,3 +129,17 @@ def test_errors(trained_dir, tmp_path, capsys, case, error):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(error), line
     assert not (tmp_path / "out").exists()
+
+
+def test_rows_without_a_label_are_scored_too(trained_dir, tmp_path, legacy_image_dir):
+    # Designer scored every row; training leaves unlabeled rows out, scoring must not.
+    images = tmp_path / "images"
+    shutil.copytree(legacy_image_dir, images)
+    rows = (images / "images.lst").read_text().splitlines()
+    rows[0] = rows[0].replace('"category": "cat"', '"category": ""')
+    (images / "images.lst").write_text("\n".join(rows) + "\n")
+    assert score(trained_dir, images, tmp_path / "scored") == 0
+    table = pd.read_parquet(tmp_path / "scored" / "scored.parquet")
+    assert len(table) == 18
+    assert table["category"].isna().sum() == 1 and pd.isna(table["category"][0])
+    assert table["Scored Labels"].notna().all()

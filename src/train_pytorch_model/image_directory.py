@@ -56,8 +56,11 @@ class ImageDirectory:
         return self.root / self.files[i]
 
 
-def load_image_directory(path: str | os.PathLike, role: str = "Image") -> ImageDirectory:
-    """Index the ImageDirectory at `path`. `role` ("Training", "Validation", ...) prefixes errors."""
+def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unlabeled: bool = False) -> ImageDirectory:
+    """Index the ImageDirectory at `path`. `role` ("Training", "Validation", ...) prefixes errors.
+
+    Rows without a label are left out (training cannot use them) unless `keep_unlabeled`
+    (scoring, which like designer scores every row), where their label is -1."""
     root = Path(path)
     if not root.exists():
         raise DirectoryNotFoundError(f"{role} data folder '{root}' does not exist.")
@@ -75,7 +78,7 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image") -> ImageD
 
     meta = read_meta(root, InvalidDatasetError)
     if meta is not None or ((root / "images.lst").is_file() and (root / "_schema.json").is_file()):
-        directory = _read_meta_layout(root, meta or {}, error)
+        directory = _read_meta_layout(root, meta or {}, error, keep_unlabeled)
     elif (coco := _coco_annotation_file(root)) is not None:
         raise error(
             f"'{coco.name}' makes this a COCO folder, which never holds classification labels. "
@@ -94,7 +97,7 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image") -> ImageD
 # --- meta route -------------------------------------------------------------------------------------------
 
 
-def _read_meta_layout(root: Path, meta: dict, error) -> ImageDirectory:
+def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = False) -> ImageDirectory:
     kind = meta.get("type", "ImageDirectory")
     if kind != "ImageDirectory":
         raise error(f"_meta.yaml says type '{kind}', but an ImageDirectory is needed here. Connect an image dataset.")
@@ -130,15 +133,20 @@ def _read_meta_layout(root: Path, meta: dict, error) -> ImageDirectory:
             value = row.get(annotation_column)
             if value is None or value == "" or value == []:
                 unlabeled += 1
-                continue
-            if isinstance(value, bool) or not isinstance(value, str):
+                if not keep_unlabeled:
+                    continue
+                value = None
+            if value is None:
+                labels.append(-1)
+            elif isinstance(value, bool) or not isinstance(value, str):
                 raise error(
                     f"{where}: label {value!r} in column '{annotation_column}' is not a category name; "
                     f"labels must be one of {_preview(categories)}."
                 )
-            if value not in name_to_id:
+            elif value not in name_to_id:
                 raise error(f"{where}: label {value!r} is not among the schema's categories {_preview(categories)}.")
-            labels.append(name_to_id[value])
+            else:
+                labels.append(name_to_id[value])
         else:
             labels.append(-1)
         files.append(relative)
@@ -146,7 +154,7 @@ def _read_meta_layout(root: Path, meta: dict, error) -> ImageDirectory:
         valid_id = isinstance(row_id, int) and not isinstance(row_id, bool) and -2**63 <= row_id < 2**63
         ids.append(row_id if valid_id else len(files) - 1)
 
-    if unlabeled:
+    if unlabeled and not keep_unlabeled:
         log.warning("%s: %d rows without a label were left out.", list_path, unlabeled)
     return ImageDirectory(root, "meta", files, ids, labels, categories, schema, annotation_column)
 

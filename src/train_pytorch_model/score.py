@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError("Num workers", args.num_workers, "must be 'auto' or an integer >= 0")
     device = pick_device(args.device)
     trained = read_trained_model_directory(args.trained_model)
-    directory = load_image_directory(args.image_directory, "Scoring")
+    directory = load_image_directory(args.image_directory, "Scoring", keep_unlabeled=True)
     workers = default_num_workers(device) if args.num_workers == "auto" else int(args.num_workers)
     started = time.perf_counter()
     table = score_directory(trained, directory, device=device, batch_size=args.batch_size, num_workers=workers)
@@ -119,7 +119,7 @@ def scored_table(directory: ImageDirectory, classes: list[str], probabilities: n
                  errors: list[str]) -> pd.DataFrame:
     columns: dict[str, object] = {"id": np.asarray(directory.ids, dtype=np.int64), "file": list(directory.files)}
     if directory.is_labeled:
-        columns[LABEL_COLUMN] = [directory.categories[label] for label in directory.labels]
+        columns[LABEL_COLUMN] = [directory.categories[label] if label >= 0 else None for label in directory.labels]
     scored = np.array([e == "" for e in errors], dtype=bool)
     best = probabilities.argmax(axis=1) if len(classes) and scored.any() else np.zeros(len(errors), dtype=np.int64)
     columns[SCORED_LABELS] = [classes[b] if ok else None for b, ok in zip(best, scored)]
