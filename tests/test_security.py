@@ -295,3 +295,21 @@ def test_secrets_in_the_environment_are_not_logged_or_saved(tmp_path):
                 assert value.encode() not in path.read_bytes(), f"{name} found in {path}"
                 scanned += 1
     assert scanned > 4 * 20  # the output folder, its code/ copy and the MLflow store were really read
+
+
+def test_tracking_uri_credentials_never_reach_the_log(caplog, monkeypatch, tmp_path):
+    import logging
+
+    from train_pytorch_model.tracking import Tracker, redact
+
+    assert redact("https://user:s3cr3t@mlflow.example.com/?sig=abc&x=1") == "https://***@mlflow.example.com/?sig=***&x=1"
+    assert redact(f"sqlite:///{tmp_path}/mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    # A real (unreachable) server with credentials in the URI: tracking fails, the secret is not printed.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with caplog.at_level(logging.INFO):
+        tracker = Tracker(True, "http://user:s3cr3t@127.0.0.1:9/")
+        tracker.log_metrics({"x": 1.0}, step=1)
+        tracker.close()
+    assert "MLflow tracking failed" in caplog.text
+    assert "s3cr3t" not in caplog.text

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "train_pytorch_model"
+_USERINFO = re.compile(r"://[^/@\s]+@")  # https://user:token@host/
+_QUERY_SECRET = re.compile(r"([?&](?:sig|token|key|password|code)=)[^&\s]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """Credentials that tracking URIs and their error messages may carry never reach the log."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("://***@", text)) if text else text
 
 
 class Tracker:
@@ -38,7 +46,7 @@ class Tracker:
                     mlflow.set_experiment(EXPERIMENT)
                 self.run = mlflow.start_run(run_name=run_name)
                 self._owns_run = True
-            log.info("MLflow: logging to run %s at %s", self.run.info.run_id, mlflow.get_tracking_uri())
+            log.info("MLflow: logging to run %s at %s", self.run.info.run_id, redact(mlflow.get_tracking_uri()))
         except Exception as exc:  # noqa: BLE001 - tracking must never fail training
             self._warn(exc)
 
@@ -48,7 +56,8 @@ class Tracker:
 
     def _warn(self, exc: Exception) -> None:
         if not self._warned:
-            log.warning("MLflow tracking failed, training continues without it: %s: %s", type(exc).__name__, exc)
+            log.warning("MLflow tracking failed, training continues without it: %s: %s", type(exc).__name__,
+                        redact(str(exc))[:500])
             self._warned = True
         self.run = None
 
