@@ -133,10 +133,23 @@ def write_image_list(root: Path, rows: int, files: list[str] | None, image_root:
 # --- measurements (each runs in its own subprocess: `--measure KIND`) ----------------------------------------
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
+    forking parent through exec, which would charge the benchmark driver's memory to every measurement."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20), 1)
+
+
 def peak_memory() -> dict:
-    """Peak resident memory (MiB) of this process and of its largest child (DataLoader workers), Linux ru_maxrss."""
+    """Peak resident memory (MiB) of this process and of its largest child (a DataLoader worker; its RSS
+    counts the pages it shares with the main process, so the two do not add up)."""
     scale = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 / 1024
-    out = {"main_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, 1),
+    out = {"main_peak_mib": peak_rss_mib(),
            "worker_peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale, 1)}
     import torch
 
@@ -333,7 +346,8 @@ def measure_baseline(spec: dict) -> dict:
 
 def measure_decode(spec: dict) -> dict:
     """Core-milliseconds per image of the data path alone (one process, one thread): the profile of what the
-    CPU must do besides the model's math. CPU time, not wall time: it holds up on a busy machine."""
+    CPU must do besides the model's math. CPU time, not wall time: it holds up on a busy machine. Each stage
+    runs twice and the faster pass counts (the first pays for lazy initialisation and cold allocators)."""
     import torch
 
     from train_pytorch_model.data import build_dataset, collate
@@ -346,36 +360,34 @@ def measure_decode(spec: dict) -> dict:
     dataset = build_dataset(directory, {c: i for i, c in enumerate(CLASSES)}, prep, train=True, seed=1)
     rows = range(0, len(dataset), max(1, len(dataset) // spec.get("decode_images", 1000)))
     transform = prep.train_transform()
-    clock = time.process_time
-
-    start = clock()
-    for i in rows:
-        directory.path(i).read_bytes()
-    timings = {"read_file": clock() - start}
-    decoded, by_format = [], {".jpg": [], ".png": []}
-    for i in rows:
-        start = clock()
-        decoded.append(decode_image(directory.path(i), prep.resize_size))
-        by_format[directory.path(i).suffix].append(clock() - start)
-    timings["decode"] = sum(map(sum, by_format.values()))
-    start = clock()
-    tensors = [transform(image) for image in decoded]
-    timings["resize_augment"] = clock() - start
-    start = clock()
-    items = [dataset[(i, 0)] for i in rows]
-    timings["dataset_item_total"] = clock() - start
     batch = spec["batch_size"]
-    start = clock()
-    for i in range(0, len(items) - batch + 1, batch):
-        collate(items[i:i + batch])
-    timings["collate"] = clock() - start
-    start = clock()
-    for i in range(0, len(tensors) - batch + 1, batch):
-        prep.normalize(torch.stack(tensors[i:i + batch]))
-    timings["normalize"] = clock() - start
+    clock = time.process_time
+    timings: dict[str, float] = {}
+
+    def timed(name: str, work):
+        start = clock()
+        result = work()
+        timings[name] = min(timings.get(name, math.inf), clock() - start)
+        return result
+
+    for _ in range(2):
+        timed("read_file", lambda: [directory.path(i).read_bytes() for i in rows])
+        decoded, by_format = [], {".jpg": 0.0, ".png": 0.0}
+        for i in rows:
+            start = clock()
+            decoded.append(decode_image(directory.path(i), prep.resize_size))
+            by_format[directory.path(i).suffix] += clock() - start
+        timings["decode"] = min(timings.get("decode", math.inf), sum(by_format.values()))
+        for suffix, seconds in by_format.items():
+            count = sum(directory.files[i].endswith(suffix) for i in rows)
+            key = f"decode{suffix.replace('.', '_')}"
+            timings[key] = min(timings.get(key, math.inf), seconds * len(rows) / count if count else math.nan)
+        tensors = timed("resize_augment", lambda: [transform(image) for image in decoded])
+        items = timed("dataset_item_total", lambda: [dataset[(i, 0)] for i in rows])
+        timed("collate", lambda: [collate(items[i:i + batch]) for i in range(0, len(items) - batch + 1, batch)])
+        timed("normalize", lambda: [prep.normalize(torch.stack(tensors[i:i + batch]))
+                                    for i in range(0, len(tensors) - batch + 1, batch)])
     result = {name: round(1000 * seconds / len(rows), 4) for name, seconds in timings.items()}
-    for suffix, seconds in by_format.items():
-        result[f"decode{suffix.replace('.', '_')}"] = round(1000 * statistics.mean(seconds), 4) if seconds else None
     return result | {"images": len(rows)}
 
 
@@ -383,13 +395,13 @@ def measure_index(spec: dict) -> dict:
     """Seconds and memory to index an images.lst of `rows` rows."""
     from train_pytorch_model.image_directory import load_image_directory
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_mib()
     start = time.perf_counter()
     directory = load_image_directory(spec["index_dir"], "Training")
     seconds = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"rows": len(directory), "seconds": seconds, "rows_per_second": len(directory) / seconds,
-            "index_mib": round((after - before) / 1024, 1), **peak_memory()}
+            "index_mib": round(peak_rss_mib() - before, 1), "bytes_per_row": round((peak_rss_mib() - before) * 2**20
+            / len(directory)), **peak_memory()}
 
 
 MEASUREMENTS = {"ceiling": measure_ceiling, "eval_ceiling": measure_eval_ceiling, "train": measure_train,
@@ -525,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers-sweep", default="0,1,2", help="worker counts to compare; '' skips (default 0,1,2)")
     parser.add_argument("--index-rows", default="100000,1000000", help="images.lst sizes to index; '' skips")
     parser.add_argument("--memory-rows", default="2000,20000", help="dataset rows for the memory check; '' skips")
+    parser.add_argument("--sections", default="speed,workers,index,memory,fixture",
+                        help="what to run, comma-separated (default: all of speed,workers,index,memory,fixture)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, not the speed")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -563,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
               if k not in ("measure", "spec", "out")} | {"out": str(out)},
               "dataset": {k: v for k, v in train_info.items() if k != "files"}, "sizes": [], "raw": {}}
 
-    for size in sizes:
+    sections = set(args.sections.split(","))
+    for size in sizes if "speed" in sections else []:
         spec = {**base, "image_size": size}
         raw = report["raw"][str(size)] = {"ceiling": [], "train": [], "baseline": []}
         print(f"Image size {size}:", flush=True)
@@ -589,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         d["bound"] = min(1.0, d["model_core_ms"] / (d["model_core_ms"] + d["dataset_item_total"] + d["collate"]))
         report.setdefault("decode", {})[str(size)] = d
 
-    if args.workers_sweep:
+    if args.workers_sweep and "workers" in sections:
         size = sizes[0]
         print(f"Workers sweep (image size {size}):", flush=True)
         results = {}
@@ -598,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
             results[workers] = run_measurement("train", spec, logs, f"workers-{workers}")
         report["workers"] = {"image_size": size, "results": results}
 
-    if args.index_rows:
+    if args.index_rows and "index" in sections:
         print("Indexing images.lst:", flush=True)
         report["index"] = []
         for rows in [int(r) for r in args.index_rows.split(",")]:
@@ -606,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                 out / "index" / f"rows{rows}" / "images.lst").is_file() else out / "index" / f"rows{rows}"
             report["index"].append(run_measurement("index", {"index_dir": str(index_dir)}, logs, f"index-{rows}"))
 
-    if args.memory_rows:
+    if args.memory_rows and "memory" in sections:
         print("Peak memory vs dataset size:", flush=True)
         report["memory"] = []
         for rows in [int(r) for r in args.memory_rows.split(",")]:
@@ -618,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             report["memory"].append({"rows": rows, **result})
 
     fixture = FIXTURES / "legacy_image_directory"
-    if fixture.is_dir():
+    if fixture.is_dir() and "fixture" in sections:
         print("Legacy fixture:", flush=True)
         spec = {**base, "image_size": 32, "batch_size": 4, "train_dir": str(fixture), "valid_dir": str(fixture),
                 "train_images": 18, "valid_images": 18, "epochs": 2,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from PIL import Image
@@ -19,9 +20,14 @@ SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
 def _isolated_mlflow(tmp_path, monkeypatch):
     """Every test logs to its own sqlite store and runs in its own folder (MLflow puts artifacts in ./mlruns)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # the process-wide setting too: an earlier in-process run may have changed it
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
+    yield
+    while mlflow.active_run():  # a test that failed mid-run must not leave its run open for the next
+        mlflow.end_run()
 
 
 @pytest.fixture

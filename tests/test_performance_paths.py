@@ -242,8 +242,8 @@ def test_gpu_loaders_pin_memory_and_keep_prefetching_workers(legacy_image_dir):
     directory = load_image_directory(legacy_image_dir)
     dataset = build_dataset(directory, {c: i for i, c in enumerate(directory.categories)}, Preprocessing(32),
                             train=False, seed=1)
-    gpu = make_loader(dataset, None, batch_size=4, drop_last=False, num_workers=3, device=torch.device("cuda"))
-    assert gpu.pin_memory and gpu.persistent_workers and gpu.prefetch_factor == 4 and gpu.num_workers == 3
+    gpu = make_loader(dataset, None, batch_size=4, drop_last=False, num_workers=2, device=torch.device("cuda"))
+    assert gpu.pin_memory and gpu.persistent_workers and gpu.prefetch_factor == 4 and gpu.num_workers == 2
     cpu = make_loader(dataset, None, batch_size=4, drop_last=False, num_workers=0, device=CPU)
     assert not cpu.pin_memory and not cpu.persistent_workers
 
