@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,17 @@ _QUERY_SECRET = re.compile(r"([?&](?:sig|token|key|password|code)=)[^&\s]+", re.
 def redact(text: str) -> str:
     """Credentials that tracking URIs and their error messages may carry never reach the log."""
     return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub("://***@", text)) if text else text
+
+
+def _default_experiment_id(mlflow) -> str | None:
+    """Our experiment, unless the environment names a run or experiment (an Azure ML job does).
+
+    Passed to start_run rather than set with set_experiment, which would cache the id process-wide."""
+    if any(os.environ.get(name) for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")):
+        return None
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
 
 
 class Tracker:
@@ -40,11 +52,7 @@ class Tracker:
                 mlflow.set_tracking_uri(tracking_uri)
             self.run = mlflow.active_run()
             if self.run is None:
-                import os
-                if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_NAME") \
-                        and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-                    mlflow.set_experiment(EXPERIMENT)
-                self.run = mlflow.start_run(run_name=run_name)
+                self.run = mlflow.start_run(experiment_id=_default_experiment_id(mlflow), run_name=run_name)
                 self._owns_run = True
             log.info("MLflow: logging to run %s at %s", self.run.info.run_id, redact(mlflow.get_tracking_uri()))
         except Exception as exc:  # noqa: BLE001 - tracking must never fail training
