@@ -288,7 +288,7 @@ def test_component_yaml_trains_and_registers_end_to_end(tmp_path):
         [sys.executable, "-m", "train_pytorch_model", "run-component", str(COMPONENT),
          "--input", f"untrained_model={UNTRAINED}", "--input", f"training_data={IMAGES}",
          "--input", f"validation_data={IMAGES}", "--output", f"trained_model={out}",
-         "--input", "epochs=1", "--input", "batch_size=4", "--input", "image_size=32",
+         "--output", f"checkpoints={tmp_path / 'checkpoints'}", "--input", "epochs=1", "--input", "batch_size=4", "--input", "image_size=32",
          "--input", "num_workers=0", "--input", "registered_model_name=component-e2e"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )

@@ -128,7 +128,7 @@ def test_the_pipeline_runs_locally_through_its_components(tmp_path, make_image_f
     run_component(REPO / "component.yaml",
                   {"untrained_model": d["untrained"], "training_data": d["train"], "validation_data": d["test"],
                    "epochs": 1, "batch_size": 4, "image_size": 32, "num_workers": 0},
-                  {"trained_model": d["trained"]})
+                  {"trained_model": d["trained"], "checkpoints": d["trained"].parent / "checkpoints"})
     run_component(COMPONENTS / "score.yaml", {"trained_model": d["trained"], "image_directory": d["test"],
                                               "num_workers": 0}, {"scored_data": d["scored"]})
     run_component(COMPONENTS / "evaluate.yaml", {"scored_data": d["scored"]}, {"evaluation": d["evaluation"]})
