@@ -19,5 +19,8 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 
+benchmark: venv
+	$(PY) benchmarks/benchmark_training.py
+
 clean:
 	rm -rf $(VENV) demo_output benchmark_output mlflow.db mlruns

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 
@@ -18,9 +19,9 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from train_pytorch_model import data as data_module
 from train_pytorch_model.cli import main
-from train_pytorch_model.data import Batch, build_dataset, collate, default_num_workers, make_loader
+from train_pytorch_model.data import (Batch, build_dataset, collate, cpus_per_process, default_num_workers,
+                                      make_loader)
 from train_pytorch_model.distributed import Context
 from train_pytorch_model.errors import InvalidParameterError
 from train_pytorch_model.image_directory import load_image_directory
@@ -105,8 +106,8 @@ def test_train_command_runs_bf16_and_channels_last_on_cpu(tmp_path, make_image_f
     rows = run_train(resnet18_dir, data, tmp_path / "out", "--precision", "bf16", "--channels-last", "true",
                      "--device", "cpu")
     assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
-    info = (tmp_path / "out" / "training_info.json").read_text()
-    assert '"precision": "bf16"' in info and '"channels_last": true' in info
+    info = json.loads((tmp_path / "out" / "training_info.json").read_text())["training"]
+    assert info["precision"] == "bf16" and info["channels_last"] is True
 
 
 # --- loss scaling -------------------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def test_trainer_hands_the_model_normalised_batches_in_its_memory_format():
 # --- torch.compile ------------------------------------------------------------------------------------------------
 
 
-def test_compile_keeps_state_dict_keys_and_trains(caplog):
+def test_compile_keeps_state_dict_keys_and_trains():
     # Real Inductor on a tiny model: the first call builds C++ kernels (tens of seconds on a cold cache).
     eager = tiny_net()
     model = tiny_net()
@@ -223,19 +224,35 @@ def test_train_command_compile_flag_reaches_the_model(tmp_path, make_image_folde
     monkeypatch.delenv("CXX", raising=False)
     data = make_image_folder("data", {"a": 4, "b": 4})
     run_train(resnet18_dir, data, tmp_path / "out", "--compile", "true", "--device", "cpu")
-    assert '"compile": false' in (tmp_path / "out" / "training_info.json").read_text()
+    assert json.loads((tmp_path / "out" / "training_info.json").read_text())["training"]["compile"] is False
 
 
 # --- workers and loaders ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cpus, device, local_world_size, expected", [
-    (2, "cpu", 1, 1), (1, "cpu", 1, 0), (16, "cpu", 1, 8), (16, "cpu", 2, 4), (8, "cpu", 8, 0),
+    # CPU training: decoding in the training process below 4 CPUs, then a worker per 4 CPUs.
+    (1, "cpu", 1, 0), (2, "cpu", 1, 0), (3, "cpu", 1, 0), (4, "cpu", 1, 1), (16, "cpu", 1, 4), (16, "cpu", 2, 2),
+    (8, "cpu", 8, 0),
+    # GPU training: every CPU but the feeding one, at most 8, shared by the GPUs' processes.
     (16, "cuda", 1, 8), (16, "cuda", 8, 1), (4, "cuda", 1, 3), (1, "cuda", 1, 1),
 ])
 def test_default_worker_count_follows_the_cpus_available(monkeypatch, cpus, device, local_world_size, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     assert default_num_workers(torch.device(device), local_world_size) == expected
+
+
+def test_cpu_training_gives_decoding_workers_their_own_cores_and_restores_the_thread_count(
+        tmp_path, make_image_folder, resnet18_dir):
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    before = torch.get_num_threads()
+    run_train(resnet18_dir, data, tmp_path / "w1", "--num-workers", "1", "--device", "cpu")
+    info = json.loads((tmp_path / "w1" / "training_info.json").read_text())["training"]
+    assert info["num_workers"] == 1 and info["cpu_threads"] == max(1, min(before, cpus_per_process() - 1))
+    assert torch.get_num_threads() == before
+    run_train(resnet18_dir, data, tmp_path / "w0", "--num-workers", "0", "--device", "cpu")
+    info = json.loads((tmp_path / "w0" / "training_info.json").read_text())["training"]
+    assert info["num_workers"] == 0 and info["cpu_threads"] == before  # decoding in-process: all threads
 
 
 def test_gpu_loaders_pin_memory_and_keep_prefetching_workers(legacy_image_dir):
@@ -316,4 +333,3 @@ def test_collated_batches_stay_uint8_until_the_device(legacy_image_dir):
                             train=True, seed=1)
     batch = collate([dataset[(i, 0)] for i in range(4)])
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 3, 32, 32)
-    assert data_module.Batch is Batch

@@ -116,17 +116,29 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def default_num_workers(device: torch.device, local_world_size: int = 1) -> int:
-    """Decoding processes per training process: all CPUs on GPU hosts (minus the feeding
-    process), on CPU training leave one core per process to the model's own math."""
+def cpus_per_process(local_world_size: int = 1) -> int:
+    """The CPUs this process may use (its affinity mask, so container limits count), shared among the
+    training processes of this machine."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    per_process = max(1, cpus // max(1, local_world_size))
+    return max(1, cpus // max(1, local_world_size))
+
+
+def default_num_workers(device: torch.device, local_world_size: int = 1) -> int:
+    """Decoding processes per training process.
+
+    GPU: every CPU but the one feeding the GPU (at most 8); there decoding is what limits speed.
+    CPU: the model's math already keeps every core busy, and a worker that takes a core from one of
+    its OpenMP threads stalls the others at the next barrier. Decoding costs a fraction of the math
+    (a sixth at 32 px, less above; benchmarks/benchmark_training.py), so one worker per 4 CPUs, and
+    none below 4 CPUs, where decoding between steps measured fastest for small images (for large
+    photos, --num-workers 1 is; docs/performance.md)."""
+    per_process = cpus_per_process(local_world_size)
     if device.type == "cuda":
         return min(8, max(1, per_process - 1))
-    return max(1, per_process - 1) if per_process > 1 else 0
+    return per_process // 4
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, OutputDirectoryError
 from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, write_text
-from .models import (FAMILIES, MODEL_FAMILY, MODEL_NAMES, Classifier, find_cached_weights, load_legacy_state,
+from .models import (FAMILIES, MODEL_FAMILY, Classifier, find_cached_weights, load_legacy_state,
                      load_weights_file, pretrained_missing_error)
 from .preprocessing import AUGMENTATIONS, Preprocessing
 

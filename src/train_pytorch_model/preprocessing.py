@@ -90,21 +90,25 @@ class Preprocessing:
     def resize_size(self) -> int | None:
         return None if self.image_size is None else max(self.image_size, round(self.image_size / self.crop_fraction))
 
+    # Resizing and cropping run on the PIL image, before PILToTensor: Pillow's resampling costs a fraction of
+    # torch's uint8 antialiased resize on small images, and uses no OpenMP threads, which would otherwise
+    # fight the model's threads when decoding runs in the training process (--num-workers 0).
+
     def eval_transform(self) -> v2.Transform:
         """PIL RGB -> uint8 CHW tensor, deterministic."""
-        steps = [v2.PILToTensor()]
+        steps = []
         if self.image_size is not None:
             steps += [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.image_size)]
-        return v2.Compose(steps)
+        return v2.Compose(steps + [v2.PILToTensor()])
 
     def train_transform(self) -> v2.Transform:
         """Light augmentation for training; uses torch's global RNG (seeded per sample by data.py)."""
         if self.image_size is None or self.augmentation == "none":
             return self.eval_transform()
-        steps = [v2.PILToTensor(), v2.RandomResizedCrop(self.image_size, scale=(0.5, 1.0), antialias=True)]
+        steps = [v2.RandomResizedCrop(self.image_size, scale=(0.5, 1.0), antialias=True)]
         if self.augmentation == "flip_crop":
             steps.append(v2.RandomHorizontalFlip())
-        return v2.Compose(steps)
+        return v2.Compose(steps + [v2.PILToTensor()])
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW batch -> normalised float batch, on the batch's device."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import random
 import sys
 from collections import Counter
@@ -19,7 +18,8 @@ import torch
 
 from . import checkpoint, distributed
 from .azureml_v1 import log_epoch_v1
-from .data import BadImageTracker, build_dataset, default_num_workers, evaluation_loader, training_loader
+from .data import (BadImageTracker, build_dataset, cpus_per_process, default_num_workers, evaluation_loader,
+                   training_loader)
 from .errors import (InvalidDatasetError, InvalidParameterError, ModuleOutOfMemoryError, TrainingFailedError,
                      TrainPyTorchModelError)
 from .image_directory import ImageDirectory, load_image_directory, require_labeled
@@ -169,6 +169,7 @@ def build_model(args, num_classes: int) -> tuple[Classifier, object]:
 
 def run(args: argparse.Namespace) -> int:
     ctx = distributed.setup(args.device)
+    threads = torch.get_num_threads()
     try:
         train_model(args, ctx)
     except TrainPyTorchModelError:
@@ -178,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     except MemoryError as exc:
         raise translate_runtime_error(RuntimeError("out of memory (MemoryError)"), args.batch_size) from exc
     finally:
+        torch.set_num_threads(threads)
         # The exception leaving this rank, if any: the other ranks are told instead of left waiting.
         distributed.teardown(ctx, failure=sys.exc_info()[1])
     return 0
@@ -207,6 +209,11 @@ def train_model(args: argparse.Namespace, ctx: distributed.Context) -> dict:
     if ctx.device.type == "cpu":
         # Same seed, same bits on CPU. (On GPU, cuDNN autotuning is worth more than bit-equality.)
         torch.use_deterministic_algorithms(True, warn_only=True)
+        if settings.num_workers:
+            # Decoding workers get cores of their own: sharing cores with the model's OpenMP threads stalls
+            # those at every barrier (docs/performance.md). run() restores the thread count.
+            torch.set_num_threads(max(1, min(torch.get_num_threads(),
+                                             cpus_per_process(ctx.local_world_size) - settings.num_workers)))
     else:
         torch.backends.cudnn.benchmark = True
 
@@ -255,7 +262,8 @@ def train_model(args: argparse.Namespace, ctx: distributed.Context) -> dict:
         "epochs": hp.epochs, "batch_size": batch_size, "learning_rate": args.learning_rate, "random_seed": args.random_seed,
         "patience": hp.patience, "image_size": args.image_size, "augmentation": args.augmentation,
         "optimizer": hp.optimizer, "warmup_epochs": hp.warmup_epochs, "precision": hp.precision,
-        "channels_last": hp.channels_last, "compile": hp.compile, "num_workers": settings.num_workers, "world_size": ctx.world_size,
+        "channels_last": hp.channels_last, "compile": hp.compile, "num_workers": settings.num_workers,
+        "cpu_threads": torch.get_num_threads(), "world_size": ctx.world_size,
         "device": str(ctx.device), "training_images": len(train_dir), "validation_images": len(valid_dir),
     }
     tracker.log_params(params)
