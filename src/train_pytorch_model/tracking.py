@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,18 @@ def _default_experiment_id(mlflow) -> str | None:
         return None
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    return experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    if experiment:
+        return experiment.experiment_id
+    return client.create_experiment(EXPERIMENT, artifact_location=_local_artifact_root(mlflow.get_tracking_uri()))
+
+
+def _local_artifact_root(tracking_uri: str) -> str | None:
+    """`mlruns/` beside a local sqlite database; MLflow's default is ./mlruns of whatever the working
+    directory is (the component's code folder under run-component). None: the server decides."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix):]).resolve().parent / "mlruns").as_uri()
 
 
 class Tracker:
