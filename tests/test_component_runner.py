@@ -20,8 +20,7 @@ from train_pytorch_model.errors import ComponentSpecError
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENT = REPO / "component.yaml"
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "fixtures"
+FIXTURES = REPO / "examples"
 IMAGES = FIXTURES / "legacy_image_directory"
 UNTRAINED = FIXTURES / "legacy_untrained_model" / "resnet18"
 
@@ -273,7 +272,7 @@ def test_cli_reports_errors_on_the_last_stderr_line(tmp_path):
 
 
 def test_component_yaml_trains_and_registers_end_to_end(tmp_path):
-    """component.yaml -> run-component -> train, on the shared fixtures, with a local registry."""
+    """component.yaml -> run-component -> train, on the bundled fixtures, with a local registry."""
     import mlflow
     from mlflow import MlflowClient
 

@@ -23,7 +23,7 @@ print(list(result.columns)); print(list(result['label']))
 
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory, request):
-    fixtures = request.config.rootpath.parent / "shared" / "fixtures"
+    fixtures = request.config.rootpath / "examples"
     out = tmp_path_factory.mktemp("pyfunc") / "trained"
     assert main(["train", "--untrained-model", str(fixtures / "legacy_untrained_model" / "resnet18"),
                  "--training-data", str(fixtures / "legacy_image_directory"),
