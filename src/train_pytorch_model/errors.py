@@ -2,32 +2,48 @@
 
 Each class is a user-facing failure: the CLI prints ``<ClassName>: <message>`` as the last
 line of stderr and exits with ``exit_code``. Messages name the file, row or value at fault
-and say how to fix it. ``legacy_code`` is the error code the original designer module used
-for the same condition, kept so Azure ML dashboards that group by it keep working.
+and say how to fix it. Values from inputs are quoted with ``quote`` so that no input can make a
+message long or slow to build.
 """
 
 from __future__ import annotations
+
+import reprlib
+
+MAX_MESSAGE_CHARS = 2000  # one stderr line; an input can never make it longer
+
+_quoter = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_quoter.maxlevel, _quoter.maxstring, _quoter.maxother = 3, 120, 120
+_quoter.maxlist = _quoter.maxtuple = _quoter.maxdict = _quoter.maxset = 8
+
+
+def quote(value, limit: int = 120) -> str:
+    """`repr(value)` for a message, bounded in length and in the work it takes (nested or aliased YAML,
+    a 100 MB label): at most a few levels, a few items and `limit` characters."""
+    text = _quoter.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class TrainPyTorchModelError(Exception):
     """Base class: a failure the user can fix by changing inputs or parameters."""
 
     exit_code = 1
-    legacy_code = 2000  # designer's generic UserError
 
     def __init__(self, message: str):
         # One line: the CLI's contract is that the last stderr line is the whole error.
-        super().__init__(" ".join(str(message).split()))
+        text = " ".join(str(message)[: 2 * MAX_MESSAGE_CHARS].split())
+        if len(text) > MAX_MESSAGE_CHARS:
+            text = text[: MAX_MESSAGE_CHARS - 3] + "..."
+        super().__init__(text)
 
 
 class InvalidParameterError(TrainPyTorchModelError):
     """A parameter value is out of range (epochs, batch size, learning rate, ...)."""
 
-    legacy_code = 5
 
     def __init__(self, name: str, value, rule: str):
         self.name, self.value = name, value
-        super().__init__(f'Parameter "{name}" value {value!r} is invalid: {rule}.')
+        super().__init__(f'Parameter "{name}" value {quote(value)} is invalid: {rule}.')
 
 
 class DirectoryNotFoundError(TrainPyTorchModelError):
@@ -45,25 +61,21 @@ class OutputDirectoryError(TrainPyTorchModelError):
 class InvalidDatasetError(TrainPyTorchModelError):
     """An ImageDirectory cannot be used for training: bad files, bad rows, bad categories."""
 
-    legacy_code = 18
 
 
 class NotLabeledDatasetError(InvalidDatasetError):
     """An ImageDirectory has no classification labels (e.g. a flat folder of images)."""
 
-    legacy_code = 24
 
 
 class InvalidModelDirectoryError(TrainPyTorchModelError):
     """A ModelDirectory is missing files, names an unsupported model, or holds foreign weights."""
 
-    legacy_code = 159
 
 
 class PretrainedWeightsNotFoundError(InvalidModelDirectoryError):
     """`pretrained: true` but no ImageNet weights are available without the network."""
 
-    legacy_code = 162
 
 
 class CheckpointMismatchError(TrainPyTorchModelError):
@@ -80,19 +92,12 @@ class TrainingInterruptedError(TrainPyTorchModelError):
 class ModuleOutOfMemoryError(TrainPyTorchModelError):
     """Host or GPU memory ran out; the message carries the batch-size hint."""
 
-    legacy_code = 138
 
 
 class TrainingFailedError(TrainPyTorchModelError):
     """Training broke for a reason that is not the input's fault (a crashed worker, a dead peer)."""
 
-    legacy_code = 1000
 
-
-class TimeoutOccurredError(TrainingFailedError):
-    """A distributed peer stopped answering."""
-
-    legacy_code = 72
 
 
 class ComponentSpecError(TrainPyTorchModelError):
@@ -108,4 +113,3 @@ class UsageError(TrainPyTorchModelError):
 class UnexpectedError(TrainPyTorchModelError):
     """Anything we did not foresee. The traceback is printed above the one-line error."""
 
-    legacy_code = 1000  # the original's LibraryExceptionError
