@@ -125,7 +125,7 @@ def test_training_starts_from_the_directory_weights(tmp_path):
     out = tmp_path / "untrained"
     assert init_model("--model-name", "resnet18", "--random-seed", "5", "--untrained-model", str(out)) == 0
     saved = torch.load(out / "model", weights_only=True)
-    model, spec = train_command.build_model(argparse.Namespace(untrained_model=out), 3)
+    model, spec = train_command.build_model(out, 3)
     assert torch.equal(model.model.layer4[1].conv2.weight, saved["model.layer4.1.conv2.weight"])
     assert model.num_classes == 3
 

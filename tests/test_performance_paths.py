@@ -27,8 +27,9 @@ from train_pytorch_model.errors import InvalidParameterError
 from train_pytorch_model.image_directory import load_image_directory
 from train_pytorch_model.models import Classifier
 from train_pytorch_model.preprocessing import Preprocessing, decode_image
-from train_pytorch_model.train import Hyperparameters, Trainer, autocast, compile_model, make_scaler
-from train_pytorch_model.train_command import add_arguments, resolve_precision, validate
+from train_pytorch_model.config import TrainConfig, add_arguments
+from train_pytorch_model.train import Trainer, autocast, can_compile, make_scaler
+from train_pytorch_model.train_command import resolve, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -74,13 +75,17 @@ def test_auto_precision_on_gpu_follows_bf16_support(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
 
 
-def test_validate_resolves_the_speed_switches_for_cpu():
-    settings = validate(parse_train_args(), CPU)
-    assert (settings.hp.precision, settings.hp.channels_last, settings.hp.compile) == ("fp32", False, False)
-    settings = validate(parse_train_args("--precision", "bf16", "--channels-last", "true", "--compile", "true"), CPU)
-    assert (settings.hp.precision, settings.hp.channels_last, settings.hp.compile) == ("bf16", True, True)
+def resolved(*flags: str) -> TrainConfig:
+    return resolve(TrainConfig.from_args(parse_train_args(*flags)), Context(CPU))
+
+
+def test_resolve_settles_the_speed_switches_for_cpu():
+    config = resolved()
+    assert (config.precision, config.channels_last, config.compile, config.device) == ("fp32", False, False, "cpu")
+    config = resolved("--precision", "bf16", "--channels-last", "true", "--compile", "true")
+    assert (config.precision, config.channels_last, config.compile) == ("bf16", True, True)
     with pytest.raises(InvalidParameterError, match="fp16 needs a GPU"):
-        validate(parse_train_args("--precision", "fp16"), CPU)
+        resolved("--precision", "fp16")
 
 
 def test_bf16_autocast_training_step_on_cpu():
@@ -180,7 +185,7 @@ def test_trainer_hands_the_model_normalised_batches_in_its_memory_format():
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     batch = Batch(images, torch.tensor([0, 1]), [])
     for channels_last, memory_format in ((True, torch.channels_last), (False, torch.contiguous_format)):
-        trainer = Trainer(Context(CPU), Hyperparameters(channels_last=channels_last), prep, 2, None, None, None, None)
+        trainer = Trainer(Context(CPU), TrainConfig(channels_last=channels_last), prep, 2, None, None, None, None)
         moved, targets = trainer.to_device(batch)
         assert moved.dtype == torch.float32 and moved.is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(moved, prep.normalize(images))
@@ -194,7 +199,8 @@ def test_compile_keeps_state_dict_keys_and_trains():
     # Real Inductor on a tiny model: the first call builds C++ kernels (tens of seconds on a cold cache).
     eager = tiny_net()
     model = tiny_net()
-    assert compile_model(model, CPU) is True
+    assert can_compile(CPU) is True
+    model.compile()
     assert list(model.state_dict()) == list(eager.state_dict())  # checkpoints and model files unchanged
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     images, targets = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
@@ -210,12 +216,10 @@ def test_compile_keeps_state_dict_keys_and_trains():
 def test_compile_without_a_cpp_compiler_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, clang++ or c++
     monkeypatch.delenv("CXX", raising=False)
-    model = tiny_net()
     with caplog.at_level(logging.WARNING):
-        assert compile_model(model, CPU) is False
+        assert can_compile(CPU) is False
+        assert resolved("--compile", "true").compile is False
     assert "no C++ compiler" in caplog.text
-    assert model._compiled_call_impl is None
-    assert model(torch.rand(2, 3, 8, 8)).shape == (2, 3)
 
 
 def test_train_command_compile_flag_reaches_the_model(tmp_path, make_image_folder, resnet18_dir, monkeypatch):
@@ -275,11 +279,11 @@ def test_evaluation_runs_in_inference_mode(legacy_image_dir):
     model = Classifier(torchvision.models.resnet18(num_classes=3))
     seen = []
     model.register_forward_hook(lambda m, i, o: seen.append((torch.is_inference_mode_enabled(), o.requires_grad)))
-    trainer = Trainer(Context(CPU), Hyperparameters(), Preprocessing(32), 3, None, loader, None,
+    trainer = Trainer(Context(CPU), TrainConfig(precision="fp32"), Preprocessing(32), 3, None, loader, None,
                       BadImageTracker(directory, "Validation", 0.05))
-    loss, top1, top5 = trainer.evaluate(model)
+    result = trainer.evaluate(model)
     assert seen == [(True, False)] * 3  # 18 images in batches of 8
-    assert not model.training and loss > 0 and 0 <= top1 <= 1
+    assert not model.training and result.loss > 0 and 0 <= result.top1 <= 1
 
 
 # --- the per-image path -------------------------------------------------------------------------------------------

@@ -20,24 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import TrainConfig
 from .data import BadImageTracker, Batch
 from .distributed import Context
 from .preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Hyperparameters:
-    epochs: int = 5
-    learning_rate: float = 0.001
-    patience: int = 3  # 0 disables early stopping
-    optimizer: str = "sgd"
-    warmup_epochs: int = 0
-    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the model (see compile_model)
-    print_freq: int = 10
 
 
 class EarlyStopping:
@@ -71,15 +59,15 @@ class EarlyStopping:
         self.best_loss, self.best_epoch, self.bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
 
 
-def make_optimizer(model: nn.Module, hp: Hyperparameters, lr: float) -> torch.optim.Optimizer:
-    if hp.optimizer == "adamw":
+def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
 
-def make_scheduler(optimizer, hp: Hyperparameters, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = hp.warmup_epochs * steps_per_epoch
-    total = max(1, hp.epochs * steps_per_epoch)
+def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = config.warmup_epochs * steps_per_epoch
+    total = max(1, config.epochs * steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -90,18 +78,14 @@ def make_scheduler(optimizer, hp: Hyperparameters, steps_per_epoch: int) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def compile_model(model: nn.Module, device: torch.device) -> bool:
-    """torch.compile `model` in place (nn.Module.compile keeps the state-dict keys, so checkpoints and the
-    trained model directory do not change). The first steps pay for compilation (a minute or more).
-
-    On CPU, Inductor builds C++ kernels: without a C++ compiler it would fail at the first step, so the model
-    stays eager, with a warning. Returns whether the model was compiled."""
+def can_compile(device: torch.device) -> bool:
+    """Whether torch.compile can work here. On CPU, Inductor builds C++ kernels: without a C++ compiler it
+    would fail at the first step, so the model stays eager, with a warning."""
     if device.type == "cpu":
         candidates = [os.environ.get("CXX"), "g++", "clang++", "c++"]
         if not any(shutil.which(name) for name in candidates if name):
             log.warning("--compile true: no C++ compiler found (set CXX or install g++); training without torch.compile.")
             return False
-    model.compile()
     return True
 
 
@@ -115,6 +99,25 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class TrainResult:
+    """One epoch of training, summed over every rank."""
+
+    loss: float
+    accuracy: float
+    images_per_second: float
+    data_wait_fraction: float
+
+
+@dataclass
+class EvalResult:
+    """One pass over the whole validation set, summed exactly over every rank."""
+
+    loss: float
+    top1: float
+    top5: float | None  # None with fewer than 5 classes
 
 
 @dataclass
@@ -155,14 +158,21 @@ class TrainingState:
     history: list[EpochMetrics] = field(default_factory=list)
     next_epoch: int = 0
 
+    @property
+    def raw_model(self) -> nn.Module:
+        """The model itself, without the DDP wrapper: what is saved and validated."""
+        return getattr(self.model, "module", self.model)
+
 
 class Trainer:
-    def __init__(self, ctx: Context, hp: Hyperparameters, preprocessing: Preprocessing, num_classes: int,
+    """Runs epochs of a resolved `config` (precision, channels_last and workers already decided for the device)."""
+
+    def __init__(self, ctx: Context, config: TrainConfig, preprocessing: Preprocessing, num_classes: int,
                  train_loader, valid_loader, train_bad: BadImageTracker, valid_bad: BadImageTracker):
-        self.ctx, self.hp, self.preprocessing, self.num_classes = ctx, hp, preprocessing, num_classes
+        self.ctx, self.config, self.preprocessing, self.num_classes = ctx, config, preprocessing, num_classes
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.train_bad, self.valid_bad = train_bad, valid_bad
-        self.memory_format = torch.channels_last if hp.channels_last else torch.contiguous_format
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
     def to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch.images.to(self.ctx.device, non_blocking=True)
@@ -171,9 +181,9 @@ class Trainer:
         return images, targets
 
     def train_epoch(self, state: TrainingState, epoch: int, log_progress,
-                    should_interrupt=lambda: False) -> tuple[float, float, float, float] | None:
+                    should_interrupt=lambda: False) -> TrainResult | None:
         """One epoch; None when `should_interrupt` turned true on some rank (the epoch is abandoned)."""
-        model, hp = state.model, self.hp
+        model, config = state.model, self.config
         model.train()
         self.train_loader.sampler.set_epoch(epoch)
         loss_sum = correct = seen = 0.0
@@ -192,7 +202,7 @@ class Trainer:
                 tick = time.perf_counter()
                 continue
             images, targets = self.to_device(batch)
-            with autocast(self.ctx.device, hp.precision):
+            with autocast(self.ctx.device, config.precision):
                 logits = model(images)
                 loss = F.cross_entropy(logits, targets)
             state.optimizer.zero_grad(set_to_none=True)
@@ -204,16 +214,18 @@ class Trainer:
             loss_sum += loss.item() * n
             correct += (logits.argmax(1) == targets).sum().item()
             seen += n
-            if step % hp.print_freq == 0 or step == steps:
+            if step % config.print_freq == 0 or step == steps:
                 log_progress(epoch, step, steps, loss_sum / max(seen, 1), seen / (time.perf_counter() - start))
             tick = time.perf_counter()
         elapsed = time.perf_counter() - start
         loss_sum, correct, seen, elapsed_sum = self.ctx.all_reduce_sum([loss_sum, correct, seen, elapsed])
         elapsed_mean = elapsed_sum / self.ctx.world_size  # images/s of the whole job: all ranks' images per second
-        return loss_sum / max(seen, 1), correct / max(seen, 1), seen / max(elapsed_mean, 1e-9), wait / max(elapsed, 1e-9)
+        return TrainResult(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1),
+                           images_per_second=seen / max(elapsed_mean, 1e-9),
+                           data_wait_fraction=wait / max(elapsed, 1e-9))
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module) -> tuple[float, float, float | None]:
+    def evaluate(self, model: nn.Module) -> EvalResult:
         """Loss, top-1 and top-5 over the whole validation set, summed exactly over ranks.
 
         `model` is the bare module, not the DDP wrapper: ranks hold different numbers of validation
@@ -228,7 +240,7 @@ class Trainer:
             if len(batch) == 0:
                 continue
             images, targets = self.to_device(batch)
-            with autocast(self.ctx.device, self.hp.precision):
+            with autocast(self.ctx.device, self.config.precision):
                 logits = model(images)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
@@ -239,8 +251,8 @@ class Trainer:
             seen += len(targets)
         loss_sum, top1, top5, seen = self.ctx.all_reduce_sum([loss_sum, top1, top5, seen])
         if seen == 0:
-            return math.inf, 0.0, None
-        return loss_sum / seen, top1 / seen, (top5 / seen if self.num_classes >= 5 else None)
+            return EvalResult(loss=math.inf, top1=0.0, top5=None)
+        return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None)
 
     def fit(self, state: TrainingState, on_epoch_end, log_progress, should_interrupt=lambda: False) -> TrainingState:
         """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics)` logs and checkpoints.
@@ -248,21 +260,23 @@ class Trainer:
         `should_interrupt()` is this rank's wish to stop (SIGTERM); it is checked before every step and
         after every epoch's `on_epoch_end`, agreed over all ranks, and raises Interrupted.
         """
-        raw_model = state.model.module if hasattr(state.model, "module") else state.model
+        raw_model = state.raw_model
         if state.early_stopping.should_stop:  # resumed from the checkpoint of a run that had stopped
             return state
-        for epoch in range(state.next_epoch, self.hp.epochs):
+        for epoch in range(state.next_epoch, self.config.epochs):
             started = time.perf_counter()
             lr = state.optimizer.param_groups[0]["lr"]
-            result = self.train_epoch(state, epoch, log_progress, should_interrupt)
-            if result is None:
+            trained = self.train_epoch(state, epoch, log_progress, should_interrupt)
+            if trained is None:
                 raise Interrupted(epoch)
-            train_loss, train_acc, ips, wait = result
-            valid_loss, top1, top5 = self.evaluate(raw_model)
-            metrics = EpochMetrics(epoch + 1, lr, train_loss, train_acc, ips, valid_loss, top1, top5, wait,
-                                   time.perf_counter() - started)
+            validated = self.evaluate(raw_model)
+            metrics = EpochMetrics(
+                epoch=epoch + 1, lr=lr, train_loss=trained.loss, train_accuracy=trained.accuracy,
+                train_images_per_second=trained.images_per_second, valid_loss=validated.loss,
+                valid_top1=validated.top1, valid_top5=validated.top5, data_wait_fraction=trained.data_wait_fraction,
+                seconds=time.perf_counter() - started)
             state.history.append(metrics)
-            if state.early_stopping.step(epoch, valid_loss):
+            if state.early_stopping.step(epoch, validated.loss):
                 # A copy, on CPU: the live weights keep changing (the original kept a reference).
                 state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
             state.next_epoch = epoch + 1
@@ -272,6 +286,6 @@ class Trainer:
                 log.info("Early stopping: validation loss has not improved on epoch %d's %.4f for %d epochs.",
                          state.early_stopping.best_epoch + 1, state.early_stopping.best_loss, state.early_stopping.bad_epochs)
                 break
-            if epoch + 1 < self.hp.epochs and self.ctx.any_rank(should_interrupt())[0]:
+            if epoch + 1 < self.config.epochs and self.ctx.any_rank(should_interrupt())[0]:
                 raise Interrupted(epoch + 1)
         return state

@@ -1,0 +1,149 @@
+"""The one configuration of a training run: `TrainConfig`.
+
+Every flag of `train` is a field here, with its default and help text, so the command line, the
+checkpoint identity, the MLflow parameters and `training_info.json` all come from one object
+(`dataclasses.asdict`). Fields marked `identity=False` do not change what is learned (paths, logging,
+worker counts) and are left out of the checkpoint identity. This module imports no torch: argument
+errors and `--help` are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidParameterError
+
+AUGMENTATIONS = ("flip_crop", "crop", "none")
+OPTIMIZERS = ("sgd", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _field(default, help: str, *, group: str = "extras", identity: bool = True, **argparse_options):
+    return field(default=default, metadata={"help": help, "group": group, "identity": identity, **argparse_options})
+
+
+def _auto_or_int(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 0, not {text!r}")
+    return int(text)
+
+
+def _true_false(text: str) -> bool:
+    if text not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"must be true or false, not {text!r}")
+    return text == "true"
+
+
+def _auto_true_false(text: str) -> bool | None:
+    return None if text == "auto" else _true_false(text)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # directories
+    untrained_model: Path = _field(None, "untrained model directory (DenseNet/ResNet)", group="directories",
+                                   identity=False, required=True, type=Path)
+    training_data: Path = _field(None, "labeled training ImageDirectory", group="directories", identity=False,
+                                 required=True, type=Path)
+    validation_data: Path = _field(None, "labeled validation ImageDirectory", group="directories", identity=False,
+                                   required=True, type=Path)
+    trained_model: Path = _field(None, "output folder (new or empty)", group="directories", identity=False,
+                                 required=True, type=Path)
+    checkpoint_dir: Path | None = _field(
+        None, "folder for the resume checkpoint, written every epoch; when it holds one, training resumes from it "
+        "(same command after a preemption). Give it a new folder per training run", group="directories",
+        identity=False, type=Path)
+    # designer parameters: names and defaults fixed by the original module
+    epochs: int = _field(5, "maximum number of epochs (default 5)", group="designer parameters", type=int)
+    batch_size: int = _field(16, "images per step, per process (default 16)", group="designer parameters", type=int)
+    learning_rate: float = _field(0.001, "peak learning rate (default 0.001)", group="designer parameters",
+                                  type=float)
+    random_seed: int = _field(1, "seed of every random generator (default 1)", group="designer parameters",
+                              type=int)
+    patience: int = _field(3, "stop after this many epochs without a better validation loss; 0 never stops early "
+                           "(default 3)", group="designer parameters", type=int)
+    # extras
+    image_size: int = _field(224, "square side images are resized/cropped to (default 224)", type=int)
+    augmentation: str = _field("flip_crop", "training augmentation: random crop + horizontal flip, crop only, or "
+                               "none (default flip_crop)", choices=AUGMENTATIONS)
+    optimizer: str = _field("sgd", "sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the original's); adamw: "
+                            "weight decay 0.05", choices=OPTIMIZERS)
+    warmup_epochs: int = _field(0, "epochs of linear learning-rate warm-up (default 0)", type=int)
+    num_workers: int | None = _field(None, "image decoding processes per training process (default auto)",
+                                     identity=False, type=_auto_or_int, metavar="auto|N", shown="auto")
+    device: str = _field("auto", "auto (GPU when present), cpu, cuda, cuda:N", identity=False)
+    precision: str = _field("auto", "auto: bf16 autocast on GPUs that support it, fp16 on older GPUs, fp32 on CPU",
+                            choices=PRECISIONS)
+    channels_last: bool | None = _field(None, "NHWC memory format; auto: on GPU only", identity=False,
+                                        type=_auto_true_false, metavar="auto|true|false", shown="auto")
+    compile: bool = _field(False, "torch.compile the model: faster steps on GPU for long runs, after a compile of a "
+                           "minute or more (default false)", identity=False, type=_true_false,
+                           metavar="true|false", shown="false")
+    max_bad_image_fraction: float = _field(0.05, "unreadable images are skipped with a warning; fail when more than "
+                                           "this fraction is bad (default 0.05)", identity=False, type=float)
+    print_freq: int = _field(10, "progress line every N steps (default 10)", identity=False, type=int)
+    mlflow_tracking_uri: str | None = _field(None, "MLflow tracking URI (default: the active run / "
+                                             "MLFLOW_TRACKING_URI / sqlite:///mlflow.db)", identity=False)
+    registered_model_name: str | None = _field(None, "register the trained model under this name in the MLflow "
+                                               "model registry", identity=False)
+
+    def __post_init__(self):
+        _check("Epochs", self.epochs, self.epochs >= 1, "must be an integer >= 1")
+        _check("Batch size", self.batch_size, self.batch_size >= 1, "must be an integer >= 1")
+        _check("Learning rate", self.learning_rate, math.isfinite(self.learning_rate) and self.learning_rate > 0,
+               "must be a finite number > 0")
+        _check("Patience", self.patience, self.patience >= 0, "must be an integer >= 0 (0 disables early stopping)")
+        _check("Image size", self.image_size, 32 <= self.image_size <= 4096, "must be between 32 and 4096 pixels")
+        _check("Warmup epochs", self.warmup_epochs, self.warmup_epochs == 0 or 0 < self.warmup_epochs < self.epochs,
+               "must be >= 0 and smaller than epochs")
+        _check("Max bad image fraction", self.max_bad_image_fraction,
+               math.isfinite(self.max_bad_image_fraction) and 0 <= self.max_bad_image_fraction <= 1,
+               "must be between 0 and 1")
+        _check("Print frequency", self.print_freq, self.print_freq >= 1, "must be an integer >= 1")
+        _check("Random seed", self.random_seed, 0 <= self.random_seed < 2**63, "must be an integer from 0 to 2^63-1")
+        _check("Device", self.device, re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", self.device) is not None,
+               "must be auto, cpu, cuda or cuda:N")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """Every field, JSON-ready (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    def identity(self) -> dict:
+        """The fields that decide the training trajectory (the checkpoint must match them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]}
+
+
+def _check(name: str, value, ok: bool, rule: str) -> None:
+    if not ok:
+        raise InvalidParameterError(name, value, rule)
+
+
+def defaults() -> dict:
+    """Each field's default as the command line spells it (what README and component.yaml must agree with)."""
+    return {f.name: f.metadata.get("shown", f.default) for f in dataclasses.fields(TrainConfig)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `train` flags, one per TrainConfig field: `--batch-size` for `batch_size`."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        options = {k: v for k, v in f.metadata.items() if k not in ("help", "group", "identity", "shown")}
+        group = groups.get(f.metadata["group"]) or groups.setdefault(
+            f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
+        if not options.get("required"):
+            options["default"] = f.default
+        group.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
