@@ -21,6 +21,8 @@ from .errors import InvalidParameterError
 AUGMENTATIONS = ("flip_crop", "crop", "none")
 OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CLASS_WEIGHTS = ("none", "balanced")
+STOPPING_METRICS = ("valid_loss", "valid_top1")
 
 
 def _field(default, help: str, *, group: str = "extras", identity: bool = True, **argparse_options):
@@ -76,6 +78,22 @@ class TrainConfig:
     optimizer: str = _field("sgd", "sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the original's); adamw: "
                             "weight decay 0.05", choices=OPTIMIZERS)
     warmup_epochs: int = _field(0, "epochs of linear learning-rate warm-up (default 0)", type=int)
+    weight_decay: float | None = _field(None, "weight decay (default: 1e-4 for sgd, 0.05 for adamw)", type=float)
+    label_smoothing: float = _field(0.0, "label smoothing of the training loss, 0 to 1 (default 0)", type=float)
+    class_weights: str = _field("none", "balanced: weigh the training loss by inverse class frequency, for "
+                                "imbalanced data (default none)", choices=CLASS_WEIGHTS)
+    mixup: float = _field(0.0, "mixup alpha; 0 = off (default 0)", type=float)
+    cutmix: float = _field(0.0, "cutmix alpha; 0 = off (default 0)", type=float)
+    ema_decay: float = _field(0.0, "keep an exponential moving average of the weights with this decay (e.g. "
+                              "0.999) and validate/save it; 0 = off (default 0)", type=float)
+    freeze_backbone_epochs: int = _field(0, "train only the classification head for the first N epochs, then "
+                                         "everything (default 0)", type=int)
+    bn_recalibration: bool | None = _field(None, "re-estimate BatchNorm statistics on the latest training images "
+                                           "before each validation (default auto)", type=_auto_true_false,
+                                           metavar="auto|true|false", shown="auto")
+    early_stopping_metric: str = _field("valid_loss", "what early stopping and the best epoch watch (default "
+                                        "valid_loss)", choices=STOPPING_METRICS)
+    early_stopping_min_epochs: int = _field(0, "never stop early before this many epochs (default 0)", type=int)
     num_workers: int | None = _field(None, "image decoding processes per training process (default auto)",
                                      identity=False, type=_auto_or_int, metavar="auto|N", shown="auto")
     device: str = _field("auto", "auto (GPU when present), cpu, cuda, cuda:N", identity=False)
@@ -107,6 +125,17 @@ class TrainConfig:
                math.isfinite(self.max_bad_image_fraction) and 0 <= self.max_bad_image_fraction <= 1,
                "must be between 0 and 1")
         _check("Print frequency", self.print_freq, self.print_freq >= 1, "must be an integer >= 1")
+        for name, value in (("Label smoothing", self.label_smoothing), ("Mixup", self.mixup), ("Cutmix", self.cutmix)):
+            _check(name, value, math.isfinite(value) and 0 <= value <= (1 if name == "Label smoothing" else 100),
+                   "must be a number from 0 (off) to 1" if name == "Label smoothing" else "must be an alpha >= 0")
+        _check("Weight decay", self.weight_decay, self.weight_decay is None or
+               (math.isfinite(self.weight_decay) and 0 <= self.weight_decay < 1), "must be a number from 0 to 1")
+        _check("EMA decay", self.ema_decay, math.isfinite(self.ema_decay) and 0 <= self.ema_decay < 1,
+               "must be 0 (off) or a number below 1, e.g. 0.999")
+        _check("Freeze backbone epochs", self.freeze_backbone_epochs, 0 <= self.freeze_backbone_epochs < self.epochs,
+               "must be >= 0 and smaller than epochs")
+        _check("Early stopping min epochs", self.early_stopping_min_epochs, self.early_stopping_min_epochs >= 0,
+               "must be an integer >= 0")
         _check("Random seed", self.random_seed, 0 <= self.random_seed < 2**63, "must be an integer from 0 to 2^63-1")
         _check("Device", self.device, re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", self.device) is not None,
                "must be auto, cpu, cuda or cuda:N")

@@ -100,6 +100,10 @@ class TrainingFailedError(TrainPyTorchModelError):
 
 
 
+class TrainingDivergedError(TrainPyTorchModelError):
+    """The loss or the weights became NaN/infinite: no model is written (lower the learning rate)."""
+
+
 class ComponentSpecError(TrainPyTorchModelError):
     """A component YAML or a binding given to the local component runner is wrong."""
 

@@ -1,14 +1,22 @@
-"""The training loop: one epoch of SGD, one exact validation pass, early stopping on the best
-validation loss, and a copy of the best epoch's weights.
+"""The training loop: epochs of training, one exact validation pass after each, early stopping on the
+best validation metric, and a copy of the best epoch's weights.
 
-Optimiser: SGD, momentum 0.9, Nesterov, weight decay 1e-4 (the original's), or AdamW. The
-learning rate warms up linearly for `warmup_epochs`, then follows a cosine decay to zero over
-the remaining steps, updated every step.
+The recipe (what `TrainConfig` leaves at its defaults; docs/recipe.md says why, with measurements):
+the optimizer (AdamW, or the original's SGD Nesterov), linear warm-up then cosine decay per step,
+BatchNorm statistics re-estimated on recent training batches before each validation, early stopping
+that waits at least `early_stopping_min_epochs`. Optional: label smoothing, balanced class weights,
+mixup/cutmix, an EMA of the weights, a frozen backbone for the first epochs.
+
+Host syncs are deliberate: the step loop keeps its sums on the device and reads them only at
+`print_freq` steps and at the end of the epoch, where DDP ranks also agree on stopping (SIGTERM,
+divergence). Validation reads its sums once per pass.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -19,55 +27,94 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TrainConfig
 from .data import BadImageTracker, Batch
 from .distributed import Context
+from .errors import TrainingDivergedError
 from .preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
+DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
+BN_RECALIBRATION_IMAGES = 1024  # the most recent training images kept (uint8) to re-estimate BatchNorm statistics
+
 
 class EarlyStopping:
-    """Stops after `patience` consecutive epochs whose validation loss does not beat the best so far.
+    """Stops after `patience` consecutive epochs that do not beat the best so far (never before `min_epochs`).
 
+    `metric` is `valid_loss` (lower is better) or `valid_top1` (higher is better, ties broken by the loss).
     (The original compared with the previous epoch, so a loss that oscillated never stopped.)
     """
 
-    def __init__(self, patience: int):
-        self.patience = patience
+    def __init__(self, patience: int, metric: str = "valid_loss", min_epochs: int = 0):
+        self.patience, self.metric, self.min_epochs = patience, metric, min_epochs
         self.best_loss = math.inf
+        self.best_top1 = -math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
+        self.epochs_seen = 0
 
-    def step(self, epoch: int, valid_loss: float) -> bool:
-        """Record an epoch; True when it is the new best."""
-        if valid_loss < self.best_loss:
-            self.best_loss, self.best_epoch, self.bad_epochs = valid_loss, epoch, 0
+    def step(self, epoch: int, valid_loss: float, valid_top1: float = 0.0) -> bool:
+        """Record an epoch; True when it is the new best. A non-finite loss is never the best."""
+        self.epochs_seen = epoch + 1
+        if self.metric == "valid_top1":
+            better = math.isfinite(valid_loss) and (valid_top1, -valid_loss) > (self.best_top1, -self.best_loss)
+        else:
+            better = valid_loss < self.best_loss
+        if better:
+            self.best_loss, self.best_top1, self.best_epoch, self.bad_epochs = valid_loss, valid_top1, epoch, 0
             return True
         self.bad_epochs += 1
         return False
 
     @property
     def should_stop(self) -> bool:
-        return self.patience > 0 and self.bad_epochs >= self.patience
+        return self.patience > 0 and self.bad_epochs >= self.patience and self.epochs_seen >= self.min_epochs
 
     def state_dict(self) -> dict:
-        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        return {"best_loss": self.best_loss, "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs, "epochs_seen": self.epochs_seen}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best_loss, self.best_epoch, self.bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
+        for key in ("best_loss", "best_top1", "best_epoch", "bad_epochs", "epochs_seen"):
+            setattr(self, key, state[key])
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, lr: float) -> torch.optim.Optimizer:
+# --- what a run is built from ------------------------------------------------------------------------------
+
+def head_parameters(model: nn.Module, num_classes: int) -> list[nn.Parameter]:
+    """The classification head's parameters: every Linear (or the last 1x1 Conv, SqueezeNet's) that outputs
+    one value per class — the main head, auxiliary heads and the legacy stacked Linear."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if convs and convs[-1].out_channels == num_classes and convs[-1].kernel_size == (1, 1):
+        heads.append(convs[-1])
+    return [p for m in heads for p in m.parameters()]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, lr: float, num_classes: int,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """One parameter group, or two (backbone, head) when the backbone is frozen for the first epochs."""
+    decay = DEFAULT_WEIGHT_DECAY[config.optimizer] if config.weight_decay is None else config.weight_decay
+    params: list = list(model.parameters())
+    if config.freeze_backbone_epochs:
+        head = {id(p) for p in head_parameters(model, num_classes)}
+        params = [{"params": [p for p in params if id(p) not in head]},
+                  {"params": [p for p in params if id(p) in head]}]
+    fused = True if device.type == "cuda" else None  # one kernel for all parameters (and no sync under fp16)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=decay, fused=fused)
 
 
 def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_epochs`, then cosine decay to 0, per step. A frozen backbone's group has
+    factor 0 for its first `freeze_backbone_epochs` epochs (its weights stay as they were)."""
     warmup = config.warmup_epochs * steps_per_epoch
     total = max(1, config.epochs * steps_per_epoch)
+    frozen_steps = config.freeze_backbone_epochs * steps_per_epoch
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -75,7 +122,11 @@ def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int) -> torc
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def backbone_factor(step: int) -> float:
+        return 0.0 if step < frozen_steps else factor(step)
+
+    lambdas = [backbone_factor, factor] if len(optimizer.param_groups) == 2 else factor
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def can_compile(device: torch.device) -> bool:
@@ -84,7 +135,8 @@ def can_compile(device: torch.device) -> bool:
     if device.type == "cpu":
         candidates = [os.environ.get("CXX"), "g++", "clang++", "c++"]
         if not any(shutil.which(name) for name in candidates if name):
-            log.warning("--compile true: no C++ compiler found (set CXX or install g++); training without torch.compile.")
+            log.warning("--compile true: no C++ compiler found (set CXX or install g++); training without "
+                        "torch.compile.")
             return False
     return True
 
@@ -94,12 +146,35 @@ def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights (and buffers), validated and saved instead of the weights."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def make_batch_mix(config: TrainConfig, num_classes: int):
+    """mixup and/or cutmix (torchvision), or None."""
+    from torchvision.transforms import v2
+
+    mixes = []
+    if config.mixup:
+        mixes.append(v2.MixUp(alpha=config.mixup, num_classes=num_classes))
+    if config.cutmix:
+        mixes.append(v2.CutMix(alpha=config.cutmix, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
+
+# --- named results ----------------------------------------------------------------------------------------
 
 @dataclass
 class TrainResult:
@@ -138,7 +213,7 @@ class EpochMetrics:
 
 
 class Interrupted(Exception):
-    """`should_interrupt` stopped `fit` before `epoch` (0-based) was complete; that epoch must be run again."""
+    """The stop request (SIGTERM) ended `fit` before `epoch` (0-based) was complete; that epoch must run again."""
 
     def __init__(self, epoch: int):
         super().__init__(f"interrupted before epoch {epoch + 1} was complete")
@@ -154,25 +229,40 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     early_stopping: EarlyStopping
+    ema: AveragedModel | None = None
     best_state: dict | None = None
     history: list[EpochMetrics] = field(default_factory=list)
     next_epoch: int = 0
 
     @property
     def raw_model(self) -> nn.Module:
-        """The model itself, without the DDP wrapper: what is saved and validated."""
+        """The model itself, without the DDP wrapper: what is trained on."""
         return getattr(self.model, "module", self.model)
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """What is validated and saved: the EMA of the weights when there is one."""
+        return self.ema.module if self.ema is not None else self.raw_model
+
+
+def never() -> bool:
+    return False
 
 
 class Trainer:
     """Runs epochs of a resolved `config` (precision, channels_last and workers already decided for the device)."""
 
     def __init__(self, ctx: Context, config: TrainConfig, preprocessing: Preprocessing, num_classes: int,
-                 train_loader, valid_loader, train_bad: BadImageTracker, valid_bad: BadImageTracker):
+                 train_loader, valid_loader, train_bad: BadImageTracker, valid_bad: BadImageTracker,
+                 class_weights: torch.Tensor | None = None):
         self.ctx, self.config, self.preprocessing, self.num_classes = ctx, config, preprocessing, num_classes
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.train_bad, self.valid_bad = train_bad, valid_bad
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.class_weights = None if class_weights is None else class_weights.to(ctx.device)
+        self.batch_mix = make_batch_mix(config, num_classes)
+        self.recent = collections.deque()  # uint8 training batches kept for BatchNorm re-estimation
+        self._next_epoch_batches = None  # (epoch, iterator) started before validation
 
     def to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch.images.to(self.ctx.device, non_blocking=True)
@@ -180,49 +270,116 @@ class Trainer:
         images = self.preprocessing.normalize(images).contiguous(memory_format=self.memory_format)
         return images, targets
 
-    def train_epoch(self, state: TrainingState, epoch: int, log_progress,
-                    should_interrupt=lambda: False) -> TrainResult | None:
-        """One epoch; None when `should_interrupt` turned true on some rank (the epoch is abandoned)."""
-        model, config = state.model, self.config
+    def _batches(self, epoch: int):
+        """This epoch's training batches; the iterator may already be running (started before validation)."""
+        if self._next_epoch_batches is not None and self._next_epoch_batches[0] == epoch:
+            batches = self._next_epoch_batches[1]
+        else:
+            self.train_loader.sampler.set_epoch(epoch)
+            batches = iter(self.train_loader)
+        self._next_epoch_batches = None
+        return batches
+
+    def _start_next_epoch(self, epoch: int) -> None:
+        """With decoding workers, start the next epoch's batches now: they decode while validation runs."""
+        if epoch < self.config.epochs and self.config.num_workers:
+            self.train_loader.sampler.set_epoch(epoch)
+            self._next_epoch_batches = (epoch, iter(self.train_loader))
+
+    def _keep_for_bn(self, batch: Batch) -> None:
+        if not self.config.bn_recalibration:
+            return
+        self.recent.append(batch.images)
+        while sum(len(b) for b in self.recent) - len(self.recent[0]) >= BN_RECALIBRATION_IMAGES:
+            self.recent.popleft()
+
+    def train_epoch(self, state: TrainingState, epoch: int, log_progress, stop_requested=never) -> TrainResult:
+        """One epoch. Raises Interrupted when a stop was requested on some rank (the epoch is abandoned)."""
+        model, config, ctx = state.model, self.config, self.ctx
         model.train()
-        self.train_loader.sampler.set_epoch(epoch)
-        loss_sum = correct = seen = 0.0
+        # loss x images, correct, images: on the device, read at print steps only.
+        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
         wait = 0.0
         steps = len(self.train_loader)
         start = tick = time.perf_counter()
-        for step, batch in enumerate(self.train_loader, start=1):
+        self.recent.clear()
+        for step, batch in enumerate(self._batches(epoch), start=1):
             wait += time.perf_counter() - tick
             self.train_bad.record(batch.failures)
-            # Ranks decide together: under DDP one rank skipping a step another takes would
-            # mismatch the gradient all-reduces, and all must stop at the same step.
-            skip, stop = self.ctx.any_rank(len(batch) < 2, should_interrupt())
-            if stop:
-                return None
-            if skip:  # BatchNorm cannot train on one sample; only bad files make batches this small
-                tick = time.perf_counter()
-                continue
+            # Single process: the stop flag is checked every step (a Python bool, no sync). DDP ranks agree on it
+            # at print steps, together with divergence, so they all stop at the same step.
+            if not ctx.distributed and stop_requested():
+                raise Interrupted(epoch)
+            # BatchNorm cannot train on one image, and only bad files make batches this small (drop_last): a
+            # step with no weight keeps DDP ranks in lockstep without a per-step agreement.
+            weight = 1.0 if len(batch) >= 2 else 0.0
+            if weight == 0.0:
+                batch = Batch(torch.zeros(2, 3, config.image_size, config.image_size, dtype=torch.uint8),
+                              torch.zeros(2, dtype=torch.int64), [])
+            self._keep_for_bn(batch)
             images, targets = self.to_device(batch)
-            with autocast(self.ctx.device, config.precision):
-                logits = model(images)
-                loss = F.cross_entropy(logits, targets)
+            mixed_images, mixed_targets = self.batch_mix(images, targets) if self.batch_mix else (images, targets)
+            with autocast(ctx.device, config.precision):
+                logits = model(mixed_images)
+                loss = F.cross_entropy(logits, mixed_targets, weight=self.class_weights,
+                                       label_smoothing=config.label_smoothing) * weight
             state.optimizer.zero_grad(set_to_none=True)
             state.scaler.scale(loss).backward()
             state.scaler.step(state.optimizer)
             state.scaler.update()
             state.scheduler.step()
-            n = len(targets)
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == targets).sum().item()
-            seen += n
+            if state.ema is not None:
+                state.ema.update_parameters(state.raw_model)
+            # In-place adds of device values and Python numbers: kernels only, nothing waits for the GPU.
+            sums[0] += loss.detach().double() * len(targets)
+            sums[1] += (logits.argmax(1) == targets).sum() * weight
+            sums[2] += len(targets) * weight
             if step % config.print_freq == 0 or step == steps:
+                self._check_step(sums, stop_requested, epoch, step)  # the one deliberate sync of a print step
+                loss_sum, _, seen = sums.tolist()
                 log_progress(epoch, step, steps, loss_sum / max(seen, 1), seen / (time.perf_counter() - start))
             tick = time.perf_counter()
         elapsed = time.perf_counter() - start
-        loss_sum, correct, seen, elapsed_sum = self.ctx.all_reduce_sum([loss_sum, correct, seen, elapsed])
-        elapsed_mean = elapsed_sum / self.ctx.world_size  # images/s of the whole job: all ranks' images per second
+        loss_sum, correct, seen, elapsed_sum = ctx.all_reduce_sum([*sums.tolist(), elapsed])
+        elapsed_mean = elapsed_sum / ctx.world_size  # images/s of the whole job: all ranks' images per second
+        self._start_next_epoch(epoch + 1)
         return TrainResult(loss=loss_sum / max(seen, 1), accuracy=correct / max(seen, 1),
                            images_per_second=seen / max(elapsed_mean, 1e-9),
                            data_wait_fraction=wait / max(elapsed, 1e-9))
+
+    def _check_step(self, sums: torch.Tensor, stop_requested, epoch: int, step: int) -> None:
+        diverged = not math.isfinite(sums[0].item())
+        stop, diverged = self.ctx.any_rank(stop_requested(), diverged)
+        if diverged:
+            raise TrainingDivergedError(
+                f"Training diverged: the training loss became NaN or infinite in epoch {epoch + 1} (by step {step}). "
+                f"Lower --learning-rate (now {self.config.learning_rate:g}), or check the untrained model's weights."
+            )
+        if stop:
+            raise Interrupted(epoch)
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, model: nn.Module) -> None:
+        """Re-estimate BatchNorm running statistics as exact averages over the recent training images.
+
+        On small data the momentum-averaged statistics lag far behind weights that change fast, and
+        validation in eval mode then sees the wrong normalisation (docs/recipe.md)."""
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms or not self.recent:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        was_training = model.training
+        model.train()
+        for images in self.recent:
+            images = self.preprocessing.normalize(images.to(self.ctx.device, non_blocking=True))
+            with autocast(self.ctx.device, self.config.precision):
+                model(images.contiguous(memory_format=self.memory_format))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module) -> EvalResult:
@@ -233,7 +390,7 @@ class Trainer:
         rank 0's weights (the ones saved), so the result is what one process would measure."""
         self.ctx.broadcast_buffers(model)
         model.eval()
-        loss_sum = top1 = top5 = seen = 0.0
+        sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # loss, top-1, top-5, images
         k = min(5, self.num_classes)
         for batch in self.valid_loader:
             self.valid_bad.record(batch.failures)
@@ -243,49 +400,63 @@ class Trainer:
             with autocast(self.ctx.device, self.config.precision):
                 logits = model(images)
             logits = logits.float()
-            loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-            topk = logits.topk(k, dim=1).indices
-            hits = topk == targets[:, None]
-            top1 += hits[:, 0].sum().item()
-            top5 += hits.any(dim=1).sum().item()
-            seen += len(targets)
-        loss_sum, top1, top5, seen = self.ctx.all_reduce_sum([loss_sum, top1, top5, seen])
+            hits = logits.topk(k, dim=1).indices == targets[:, None]
+            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+            sums[1] += hits[:, 0].sum()
+            sums[2] += hits.any(dim=1).sum()
+            sums[3] += len(targets)
+        loss_sum, top1, top5, seen = self.ctx.all_reduce_sum(sums.tolist())  # the one sync of a validation
         if seen == 0:
             return EvalResult(loss=math.inf, top1=0.0, top5=None)
         return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None)
 
-    def fit(self, state: TrainingState, on_epoch_end, log_progress, should_interrupt=lambda: False) -> TrainingState:
-        """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics)` logs and checkpoints.
+    def fit(self, state: TrainingState, on_epoch_end, log_progress, stop_requested=never) -> TrainingState:
+        """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics, stopping)` logs and checkpoints.
 
-        `should_interrupt()` is this rank's wish to stop (SIGTERM); it is checked before every step and
-        after every epoch's `on_epoch_end`, agreed over all ranks, and raises Interrupted.
-        """
-        raw_model = state.raw_model
+        `stop_requested()` is this rank's wish to stop (SIGTERM); it is agreed over all ranks during the epoch
+        and after every epoch's `on_epoch_end`, and raises Interrupted."""
         if state.early_stopping.should_stop:  # resumed from the checkpoint of a run that had stopped
             return state
         for epoch in range(state.next_epoch, self.config.epochs):
             started = time.perf_counter()
-            lr = state.optimizer.param_groups[0]["lr"]
-            trained = self.train_epoch(state, epoch, log_progress, should_interrupt)
-            if trained is None:
-                raise Interrupted(epoch)
-            validated = self.evaluate(raw_model)
+            lr = state.optimizer.param_groups[-1]["lr"]  # the head's (the last group)
+            with stop_requested.deferred() if hasattr(stop_requested, "deferred") else contextlib.nullcontext():
+                trained = self.train_epoch(state, epoch, log_progress, stop_requested)
+            model = state.evaluated_model
+            if self.config.bn_recalibration:
+                self.recalibrate_batchnorm(model)
+            validated = self.evaluate(model)
             metrics = EpochMetrics(
                 epoch=epoch + 1, lr=lr, train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_images_per_second=trained.images_per_second, valid_loss=validated.loss,
                 valid_top1=validated.top1, valid_top5=validated.top5, data_wait_fraction=trained.data_wait_fraction,
                 seconds=time.perf_counter() - started)
             state.history.append(metrics)
-            if state.early_stopping.step(epoch, validated.loss):
-                # A copy, on CPU: the live weights keep changing (the original kept a reference).
-                state.best_state = {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()}
+            if state.early_stopping.step(epoch, validated.loss, validated.top1):
+                state.best_state = cpu_state_dict(model)  # a copy: the live weights keep changing
             state.next_epoch = epoch + 1
             stop = self.ctx.broadcast_flag(state.early_stopping.should_stop)
             on_epoch_end(state, metrics, stopping=stop)
             if stop:
-                log.info("Early stopping: validation loss has not improved on epoch %d's %.4f for %d epochs.",
-                         state.early_stopping.best_epoch + 1, state.early_stopping.best_loss, state.early_stopping.bad_epochs)
+                log.info("Early stopping: the validation metric has not improved on epoch %d's for %d epochs.",
+                         state.early_stopping.best_epoch + 1, state.early_stopping.bad_epochs)
                 break
-            if epoch + 1 < self.config.epochs and self.ctx.any_rank(should_interrupt())[0]:
+            if epoch + 1 < self.config.epochs and self.ctx.any_rank(stop_requested())[0]:
                 raise Interrupted(epoch + 1)
         return state
+
+
+def cpu_state_dict(model: nn.Module) -> dict:
+    """A detached CPU copy of the state dict (the live tensors keep changing)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def cpu_copy(obj):
+    """`obj` with every tensor copied to the CPU (for a checkpoint written while training goes on)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)

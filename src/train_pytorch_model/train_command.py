@@ -8,6 +8,7 @@ Each phase is one function below, in that order. The input is one `TrainConfig` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
 import sys
@@ -24,16 +25,16 @@ from .config import TrainConfig
 from .config import add_arguments as add_arguments
 from .data import (BadImageTracker, build_dataset, cpus_per_process, default_num_workers, evaluation_loader,
                    training_loader)
-from .errors import (InvalidDatasetError, InvalidParameterError, ModuleOutOfMemoryError, TrainingFailedError,
-                     TrainPyTorchModelError)
+from .errors import (InvalidDatasetError, InvalidParameterError, ModuleOutOfMemoryError, TrainingDivergedError,
+                     TrainingFailedError, TrainingInterruptedError, TrainPyTorchModelError)
 from .image_directory import ImageDirectory, load_image_directory, require_labeled
 from .model_directory import (ModelSpec, check_output_folder, read_untrained_model_directory, staged_output,
                               training_samples, write_legacy_trained_files)
 from .models import Classifier, adapt_to_classes, build_net
 from .preprocessing import Preprocessing
 from .tracking import Tracker, redact
-from .train import (EarlyStopping, EpochMetrics, Interrupted, Trainer, TrainingState, can_compile, make_optimizer,
-                    make_scaler, make_scheduler)
+from .train import (EarlyStopping, EpochMetrics, Interrupted, Trainer, TrainingState, can_compile, make_ema,
+                    make_optimizer, make_scaler, make_scheduler)
 
 log = logging.getLogger("train_pytorch_model")
 
@@ -64,11 +65,11 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
     configure_torch(config, ctx)
 
     data = read_data(config, ctx)
-    config = config.replace(batch_size=data.batch_size)
     model, spec = build_model(config.untrained_model, len(data.classes))
+    config = config.replace(batch_size=trainable_batch_size(config.batch_size, data.train, ctx.world_size, model))
     preprocessing = Preprocessing(image_size=config.image_size, augmentation=config.augmentation)
     trainer = make_trainer(config, ctx, data, preprocessing)
-    state = make_training_state(model, config, ctx, steps_per_epoch=len(trainer.train_loader))
+    state = make_training_state(model, config, ctx, len(data.classes), steps_per_epoch=len(trainer.train_loader))
 
     params = {**config.as_dict(), "mlflow_tracking_uri": redact(config.mlflow_tracking_uri),
               "model_name": spec.model_name, "pretrained": spec.pretrained, "num_classes": len(data.classes),
@@ -77,16 +78,18 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
     identity = checkpoint.run_identity(
         model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
         valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
+    writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None, identity)
     tracker = Tracker(ctx.is_main, config.mlflow_tracking_uri)
     failed = True
     try:
-        tracker.log_params(params)
-        resume(config, ctx, state, identity)
-        state = fit(config, ctx, trainer, state, tracker, identity)
-        summary = summarize(state, config)
-        if ctx.is_main:
-            write_outputs(config, state, spec, data, preprocessing, params, summary, tracker, ctx)
-        ctx.barrier()
+        with checkpoint.StopOnSigterm(lambda: interrupted_error(config, writer)) as stop_requested:
+            tracker.log_params(params)
+            resume(config, ctx, state, identity, writer)
+            state = fit(config, ctx, trainer, state, tracker, writer, stop_requested)
+            summary = summarize(state, config)
+            if ctx.is_main:
+                write_outputs(config, state, spec, data, preprocessing, params, summary, tracker, ctx)
+            ctx.barrier()
         failed = False
         return summary
     finally:
@@ -99,6 +102,9 @@ def resolve(config: TrainConfig, ctx: distributed.Context) -> TrainConfig:
     """Decide every `auto` for this device: the config then says what really runs."""
     if config.precision == "fp16" and ctx.device.type != "cuda":
         raise InvalidParameterError("Precision", "fp16", "fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if config.checkpoint_dir and is_within(config.checkpoint_dir, config.trained_model):
+        raise InvalidParameterError("Checkpoint dir", str(config.checkpoint_dir),
+                                    f"must not be inside the output folder '{config.trained_model}'")
     on_gpu = ctx.device.type == "cuda"
     workers = config.num_workers
     return config.replace(
@@ -107,7 +113,13 @@ def resolve(config: TrainConfig, ctx: distributed.Context) -> TrainConfig:
         channels_last=on_gpu if config.channels_last is None else config.channels_last,
         num_workers=default_num_workers(ctx.device, ctx.local_world_size) if workers is None else workers,
         compile=config.compile and can_compile(ctx.device),
+        bn_recalibration=True if config.bn_recalibration is None else config.bn_recalibration,
     )
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -147,7 +159,6 @@ class Data:
     train: ImageDirectory
     valid: ImageDirectory
     classes: list[str]  # the training categories: class i of the model is classes[i]
-    batch_size: int  # the requested one, or fewer when the training data is smaller
 
 
 def read_data(config: TrainConfig, ctx: distributed.Context) -> Data:
@@ -155,8 +166,7 @@ def read_data(config: TrainConfig, ctx: distributed.Context) -> Data:
     valid = load_image_directory(config.validation_data, "Validation")
     require_labeled(train, "Training")
     require_labeled(valid, "Validation")
-    classes = check_classes(train, valid)
-    return Data(train, valid, classes, fit_batch_size(config.batch_size, train, ctx.world_size))
+    return Data(train, valid, check_classes(train, valid))
 
 
 def check_classes(train: ImageDirectory, valid: ImageDirectory) -> list[str]:
@@ -182,7 +192,12 @@ def check_classes(train: ImageDirectory, valid: ImageDirectory) -> list[str]:
     return classes
 
 
-def fit_batch_size(batch_size: int, train: ImageDirectory, world_size: int) -> int:
+def trainable_batch_size(batch_size: int, train: ImageDirectory, world_size: int, model: torch.nn.Module) -> int:
+    """The requested batch size, or fewer when the training data is smaller; refused when it cannot train."""
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_batchnorm and batch_size < 2:
+        raise InvalidParameterError("Batch size", batch_size, "must be at least 2: BatchNorm layers cannot train "
+                                    "on one image per step")
     per_rank = len(train) // world_size
     if batch_size <= per_rank:
         return batch_size
@@ -220,27 +235,43 @@ def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, prep
     valid_loader = evaluation_loader(valid_set, batch_size=config.batch_size * 2, **common)
     train_bad = BadImageTracker(data.train, "Training", config.max_bad_image_fraction)
     valid_bad = BadImageTracker(data.valid, "Validation", config.max_bad_image_fraction)
-    return Trainer(ctx, config, preprocessing, len(data.classes), train_loader, valid_loader, train_bad, valid_bad)
+    weights = balanced_class_weights(train_set.targets, len(data.classes)) if config.class_weights == "balanced" \
+        else None
+    return Trainer(ctx, config, preprocessing, len(data.classes), train_loader, valid_loader, train_bad, valid_bad,
+                   class_weights=weights)
 
 
-def make_training_state(model: Classifier, config: TrainConfig, ctx: distributed.Context,
+def balanced_class_weights(targets, num_classes: int) -> torch.Tensor:
+    """n / (classes x count) per class (scikit-learn's "balanced"); 1 for a class with no image."""
+    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.int64), minlength=num_classes).double()
+    weights = counts.sum() / (num_classes * counts)
+    return torch.where(counts > 0, weights, torch.ones_like(weights)).float()
+
+
+def make_training_state(model: Classifier, config: TrainConfig, ctx: distributed.Context, num_classes: int,
                         steps_per_epoch: int) -> TrainingState:
     model = model.to(ctx.device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     if config.compile:
         model.compile()  # in place: the state-dict keys, so checkpoints and the output, do not change
     wrapped = model
     if ctx.distributed:
+        # Buffers are broadcast once before each validation (Trainer.evaluate), not at every step; gradients
+        # live in the all-reduce buckets themselves (no copy).
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True)
     lr = config.learning_rate * ctx.world_size  # linear scaling: batch_size is per process
-    optimizer = make_optimizer(wrapped, config, lr)
+    optimizer = make_optimizer(wrapped, config, lr, num_classes, ctx.device)
     return TrainingState(wrapped, optimizer, make_scheduler(optimizer, config, steps_per_epoch),
-                         make_scaler(ctx.device, config.precision), EarlyStopping(config.patience))
+                         make_scaler(ctx.device, config.precision),
+                         EarlyStopping(config.patience, config.early_stopping_metric, config.early_stopping_min_epochs),
+                         ema=make_ema(model, config.ema_decay))
 
 
 # --- 4. resume -------------------------------------------------------------------------------------------------
 
-def resume(config: TrainConfig, ctx: distributed.Context, state: TrainingState, identity: dict) -> None:
+def resume(config: TrainConfig, ctx: distributed.Context, state: TrainingState, identity: dict,
+           writer: checkpoint.CheckpointWriter) -> None:
     """Continue from the checkpoint in --checkpoint-dir, if it holds one. Last before fitting: this also puts
     back the RNG states of the epoch boundary."""
     if not config.checkpoint_dir:
@@ -250,7 +281,8 @@ def resume(config: TrainConfig, ctx: distributed.Context, state: TrainingState, 
         return
     path = config.checkpoint_dir / checkpoint.CHECKPOINT_FILE
     checkpoint.check_compatible(saved, identity, path)
-    checkpoint.restore(saved, state, state.raw_model, path)
+    checkpoint.restore(saved, state, path)
+    writer.saved_epochs = state.next_epoch
     if ctx.is_main:
         log.info("Resuming from the checkpoint in %s: %d of %d epochs done.", config.checkpoint_dir,
                  state.next_epoch, config.epochs)
@@ -259,7 +291,7 @@ def resume(config: TrainConfig, ctx: distributed.Context, state: TrainingState, 
 # --- 5. fit ------------------------------------------------------------------------------------------------------
 
 def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: TrainingState, tracker: Tracker,
-        identity: dict) -> TrainingState:
+        writer: checkpoint.CheckpointWriter, stop_requested: checkpoint.StopOnSigterm) -> TrainingState:
     """Every epoch, logged and checkpointed; SIGTERM ends it with TrainingInterruptedError (exit 143)."""
     if ctx.is_main:
         log.info("Training on %s (%d process(es)): %d training and %d validation images, %d classes, batch %d, %s, "
@@ -282,29 +314,43 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
                  100 * m.valid_top1, top5, m.lr, m.train_images_per_second, m.seconds, "  (best)" if best else "")
         tracker.log_metrics(m.as_dict(), step=m.epoch)
         log_epoch_v1(m.epoch, m.as_dict())  # azureml-core v1 run, when one is live
-        if config.checkpoint_dir:
-            checkpoint.save(config.checkpoint_dir, state, state.raw_model, identity)
+        writer.save(state)
 
-    with checkpoint.StopOnSigterm() as stop_requested:
-        try:
-            return trainer.fit(state, on_epoch_end, log_progress, should_interrupt=stop_requested)
-        except (Interrupted, RuntimeError) as exc:
-            # (A SIGTERM to the whole process group also ends the DataLoader workers: a RuntimeError here.)
-            if isinstance(exc, RuntimeError) and not stop_requested():
-                raise
-            raise checkpoint.interrupted(config.checkpoint_dir, state.next_epoch, config.epochs,
-                                         all_ranks=isinstance(exc, Interrupted)) from None
+    try:
+        state = trainer.fit(state, on_epoch_end, log_progress, stop_requested=stop_requested)
+    except (Interrupted, RuntimeError) as exc:
+        # (A SIGTERM to the whole process group also ends the DataLoader workers: a RuntimeError here.)
+        if isinstance(exc, RuntimeError) and not stop_requested():
+            raise
+        error = interrupted_error(config, writer)
+        error.all_ranks = isinstance(exc, Interrupted)  # every rank stopped at the same agreed step
+        raise error from None
+    writer.join()
+    return state
+
+
+def interrupted_error(config: TrainConfig, writer: checkpoint.CheckpointWriter) -> TrainingInterruptedError:
+    with contextlib.suppress(TrainPyTorchModelError):
+        writer.join()  # what the message says is on disk must be
+    return checkpoint.interrupted(config.checkpoint_dir, writer.saved_epochs, config.epochs, all_ranks=False)
 
 
 def summarize(state: TrainingState, config: TrainConfig) -> dict:
-    """Put the best epoch's weights back into the model, and say which epoch that was."""
-    if state.best_state is not None:
-        state.raw_model.load_state_dict(state.best_state)
+    """Put the best epoch's weights back into the model, and say which epoch that was. A run whose weights or
+    losses are not finite writes no model."""
     best_epoch = state.early_stopping.best_epoch + 1
+    broken = [k for k, v in (state.best_state or {}).items() if v.is_floating_point() and not v.isfinite().all()]
+    if state.best_state is None or broken:
+        raise TrainingDivergedError(
+            f"Training diverged: no epoch reached a finite validation loss{' with finite weights' if broken else ''} "
+            f"({len(broken)} non-finite tensors, e.g. {broken[:3]}). No model was written. Lower --learning-rate "
+            f"(now {config.learning_rate:g}), or check the untrained model's weights."
+        )
+    state.raw_model.load_state_dict(state.best_state)
     return {
         "best_epoch": best_epoch, "epochs_run": len(state.history),
         "best_valid_loss": state.early_stopping.best_loss,
-        "best_valid_top1": state.history[best_epoch - 1].valid_top1 if best_epoch > 0 else None,
+        "best_valid_top1": state.history[best_epoch - 1].valid_top1,
         "stopped_early": len(state.history) < config.epochs,
     }
 
