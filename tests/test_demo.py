@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlflow
 import numpy as np
@@ -53,7 +54,10 @@ def test_output_folder_is_only_cleared_when_the_demo_made_it(tmp_path):
 def test_short_demo_runs_the_whole_pipeline(tmp_path, capfd):
     out = tmp_path / "demo_output"
     assert demo.main(["--output", str(out), "--per-class", "12", "--epochs", "1"]) == 0
-    printed = capfd.readouterr().out
+    captured = capfd.readouterr()
+    printed = captured.out
+    # Training progress reaches the terminal as it happens: per-step lines, not only the epoch summary.
+    assert re.search(r"epoch 1/1\s+step \d+/\d+\s+loss", captured.out + captured.err), captured.err[-2000:]
     for command in ("convert --input", "init-model --model-name resnet18", "train --untrained-model",
                     "score --trained-model", "evaluate --scored-data"):
         assert f"$ python -m train_pytorch_model {command}" in printed, command

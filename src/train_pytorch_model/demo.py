@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=32, help="training image size (default 32)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
     parser.add_argument("--learning-rate", type=float, default=0.002, help="peak learning rate (default 0.002)")
+    parser.add_argument("--print-freq", type=int, default=10, help="training progress line every N steps (default 10)")
     return parser.parse_args(argv)
 
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
         "--optimizer", "adamw", "--image-size", str(args.image_size),
         # Random crops, no flips: a mirrored digit is another symbol (or none).
-        "--augmentation", "crop", "--patience", "3", "--random-seed", "1", "--print-freq", "1000",
+        "--augmentation", "crop", "--patience", "3", "--random-seed", "1", "--print-freq", str(args.print_freq),
     ], env)
     run_step(6, "Score the held-out test images",
              ["score", "--trained-model", d["trained_model"], "--image-directory", d["test_images"],
