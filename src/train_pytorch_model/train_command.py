@@ -229,10 +229,12 @@ def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, prep
     class_index = {name: i for i, name in enumerate(data.classes)}
     train_set = build_dataset(data.train, class_index, preprocessing, train=True, seed=config.random_seed)
     valid_set = build_dataset(data.valid, class_index, preprocessing, train=False, seed=config.random_seed)
-    common = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=config.num_workers, device=ctx.device)
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=config.num_workers, device=ctx.device,
+                  local_world_size=ctx.local_world_size)
     train_loader = training_loader(train_set, batch_size=config.batch_size, seed=config.random_seed, **common)
     # No gradients in validation: twice the batch fits in the same memory.
-    valid_loader = evaluation_loader(valid_set, batch_size=config.batch_size * 2, **common)
+    valid_loader = evaluation_loader(valid_set, batch_size=config.batch_size * 2, cache=config.cache_validation,
+                                     **common)
     train_bad = BadImageTracker(data.train, "Training", config.max_bad_image_fraction)
     valid_bad = BadImageTracker(data.valid, "Validation", config.max_bad_image_fraction)
     weights = balanced_class_weights(train_set.targets, len(data.classes)) if config.class_weights == "balanced" \
