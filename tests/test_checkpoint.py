@@ -15,7 +15,7 @@ import torch
 from conftest import REPO
 from train_pytorch_model import checkpoint
 from train_pytorch_model.cli import main
-from train_pytorch_model.errors import CheckpointMismatchError
+from train_pytorch_model.errors import CheckpointMismatchError, TrainingInterruptedError
 from train_pytorch_model.image_directory import load_image_directory
 
 FAST = ["--image-size", "32", "--num-workers", "0", "--batch-size", "4"]
@@ -66,8 +66,10 @@ def test_sigterm_then_same_command_resumes_bit_identically(tmp_path, make_image_
     code, stderr = finish(interrupted)
     assert code == 143, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("TrainingInterruptedError: Training stopped by SIGTERM during epoch ")
-    assert "run the same command again to resume" in last
+    assert last.startswith("TrainingInterruptedError: Training of 3 epoch(s) stopped by SIGTERM; ")
+    saved = torch.load(checkpoints / checkpoint.CHECKPOINT_FILE, weights_only=True)["next_epoch"]
+    # The message says what the checkpoint on disk holds, not one epoch more.
+    assert f"holds {saved} finished epoch(s): run the same command again to resume from epoch {saved + 1}" in last
     assert not out.exists() or not any(out.iterdir())  # no half-written output
     assert not list(checkpoints.glob(".*"))  # no temporary file left beside the checkpoint
     assert finish(reference)[0] == 0
@@ -140,11 +142,107 @@ def test_rng_states_round_trip():
     assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
 
 
-def test_sigterm_sets_the_flag_and_the_handler_is_restored():
+def test_sigterm_in_the_steps_sets_the_flag_elsewhere_stops_at_once_and_the_handler_is_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with checkpoint.StopOnSigterm() as stop:
-        assert not stop()
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
-        assert stop()
+    message = lambda: TrainingInterruptedError("stopped")  # noqa: E731
+    with checkpoint.StopOnSigterm(message) as stop:
+        with stop.deferred():
+            assert not stop()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+            assert stop()
+        stop._timer.cancel()
     assert signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(TrainingInterruptedError, match="stopped"):
+        with checkpoint.StopOnSigterm(message):  # not in the steps: reading inputs, writing outputs
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+BLOCKED_STEP = """
+import os, sys
+from train_pytorch_model import checkpoint
+from train_pytorch_model.errors import TrainingInterruptedError
+with checkpoint.StopOnSigterm(lambda: TrainingInterruptedError("stopped"), grace_seconds=1) as stop:
+    with stop.deferred():
+        print("reading", flush=True)
+        open(sys.argv[1]).read()  # a FIFO nobody writes: blocks like a read on a stalled mount
+print("never reached")
+"""
+
+
+def test_sigterm_ends_a_step_blocked_in_a_read_within_the_grace_period(tmp_path):
+    fifo = tmp_path / "stalled"
+    os.mkfifo(fifo)
+    process = subprocess.Popen([sys.executable, "-c", BLOCKED_STEP, str(fifo)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "reading\n"
+    time.sleep(0.2)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 143
+    assert time.monotonic() - started < 10
+    assert err.strip().splitlines()[-1].startswith("TrainingInterruptedError: stopped")
+    assert "never reached" not in out
+
+
+def test_sigterm_before_training_starts_ends_the_command_at_once_with_143(tmp_path, make_image_folder, resnet18_dir):
+    train_dir = make_image_folder("train", TRAIN)
+    process = start(train_args(resnet18_dir, train_dir, train_dir, tmp_path / "out", "--epochs", "3"))
+    deadline = time.monotonic() + 240
+    seen = ""
+    while "Model resnet18 with" not in seen:  # printed while building the model, before the first step
+        line = process.stderr.readline()
+        assert line and time.monotonic() < deadline, seen[-2000:]
+        seen += line
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    code, stderr = finish(process)
+    assert code == 143, stderr[-2000:]
+    assert time.monotonic() - started < checkpoint.GRACE_SECONDS + 10
+    assert stderr.strip().splitlines()[-1].startswith("TrainingInterruptedError: ")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("next_epoch", -3, "next_epoch -3"), ("next_epoch", 99, "next_epoch 99"), ("cpu_threads", "many", "cpu_threads"),
+    ("early_stopping", {"best_loss": "low"}, "early_stopping.best_loss 'low'"), ("model", {"w": 1}, "model: not"),
+    ("history", [], "history"), ("best_is_current", "yes", "best_is_current"),
+])
+def test_a_tampered_checkpoint_is_refused_field_by_field(tmp_path, field, value, problem):
+    good = {"format": checkpoint.FORMAT, "identity": {"epochs": 3}, "next_epoch": 1, "cpu_threads": 2,
+            "model": {"w": torch.zeros(1)}, "ema": None, "optimizer": {}, "scheduler": {}, "scaler": {},
+            "early_stopping": {"best_loss": 0.5, "best_top1": 0.5, "best_epoch": 0, "bad_epochs": 0, "epochs_seen": 1},
+            "best_state": None, "best_is_current": True, "history": [{}], "rng": {}}
+    assert checkpoint.invalid_field(good) is None
+    if field == "early_stopping":
+        value = {**good["early_stopping"], **value}
+    torch.save({**good, field: value}, tmp_path / checkpoint.CHECKPOINT_FILE)
+    with pytest.raises(CheckpointMismatchError, match="damaged or was edited") as caught:
+        checkpoint.read(tmp_path)
+    assert problem in str(caught.value)
+
+
+def test_the_background_writer_saves_the_state_of_the_save_call_not_later_changes(tmp_path):
+    from train_pytorch_model.train import EarlyStopping, EpochMetrics, TrainingState
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    state = TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                          torch.amp.GradScaler("cpu", enabled=False), EarlyStopping(3), next_epoch=1,
+                          history=[EpochMetrics(1, 0.1, 1.0, 0.5, 10.0, 0.5, 0.5, None, 0.1, 1.0)])
+    state.best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    state.early_stopping.step(0, 0.5)
+    expected = model.weight.detach().clone()
+    writer = checkpoint.CheckpointWriter(tmp_path)
+    writer.save(state, {"epochs": 3})
+    with torch.no_grad():
+        model.weight.add_(100)  # training goes on while the file is written
+    writer.join()
+    assert writer.saved_epochs == 1
+    saved = checkpoint.read(tmp_path)
+    assert torch.equal(saved["model"]["weight"], expected)

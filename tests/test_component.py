@@ -37,12 +37,19 @@ EXPECTED_INPUTS = {
     "patience": ("integer", 3, False, 0),  # 0 disables early stopping
     "image_size": ("integer", None, True, 32),
     "num_workers": ("integer", None, True, 0),
+    "optimizer": ("string", None, True, None),
+    "augmentation": ("string", None, True, None),
+    "warmup_epochs": ("integer", None, True, 0),
+    "label_smoothing": ("number", None, True, 0),
+    "precision": ("string", None, True, None),
+    "cache_validation": ("boolean", None, True, None),
     "registered_model_name": ("string", None, True, None),
 }
 # The train flags the component may use (the trainer has more; the component exposes these).
 ALLOWED_FLAGS = {"--untrained-model", "--training-data", "--validation-data", "--trained-model", "--epochs",
                  "--batch-size", "--learning-rate", "--random-seed", "--patience", "--image-size",
-                 "--registered-model-name", "--num-workers", "--checkpoint-dir"}
+                 "--registered-model-name", "--num-workers", "--checkpoint-dir", "--optimizer", "--augmentation",
+                 "--warmup-epochs", "--label-smoothing", "--precision", "--cache-validation"}
 # Names that mean something else in an input definition or a job YAML (`path: azureml:...`),
 # Python keywords (the SDK turns inputs into keyword arguments) and `self`.
 RESERVED_NAMES = set(keyword.kwlist) | {"self", "path", "type", "mode", "name", "version", "description",
@@ -256,7 +263,9 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     spec = component_spec()
     inputs = {name: str(tmp_path) if port["type"] == "uri_folder" else None for name, port in spec["inputs"].items()}
     inputs.update({name: str(port["default"]) for name, port in spec["inputs"].items() if "default" in port})
-    inputs.update(image_size="64", num_workers="2", registered_model_name="my-model")
+    inputs.update(image_size="64", num_workers="2", registered_model_name="my-model", optimizer="sgd",
+                  augmentation="crop", warmup_epochs="1", label_smoothing="0.1", precision="auto",
+                  cache_validation="True")  # Azure ML writes booleans as True/False
     argv = bind_command(spec["command"], inputs, {"trained_model": str(tmp_path / "out"), "checkpoints": str(tmp_path / "ckpt")})
     assert argv[:4] == ["python", "-m", "train_pytorch_model", "train"]
     assert {word for word in argv if word.startswith("--")} == ALLOWED_FLAGS
@@ -266,6 +275,8 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     args = parser.parse_args(argv[4:])
     assert (args.epochs, args.batch_size, args.learning_rate, args.random_seed, args.patience) == (5, 16, 0.001, 1, 3)
     assert (args.image_size, str(args.num_workers), args.registered_model_name) == (64, "2", "my-model")
+    assert (args.optimizer, args.augmentation, args.warmup_epochs, args.label_smoothing, args.cache_validation) == \
+        ("sgd", "crop", 1, 0.1, True)
     assert Path(args.trained_model) == tmp_path / "out"
     assert Path(args.checkpoint_dir) == tmp_path / "ckpt"
 

@@ -205,3 +205,81 @@ def test_not_labeled_training_data_is_refused(cli, tmp_path, resnet18_dir):
                  "--validation-data", str(flat), "--trained-model", str(tmp_path / "out"))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("NotLabeledDatasetError:")
+
+
+# --- reliability: nothing broken is ever written with exit 0 (issue 14) -----------------------------------------
+
+
+def test_a_diverging_run_fails_named_and_writes_nothing(tmp_path, make_image_folder, resnet18_dir, capsys):
+    data = make_image_folder("data", {"a": 6, "b": 6})
+    out = tmp_path / "out"
+    assert train(resnet18_dir, data, data, out, "--epochs", "2", "--learning-rate", "1e9") == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("TrainingDivergedError: Training diverged") and "--learning-rate" in last
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_batch_size_one_is_refused_before_training(tmp_path, make_image_folder, resnet18_dir, capsys):
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    assert main(["train", "--untrained-model", str(resnet18_dir), "--training-data", str(data),
+                 "--validation-data", str(data), "--trained-model", str(tmp_path / "out"), "--batch-size", "1",
+                 "--image-size", "32", "--num-workers", "0"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith('InvalidParameterError: Parameter "Batch size" value 1 is invalid: must be at least 2')
+
+
+def test_a_checkpoint_dir_inside_the_output_is_refused_before_training(tmp_path, make_image_folder, resnet18_dir,
+                                                                       capsys):
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    out = tmp_path / "out"
+    assert train(resnet18_dir, data, data, out, "--checkpoint-dir", str(out / "ck")) == 1
+    err = capsys.readouterr().err
+    assert 'InvalidParameterError: Parameter "Checkpoint dir"' in err and "Epoch 1" not in err
+
+
+def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_image_folder, resnet18_dir, monkeypatch):
+    """0 host syncs per step outside print steps: the count of .item()/.tolist()/.cpu() is the same for 3 and
+    9 steps."""
+    from train_pytorch_model import distributed, train_command
+    from train_pytorch_model.config import TrainConfig
+    from train_pytorch_model.preprocessing import Preprocessing
+
+    def count_reads(images_per_class: int) -> int:
+        data_dir = make_image_folder(f"d{images_per_class}", {"a": images_per_class, "b": images_per_class})
+        ctx = distributed.Context(torch.device("cpu"))
+        config = train_command.resolve(TrainConfig(untrained_model=resnet18_dir, training_data=data_dir,
+                                                   validation_data=data_dir, trained_model=tmp_path / "o",
+                                                   image_size=32, batch_size=2, num_workers=0, print_freq=1000,
+                                                   epochs=1), ctx)
+        data = train_command.read_data(config, ctx)
+        model, _ = train_command.build_model(resnet18_dir, 2)
+        trainer = train_command.make_trainer(config, ctx, data, Preprocessing(32))
+        state = train_command.make_training_state(model, config, ctx, 2, len(trainer.train_loader))
+        calls = []
+        for name in ("item", "tolist", "cpu"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n),
+                                                                                                  _o(self, *a, **k))[1])
+        trainer.train_epoch(state, 0, lambda *a: None)
+        monkeypatch.undo()
+        assert len(trainer.train_loader) == images_per_class
+        return len(calls)
+
+    assert count_reads(3) == count_reads(9) <= 3
+
+
+@pytest.mark.parametrize("flags", [
+    ("--label-smoothing", "0.1", "--class-weights", "balanced"),
+    ("--mixup", "0.2", "--cutmix", "1.0", "--ema-decay", "0.9"),
+    ("--freeze-backbone-epochs", "1", "--early-stopping-metric", "valid_top1", "--early-stopping-min-epochs", "2"),
+])
+def test_fine_tuning_controls_train_and_are_recorded(tmp_path, make_image_folder, resnet18_dir, flags):
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    out = tmp_path / "out"
+    before = torch.load(resnet18_dir / "model", weights_only=True) if (resnet18_dir / "model").exists() else None
+    assert train(resnet18_dir, data, data, out, "--epochs", "2", *flags) == 0
+    recorded = json.loads((out / "training_info.json").read_text())["training"]
+    for name, value in zip(flags[::2], flags[1::2]):
+        key = name[2:].replace("-", "_")
+        assert str(recorded[key]) == value or recorded[key] == float(value), key
+    assert before is None or before  # the untrained directory is never modified

@@ -113,18 +113,18 @@ def set_rng_states(states: dict) -> None:
 class CheckpointWriter:
     """Writes epoch-boundary checkpoints in the background, one at a time (rank 0 only)."""
 
-    def __init__(self, directory: Path | None, identity: dict):
-        self.directory, self.identity = (Path(directory) if directory else None), identity
+    def __init__(self, directory: Path | None):
+        self.directory = Path(directory) if directory else None
         self.saved_epochs = None  # finished epochs in the last checkpoint written (None: none yet)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, state: TrainingState) -> None:
+    def save(self, state: TrainingState, identity: dict) -> None:
         """Copy the state now (training changes it next step), write it in a background thread."""
         if self.directory is None:
             return
         self.join()
-        payload = cpu_copy(payload_of(state, self.identity))
+        payload = cpu_copy(payload_of(state, identity))
         self._thread = threading.Thread(target=self._write, args=(payload,), name="checkpoint-writer", daemon=True)
         self._thread.start()
 
@@ -321,9 +321,13 @@ def interrupted(directory: Path | None, saved_epochs: int | None, epochs: int, *
     else:
         kept = (f"the checkpoint in '{directory}' holds {saved_epochs} finished epoch(s): run the same command again "
                 f"to resume from epoch {saved_epochs + 1}")
-    error = TrainingInterruptedError(f"Training stopped by SIGTERM (epochs: {epochs}); {kept}.")
+    error = TrainingInterruptedError(f"Training of {epochs} epoch(s) stopped by SIGTERM; {kept}.")
     error.all_ranks = all_ranks
     return error
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler; StopOnSigterm turns it into TrainingInterruptedError."""
 
 
 class StopOnSigterm:
@@ -347,10 +351,12 @@ class StopOnSigterm:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         if self._timer is not None:
             self._timer.cancel()
         signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+        if exc_type is Terminated:
+            raise self.message() from None
         return False
 
     @contextlib.contextmanager
@@ -366,13 +372,14 @@ class StopOnSigterm:
             # A DataLoader worker (forked with this handler) signalled with its whole process group:
             # it keeps serving until the training process stops at its next step and shuts it down.
             return
-        if self.requested or not self._deferring:
-            raise self.message()
-        self.requested = True
+        again, self.requested = self.requested, True
+        if self._timer is None:
+            self._timer = threading.Timer(self.grace_seconds, self._exit_now)
+            self._timer.daemon = True
+            self._timer.start()
+        if again or not self._deferring:
+            raise Terminated()  # a BaseException: no `except Exception` on the way (logging's) swallows it
         log.warning("SIGTERM received: training stops at the next step.")
-        self._timer = threading.Timer(self.grace_seconds, self._exit_now)
-        self._timer.daemon = True
-        self._timer.start()
 
     def _exit_now(self) -> None:
         """The steps did not come back (a read blocked on a stalled mount, a FIFO): end the process."""

@@ -38,13 +38,13 @@ def _auto_or_int(text: str) -> int | None:
 
 
 def _true_false(text: str) -> bool:
-    if text not in ("true", "false"):
+    if text.lower() not in ("true", "false"):  # Azure ML binds booleans as True/False
         raise argparse.ArgumentTypeError(f"must be true or false, not {text!r}")
-    return text == "true"
+    return text.lower() == "true"
 
 
 def _auto_true_false(text: str) -> bool | None:
-    return None if text == "auto" else _true_false(text)
+    return None if text.lower() == "auto" else _true_false(text)
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,9 @@ class TrainConfig:
     early_stopping_metric: str = _field("valid_loss", "what early stopping and the best epoch watch (default "
                                         "valid_loss)", choices=STOPPING_METRICS)
     early_stopping_min_epochs: int = _field(0, "never stop early before this many epochs (default 0)", type=int)
+    cache_validation: bool = _field(False, "decode the validation images once and keep them in memory (bounded: "
+                                    "a quarter of RAM, at most 16 GiB) (default false)", identity=False,
+                                    type=_true_false, metavar="true|false", shown="false")
     num_workers: int | None = _field(None, "image decoding processes per training process (default auto)",
                                      identity=False, type=_auto_or_int, metavar="auto|N", shown="auto")
     device: str = _field("auto", "auto (GPU when present), cpu, cuda, cuda:N", identity=False)

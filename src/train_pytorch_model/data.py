@@ -129,7 +129,8 @@ def cpus_per_process(local_world_size: int = 1) -> int:
 def default_num_workers(device: torch.device, local_world_size: int = 1) -> int:
     """Decoding processes per training process.
 
-    GPU: every CPU but the one feeding the GPU (at most 8); there decoding is what limits speed.
+    GPU: every CPU this process owns but the one feeding the GPU; there decoding is what limits speed
+    (an ImageNet-size JPEG costs ~3 core-ms to decode and crop, a megapixel photo 10+).
     CPU: the model's math already keeps every core busy, and a worker that takes a core from one of
     its OpenMP threads stalls the others at the next barrier. Decoding costs a fraction of the math
     (a sixth at 32 px, less above; benchmarks/benchmark_training.py), so one worker per 4 CPUs, and
@@ -137,8 +138,30 @@ def default_num_workers(device: torch.device, local_world_size: int = 1) -> int:
     photos, --num-workers 1 is; docs/performance.md)."""
     per_process = cpus_per_process(local_world_size)
     if device.type == "cuda":
-        return min(8, max(1, per_process - 1))
+        return max(1, per_process - 1)
     return per_process // 4
+
+
+SHM = "/dev/shm"
+SHM_SHARE = 0.5  # of /dev/shm for the batches in flight: the rest for the validation loader and others
+
+
+def prefetch_factor(num_workers: int, batch_bytes: int, local_world_size: int = 1, shm: str = SHM) -> int:
+    """Batches each worker decodes ahead (2-4), sized so that all the machine's workers' batches in flight fit
+    in its share of /dev/shm, where worker processes hand over their tensors (Azure ML's default
+    `shm_size` is 2g; component.yaml asks for more)."""
+    try:
+        stats = os.statvfs(shm)
+        available = stats.f_blocks * stats.f_frsize
+    except OSError:
+        return 2
+    per_process = available * SHM_SHARE / max(1, local_world_size)
+    fits = int(per_process // max(1, num_workers * batch_bytes))
+    if fits < 2:
+        log.warning("/dev/shm (%.1f GiB) is small for %d workers x %d process(es) x %.0f MiB batches: workers may "
+                    "die; give the job a larger shm_size or lower --num-workers.", available / 2**30, num_workers,
+                    local_world_size, batch_bytes / 2**20)
+    return max(1, min(4, fits))
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -147,27 +170,78 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def make_loader(dataset: ImageDataset, sampler: Sampler, *, batch_size: int, drop_last: bool,
-                num_workers: int, device: torch.device) -> DataLoader:
+                num_workers: int, device: torch.device, local_world_size: int = 1,
+                generator: torch.Generator | None = None) -> DataLoader:
     workers = num_workers > 0
+    image_bytes = 3 * (dataset.size_hint or 224) ** 2
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate,
         num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
-        persistent_workers=workers, prefetch_factor=4 if workers else None,
+        persistent_workers=workers, generator=generator,
+        prefetch_factor=prefetch_factor(num_workers, batch_size * image_bytes, local_world_size) if workers else None,
     )
 
 
 def training_loader(dataset: ImageDataset, *, batch_size: int, seed: int, rank: int, world_size: int,
-                    num_workers: int, device: torch.device) -> DataLoader:
-    # DistributedSampler also serves a single process: a (seed, epoch)-determined shuffle.
+                    num_workers: int, device: torch.device, local_world_size: int = 1) -> DataLoader:
+    # DistributedSampler also serves a single process: a (seed, epoch)-determined shuffle. The loader's own
+    # generator keeps its iterators (started early, before validation) from drawing on the global RNG, whose
+    # state the checkpoint saves.
     inner = DistributedSampler(range(len(dataset)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     return make_loader(dataset, EpochTaggedSampler(inner), batch_size=batch_size, drop_last=True,
-                       num_workers=num_workers, device=device)
+                       num_workers=num_workers, device=device, local_world_size=local_world_size,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def evaluation_loader(dataset: ImageDataset, *, batch_size: int, rank: int, world_size: int,
-                      num_workers: int, device: torch.device) -> DataLoader:
-    return make_loader(dataset, ShardSampler(len(dataset), rank, world_size), batch_size=batch_size,
-                       drop_last=False, num_workers=num_workers, device=device)
+                      num_workers: int, device: torch.device, local_world_size: int = 1, cache: bool = False):
+    loader = make_loader(dataset, ShardSampler(len(dataset), rank, world_size), batch_size=batch_size,
+                         drop_last=False, num_workers=num_workers, device=device, local_world_size=local_world_size)
+    return CachedBatches(loader) if cache else loader
+
+
+class CachedBatches:
+    """Validation batches decoded once and replayed every epoch (they are the same: no randomness).
+
+    Kept as uint8 on the host, unpinned; the cache gives up (and every epoch decodes again) past
+    `max_bytes`, so memory stays bounded whatever the validation set's size."""
+
+    def __init__(self, loader: DataLoader, max_bytes: int | None = None):
+        self.loader = loader
+        self.max_bytes = max_bytes if max_bytes is not None else default_cache_bytes()
+        self.batches: list[Batch] | None = None
+        self.gave_up = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.batches is not None:
+            yield from self.batches
+            return
+        kept, size = [], 0
+        for batch in self.loader:
+            if not self.gave_up:
+                size += batch.images.numel()
+                if size > self.max_bytes:
+                    self.gave_up, kept = True, []
+                    log.warning("The validation images do not fit the %.1f GiB cache: decoding them every epoch.",
+                                self.max_bytes / 2**30)
+                else:
+                    kept.append(Batch(batch.images.clone() if batch.images.is_pinned() else batch.images,
+                                      batch.targets, batch.failures))
+            yield batch
+        if not self.gave_up:
+            self.batches = kept
+
+
+def default_cache_bytes() -> int:
+    """A quarter of the host memory, at most 16 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 * 2**30
+    return min(16 * 2**30, total // 4)
 
 
 class BadImageTracker:

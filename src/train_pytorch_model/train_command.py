@@ -59,41 +59,41 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
-    config = resolve(config, ctx)
-    if ctx.is_main:
-        check_output_folder(config.trained_model)  # now, not after hours of training
-    configure_torch(config, ctx)
+    writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None)
+    with checkpoint.StopOnSigterm(lambda: interrupted_error(config, writer)) as stop_requested:
+        config = resolve(config, ctx)
+        if ctx.is_main:
+            check_output_folder(config.trained_model)  # now, not after hours of training
+        configure_torch(config, ctx)
 
-    data = read_data(config, ctx)
-    model, spec = build_model(config.untrained_model, len(data.classes))
-    config = config.replace(batch_size=trainable_batch_size(config.batch_size, data.train, ctx.world_size, model))
-    preprocessing = Preprocessing(image_size=config.image_size, augmentation=config.augmentation)
-    trainer = make_trainer(config, ctx, data, preprocessing)
-    state = make_training_state(model, config, ctx, len(data.classes), steps_per_epoch=len(trainer.train_loader))
+        data = read_data(config, ctx)
+        model, spec = build_model(config.untrained_model, len(data.classes))
+        config = config.replace(batch_size=trainable_batch_size(config.batch_size, data.train, ctx.world_size, model))
+        preprocessing = Preprocessing(image_size=config.image_size, augmentation=config.augmentation)
+        trainer = make_trainer(config, ctx, data, preprocessing)
+        state = make_training_state(model, config, ctx, len(data.classes), steps_per_epoch=len(trainer.train_loader))
 
-    params = {**config.as_dict(), "mlflow_tracking_uri": redact(config.mlflow_tracking_uri),
-              "model_name": spec.model_name, "pretrained": spec.pretrained, "num_classes": len(data.classes),
-              "cpu_threads": torch.get_num_threads(), "world_size": ctx.world_size,
-              "training_images": len(data.train), "validation_images": len(data.valid)}
-    identity = checkpoint.run_identity(
-        model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
-        valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
-    writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None, identity)
-    tracker = Tracker(ctx.is_main, config.mlflow_tracking_uri)
-    failed = True
-    try:
-        with checkpoint.StopOnSigterm(lambda: interrupted_error(config, writer)) as stop_requested:
+        params = {**config.as_dict(), "mlflow_tracking_uri": redact(config.mlflow_tracking_uri),
+                  "model_name": spec.model_name, "pretrained": spec.pretrained, "num_classes": len(data.classes),
+                  "cpu_threads": torch.get_num_threads(), "world_size": ctx.world_size,
+                  "training_images": len(data.train), "validation_images": len(data.valid)}
+        identity = checkpoint.run_identity(
+            model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
+            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
+        tracker = Tracker(ctx.is_main, config.mlflow_tracking_uri)
+        failed = True
+        try:
             tracker.log_params(params)
             resume(config, ctx, state, identity, writer)
-            state = fit(config, ctx, trainer, state, tracker, writer, stop_requested)
+            state = fit(config, ctx, trainer, state, tracker, writer, identity, stop_requested)
             summary = summarize(state, config)
             if ctx.is_main:
                 write_outputs(config, state, spec, data, preprocessing, params, summary, tracker, ctx)
             ctx.barrier()
-        failed = False
-        return summary
-    finally:
-        tracker.close(failed=failed)
+            failed = False
+            return summary
+        finally:
+            tracker.close(failed=failed)
 
 
 # --- 1. settle the configuration ------------------------------------------------------------------------------
@@ -229,10 +229,12 @@ def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, prep
     class_index = {name: i for i, name in enumerate(data.classes)}
     train_set = build_dataset(data.train, class_index, preprocessing, train=True, seed=config.random_seed)
     valid_set = build_dataset(data.valid, class_index, preprocessing, train=False, seed=config.random_seed)
-    common = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=config.num_workers, device=ctx.device)
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=config.num_workers, device=ctx.device,
+                  local_world_size=ctx.local_world_size)
     train_loader = training_loader(train_set, batch_size=config.batch_size, seed=config.random_seed, **common)
     # No gradients in validation: twice the batch fits in the same memory.
-    valid_loader = evaluation_loader(valid_set, batch_size=config.batch_size * 2, **common)
+    valid_loader = evaluation_loader(valid_set, batch_size=config.batch_size * 2, cache=config.cache_validation,
+                                     **common)
     train_bad = BadImageTracker(data.train, "Training", config.max_bad_image_fraction)
     valid_bad = BadImageTracker(data.valid, "Validation", config.max_bad_image_fraction)
     weights = balanced_class_weights(train_set.targets, len(data.classes)) if config.class_weights == "balanced" \
@@ -291,7 +293,7 @@ def resume(config: TrainConfig, ctx: distributed.Context, state: TrainingState, 
 # --- 5. fit ------------------------------------------------------------------------------------------------------
 
 def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: TrainingState, tracker: Tracker,
-        writer: checkpoint.CheckpointWriter, stop_requested: checkpoint.StopOnSigterm) -> TrainingState:
+        writer: checkpoint.CheckpointWriter, identity: dict, stop_requested: checkpoint.StopOnSigterm) -> TrainingState:
     """Every epoch, logged and checkpointed; SIGTERM ends it with TrainingInterruptedError (exit 143)."""
     if ctx.is_main:
         log.info("Training on %s (%d process(es)): %d training and %d validation images, %d classes, batch %d, %s, "
@@ -314,7 +316,7 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
                  100 * m.valid_top1, top5, m.lr, m.train_images_per_second, m.seconds, "  (best)" if best else "")
         tracker.log_metrics(m.as_dict(), step=m.epoch)
         log_epoch_v1(m.epoch, m.as_dict())  # azureml-core v1 run, when one is live
-        writer.save(state)
+        writer.save(state, identity)
 
     try:
         state = trainer.fit(state, on_epoch_end, log_progress, stop_requested=stop_requested)
