@@ -17,7 +17,7 @@ recipe (a named list of extra `train` flags) through the real CLI in a subproces
 
 Rows go to <work>/recipe_results.json and .md as they finish, and accumulate across runs in one --work folder.
 Accuracy is deterministic for a seed; time is a rough figure (shared machine). Each run uses --num-workers 0 and
-OMP_NUM_THREADS=2; a run's output is appended to <work>/recipe_runs.log.
+OMP_NUM_THREADS=2 (--threads); a run's output is appended to <work>/recipe_runs.log.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--digits-per-class", type=int, default=None,
                         help="use only N digits per class (a quick check; the targets need all)")
     parser.add_argument("--image-size", type=int, default=None, help="override every case's image size (a quick check)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="OMP_NUM_THREADS of each run (default 2); 1 is far faster on an oversubscribed machine")
     args = parser.parse_args(argv)
     args.cases, args.recipes = args.cases.split(","), args.recipes.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -101,9 +103,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+THREADS = {"omp": "2"}  # --threads; 2 by default, for repeatable figures
+
+
 def cli(*args: str, log: Path | None = None) -> subprocess.CompletedProcess:
     """One `python -m train_pytorch_model` step; its output goes to `log` (appended) when given."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS["omp"], "PYTHONPATH": os.pathsep.join(
         [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
     command = [sys.executable, "-m", "train_pytorch_model", *args]
     if log is None:
@@ -182,7 +187,7 @@ def prepare_data(work: Path, name: str, digits_per_class: int | None, log: Path)
             # The "pretrained" weights: a fixed recipe, not the one under test.
             check(cli("train", "--untrained-model", str(untrained), "--training-data", str(data / "digits0-4/train"),
                       "--validation-data", str(data / "digits0-4/valid"), "--trained-model", str(base),
-                      "--optimizer", "adamw", "--epochs", "4", "--image-size", "32", "--augmentation", "crop",
+                      "--optimizer", "adamw", "--epochs", "2", "--image-size", "32", "--augmentation", "crop",
                       "--num-workers", "0", "--print-freq", "1000", log=log), "pre-training on digits 0-4")
         paths = {split: data / "digits5-9" / split for split in ("train", "valid", "test")}
         paths["untrained"] = base
@@ -278,8 +283,17 @@ def machine_name() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def record(results: Path, row: dict) -> list[dict]:
+    """Rows accumulate in one --work folder (read again before each write: runs may go side by side); a rerun of a
+    (case, recipe, seed) replaces its earlier row."""
+    rows = json.loads(results.read_text())["rows"] if results.is_file() else []
+    key = (row["case"], row["recipe"], row["seed"])
+    return [r for r in rows if (r["case"], r["recipe"], r["seed"]) != key] + [row]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    THREADS["omp"] = str(args.threads)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     log = work / "recipe_runs.log"
@@ -294,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
         machine += f" (quick check: --max-epochs {args.max_epochs} --image-size {args.image_size} " \
                    f"--digits-per-class {args.digits_per_class}; not the benchmark's figures)"
     results = work / "recipe_results.json"
-    # Rows accumulate in one --work folder: a rerun of a (case, recipe, seed) replaces its earlier row.
-    rows: list[dict] = json.loads(results.read_text())["rows"] if results.is_file() else []
     for case_name in args.cases:
         case = CASES[case_name]
         for recipe in args.recipes:
@@ -308,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     row = run_one(case, recipe, seed, sets[case.data], work / "runs" / f"{case_name}-{recipe}-{seed}",
                                   case_flags(case, args.max_epochs, args.image_size), log)
-                row["commit"] = commit
-                rows = [r for r in rows if (r["case"], r["recipe"], r["seed"]) != (case.name, recipe, seed)] + [row]
+                row["commit"], row["threads"] = commit, args.threads
+                rows = record(results, row)
                 print(f"{case.name:15} {recipe:14} seed {seed}  {percent(row['accuracy']):>8}  "
                       f"epochs {row['epochs_run']} (best {row['best_epoch']})  {row['seconds']} s"
                       + (f"  {row['error']}" if row["error"] else ""), flush=True)
@@ -317,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                     {"machine": machine, "argv": sys.argv[1:] if argv is None else argv, "rows": rows,
                      "summary": summarize(rows)}, indent=2) + "\n")
                 (work / "recipe_results.md").write_text(markdown(rows, machine))
+    rows = json.loads(results.read_text())["rows"] if results.is_file() else []
     print("\n" + markdown(rows, machine), flush=True)
     return 0 if all(r["error"] is None or r["error"].startswith("train has no") for r in rows) else 1
 

@@ -15,13 +15,13 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe.py"
 def test_recipe_benchmark_runs_a_tiny_case(tmp_path):
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--work", str(tmp_path), "--cases", "colour-lr0.001",
-         "--recipes", "sgd", "--seeds", "3", "--max-epochs", "1", "--image-size", "32"],
+         "--recipes", "sgd", "--seeds", "3", "--max-epochs", "1", "--image-size", "32", "--threads", "1"],
         capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     results = json.loads((tmp_path / "recipe_results.json").read_text())
     assert [(r["case"], r["recipe"], r["seed"]) for r in results["rows"]] == [("colour-lr0.001", "sgd", 3)]
     for row in results["rows"]:
-        assert row["error"] is None and row["epochs_run"] == row["best_epoch"] == 1, row
+        assert row["error"] is None and row["epochs_run"] == row["best_epoch"] == 1 and row["threads"] == 1, row
         assert 0.0 <= row["accuracy"] <= 1.0 and abs(12 * row["accuracy"] - round(12 * row["accuracy"])) < 1e-6
         # The run trained what the case says: 3 colour classes, the case's batch and learning rate.
         info = json.loads((tmp_path / "runs" / f"colour-lr0.001-{row['recipe']}-3" / "trained_model" /
