@@ -43,6 +43,7 @@ RECIPES: dict[str, list[str]] = {
     "default": [],
     "original": ["--optimizer", "sgd", "--bn-recalibration", "false"],  # the recipe before issue 15
     "sgd": ["--optimizer", "sgd", "--bn-recalibration", "true"],
+    "sgd-crop": ["--optimizer", "sgd", "--bn-recalibration", "true", "--augmentation", "crop"],
     "adamw-nobn": ["--optimizer", "adamw", "--bn-recalibration", "false"],
     "adamw": ["--optimizer", "adamw", "--bn-recalibration", "true"],
     "adamw-crop": ["--optimizer", "adamw", "--bn-recalibration", "true", "--augmentation", "crop"],

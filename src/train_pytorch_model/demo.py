@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
         "--optimizer", "adamw", "--image-size", str(args.image_size),
         # Random crops, no flips: a mirrored digit is another symbol (or none).
-        "--augmentation", "crop", "--patience", "3", "--random-seed", "1", "--print-freq", str(args.print_freq),
+        "--augmentation", "crop", "--print-freq", str(args.print_freq),
     ], env)
     run_step(6, "Score the held-out test images",
              ["score", "--trained-model", d["trained_model"], "--image-directory", d["test_images"],
