@@ -80,7 +80,8 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
         identity = checkpoint.run_identity(
             model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
             valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
-        tracker = Tracker(ctx.is_main, config.mlflow_tracking_uri)
+        tracker = Tracker(ctx.is_main, config.mlflow_tracking_uri,
+                          run_name=f"train {spec.model_name} {len(data.classes)} classes {config.epochs} epochs")
         failed = True
         try:
             tracker.log_params(params)
@@ -301,12 +302,10 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
                  len(trainer.valid_bad.directory), trainer.num_classes, config.batch_size, config.precision,
                  config.num_workers)
 
-    def log_progress(epoch: int, step: int, steps: int, loss: float, images_per_second: float) -> None:
-        if ctx.is_main:
-            log.info("  epoch %d/%d  step %d/%d  loss %.4f  %.1f img/s", epoch + 1, config.epochs, step, steps, loss,
-                     images_per_second)
+    progress = Progress(config.epochs, config.batch_size, enabled=ctx.is_main)
 
     def on_epoch_end(state: TrainingState, m: EpochMetrics, stopping: bool) -> None:
+        progress.close()
         if not ctx.is_main:
             return
         best = state.early_stopping.best_epoch + 1 == m.epoch
@@ -319,7 +318,7 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
         writer.save(state, identity)
 
     try:
-        state = trainer.fit(state, on_epoch_end, log_progress, stop_requested=stop_requested)
+        state = trainer.fit(state, on_epoch_end, progress.update, stop_requested=stop_requested)
     except (Interrupted, RuntimeError) as exc:
         # (A SIGTERM to the whole process group also ends the DataLoader workers: a RuntimeError here.)
         if isinstance(exc, RuntimeError) and not stop_requested():
@@ -329,6 +328,42 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
         raise error from None
     writer.join()
     return state
+
+
+class Progress:
+    """Per-step progress of an epoch: a bar with ETA on a terminal (tqdm), plain lines with ETA in logs (an Azure
+    ML job's std_log.txt), at the trainer's print steps."""
+
+    def __init__(self, epochs: int, batch_size: int, enabled: bool):
+        self.epochs, self.batch_size, self.enabled = epochs, batch_size, enabled
+        self.terminal = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def update(self, epoch: int, step: int, steps: int, loss: float, images_per_second: float) -> None:
+        if not self.enabled:
+            return
+        if self.terminal:
+            if self.bar is None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step", leave=False,
+                                dynamic_ncols=True)
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
+            return
+        eta = (steps - step) * self.batch_size / max(images_per_second, 1e-9)
+        log.info("  epoch %d/%d  step %d/%d  loss %.4f  %.1f img/s  eta %s", epoch + 1, self.epochs, step, steps,
+                 loss, images_per_second, format_seconds(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def interrupted_error(config: TrainConfig, writer: checkpoint.CheckpointWriter) -> TrainingInterruptedError:
