@@ -15,8 +15,8 @@ LABEL_COLUMN = "category"
 SCORED_LABELS = "Scored Labels"
 PROBABILITY_PREFIX = "Scored Probabilities_"
 ERROR_COLUMN = "error"
-# Written into the parquet file's metadata (and a CSV has none): the MLflow run that trained the model.
-TRAINING_RUN_KEY = b"train_pytorch_model.training_run_id"
+# In `DataFrame.attrs`, which pandas keeps in the parquet file's metadata: the MLflow run that trained the model.
+TRAINING_RUN_ATTR = "train_pytorch_model.training_run_id"
 
 # A spreadsheet runs a cell that starts with one of these as a formula (CSV injection); a leading `'`
 # itself is escaped too, so that reading the CSV back can strip exactly one.
