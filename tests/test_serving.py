@@ -43,6 +43,10 @@ def trained(tmp_path_factory) -> Path:
                  "--training-data", str(data), "--validation-data", str(data), "--trained-model", str(out),
                  "--image-size", "32", "--epochs", "1", "--batch-size", "9", "--num-workers", "0",
                  "--mlflow-tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]) == 0
+    # sweep.yml's primary metric is a per-epoch metric this training run really logged.
+    run_id = json.loads((out / "training_info.json").read_text())["training"]["mlflow_run_id"]
+    history = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "valid_top1")
+    assert [m.step for m in history] == [1]
     return out
 
 
@@ -151,6 +155,26 @@ def test_the_input_example_is_a_valid_serving_request(server, trained, expected)
     status, answer = post(server, json.loads(serving_input))
     assert status == 200, answer
     assert answer["predictions"][0]["Scored Labels"] in CLASSES
+
+
+def test_the_batch_scoring_script_scores_files_and_keeps_bad_ones(trained, images, expected, tmp_path, monkeypatch):
+    """deploy/batch/score_images.py as Azure ML runs it: init() once, run(mini_batch of file paths)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("score_images", REPO / "deploy" / "batch" / "score_images.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    files = []
+    for index, image in enumerate(images):
+        files.append(tmp_path / f"{index}.png")
+        files[-1].write_bytes(image)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(trained.parent))  # the model folder sits below it
+    script.init()
+    rows = script.run([str(f) for f in files] + [str(tmp_path / "bad.png")])
+    assert list(rows["file"]) == ["0.png", "1.png", "2.png", "bad.png"]
+    assert list(rows["Scored Labels"][:3]) == list(expected["Scored Labels"])
+    assert rows["error"][:3].eq("").all() and "is not a readable image" in rows["error"][3]
 
 
 def test_a_bad_image_is_a_400_that_names_the_row(server, images):

@@ -84,7 +84,7 @@ class Tracker:
                 mlflow.set_tracking_uri(tracking_uri)
             problem = unreachable(mlflow.get_tracking_uri())
             if problem:
-                log.warning("MLflow tracking server %s is unreachable (%s); logging to the local store %s instead.",
+                log.warning("MLflow tracking failed: server %s is unreachable (%s); logging to the local store %s instead.",
                             redact(mlflow.get_tracking_uri()), redact(problem)[:300], FALLBACK_URI)
                 mlflow.set_tracking_uri(FALLBACK_URI)
             self.run = mlflow.active_run()
