@@ -43,7 +43,8 @@ HAND_MADE = scored_table(["a", "b", "c"], [
 
 def test_metrics_of_a_hand_made_table():
     metrics, confusion = evaluate_table(HAND_MADE, "category", [1, 2, 3, 5])
-    assert (metrics["rows"], metrics["evaluated_rows"], metrics["unscored_rows"], metrics["unlabeled_rows"]) == (8, 6, 1, 1)
+    counts = (metrics["rows"], metrics["evaluated_rows"], metrics["unscored_rows"], metrics["unlabeled_rows"])
+    assert counts == (8, 6, 1, 1)
     assert metrics["classes"] == ["a", "b", "c"] and metrics["labels_unknown_to_model"] == ["z"]
     assert metrics["accuracy"] == pytest.approx(3 / 6)
     assert metrics["top_k_accuracy"] == pytest.approx({"1": 3 / 6, "2": 5 / 6, "3": 5 / 6})  # k=5 > 3 classes: left out
@@ -56,7 +57,8 @@ def test_metrics_of_a_hand_made_table():
     y_true, y_pred = ["a", "a", "b", "c", "c", "z"], ["a", "b", "b", "a", "c", "a"]
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
-        assert (metrics[average]["precision"], metrics[average]["recall"], metrics[average]["f1"]) == pytest.approx((p, r, f))
+        got = (metrics[average]["precision"], metrics[average]["recall"], metrics[average]["f1"])
+        assert got == pytest.approx((p, r, f))
     assert metrics["log_loss"] == pytest.approx(-np.mean(np.log([0.7, 0.3, 0.8, 0.4, 0.8])))
     assert list(confusion.index) == list(confusion.columns) == ["a", "b", "c", "z"]
     assert confusion.to_numpy().tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0]]
@@ -107,7 +109,8 @@ def test_cli_writes_metrics_files_and_logs_to_mlflow(tmp_path, capsys):
     assert from_csv["log_loss"] == pytest.approx(metrics["log_loss"], rel=1e-9)
 
     # Logged to MLflow (the job's run in Azure ML; here the test's sqlite store).
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.mlflow.runName = 'evaluate 60 images, 10 classes'")
+    runs = mlflow.search_runs(search_all_experiments=True,
+                              filter_string="tags.mlflow.runName = 'evaluate 60 images, 10 classes'")
     assert len(runs) == 2
     assert runs["metrics.accuracy"].tolist() == pytest.approx([expected, expected])
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs["run_id"][0], "evaluation")]
@@ -179,7 +182,8 @@ def test_the_evaluate_run_is_tagged_with_the_training_run_and_back(tmp_path):
     [evaluation] = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                       filter_string="tags.mlflow.runName LIKE 'evaluate%'")
     assert evaluation.data.tags["train_pytorch_model.training_run_id"] == training.info.run_id
-    assert client.get_run(training.info.run_id).data.tags["train_pytorch_model.evaluation_run_id"] == evaluation.info.run_id
+    tags = client.get_run(training.info.run_id).data.tags
+    assert tags["train_pytorch_model.evaluation_run_id"] == evaluation.info.run_id
 
 
 def test_an_unreachable_tracking_server_falls_back_to_a_local_store_in_seconds(tmp_path):

@@ -33,7 +33,8 @@ def exported(tmp_path_factory):
     out = root / "exported"
     assert main(["export", "--trained-model", str(trained), "--output", str(out), "--format", "onnx,pt2"]) == 0
     # Real images, of other sizes than the model's, through the model's own decode + resize recipe.
-    files = sorted(write_image_folder(root / "real", {name: 3 for name in CLASSES}, size=(57, 43), seed=5).rglob("*.png"))
+    real = write_image_folder(root / "real", {name: 3 for name in CLASSES}, size=(57, 43), seed=5)
+    files = sorted(real.rglob("*.png"))
     return trained, out, files
 
 
@@ -88,9 +89,28 @@ def test_bad_format_is_refused_before_anything_is_written(exported, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
-def test_export_component_validates():
+def test_export_component_validates_and_its_command_parses(tmp_path):
+    import argparse
+
+    import yaml
     from azure.ai.ml import load_component
 
+    from train_pytorch_model import export
+    from train_pytorch_model.component_runner import bind_command
+
+    from test_component import lint_component
+
     component = load_component(REPO / "components" / "export.yaml")
-    assert set(component.inputs) == {"trained_model", "formats"} and set(component.outputs) == {"exported_model"}
-    assert "export" in component.command
+    result = component._validate()
+    assert result.passed, result.error_messages
+    assert set(component.inputs) == {"trained_model", "formats"} and list(component.outputs) == ["exported_model"]
+    spec = yaml.safe_load((REPO / "components" / "export.yaml").read_text())
+    assert lint_component(spec) == []
+    assert spec["environment"] == yaml.safe_load((REPO / "components" / "score.yaml").read_text())["environment"]
+    argv = bind_command(spec["command"], {"trained_model": str(tmp_path / "m"), "formats": "onnx"},
+                        {"exported_model": str(tmp_path / "out")})
+    assert argv[:4] == ["python", "-m", "train_pytorch_model", "export"]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    export.add_arguments(parser)
+    args = parser.parse_args(argv[4:])
+    assert (args.exported_model, args.format) == (tmp_path / "out", "onnx")

@@ -71,7 +71,7 @@ def server(trained, tmp_path_factory):
                         break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, f"no /ping answer in {START_TIMEOUT_S}s: {Path(log.name).read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no /ping in {START_TIMEOUT_S}s: {Path(log.name).read_text()[-3000:]}"
             time.sleep(0.5)
         yield url
     finally:

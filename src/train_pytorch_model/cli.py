@@ -18,9 +18,9 @@ from .errors import ModuleOutOfMemoryError, TrainPyTorchModelError, UnexpectedEr
 # command name -> (module, one-line help). Modules import lazily: `--help` stays instant.
 COMMANDS = {
     "train": ("train_command", "train a classifier from an untrained model directory and two image directories"),
-    "init-model": ("init_model", "write an untrained DenseNet/ResNet model directory (designer's DenseNet/ResNet modules)"),
+    "init-model": ("init_model", "write an untrained DenseNet/ResNet model directory (designer's DenseNet/ResNet)"),
     "convert": ("convert", "turn an ImageFolder tree, flat folder or archive into an ImageDirectory"),
-    "score": ("score", "score an image directory with a trained model directory: a predictions table (parquet + csv)"),
+    "score": ("score", "score images (a folder, an archive, image files) with a trained model: parquet + csv"),
     "evaluate": ("evaluate", "accuracy, per-class metrics and a confusion matrix from a scored table"),
     "export": ("export", "export a trained model directory to ONNX and TorchScript for other runtimes"),
     "run-component": ("component_runner", "run a component YAML locally, binding inputs like Azure ML does"),
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Memory has been exhausted. Reduce --batch-size{hint} or --image-size, lower --num-workers, "
             "or use a machine with more memory."
         ))
-    except Exception as exc:  # noqa: BLE001 - the last line must still name an error, whatever happened
+    except Exception as exc:  # the last line must still name an error, whatever happened
         traceback.print_exc()  # above the one-line error, for whoever debugs it
         first_line = (str(exc).splitlines() or [""])[0][:300]
         return report(UnexpectedError(

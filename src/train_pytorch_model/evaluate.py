@@ -52,11 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scored-data", required=True, type=Path,
                         help=f"output folder of `score`, or a {SCORED_PARQUET} / {SCORED_CSV} file")
     parser.add_argument("--evaluation", required=True, type=Path, help="output folder (new or empty) for the metrics")
-    parser.add_argument("--label-column", default=LABEL_COLUMN, help=f"column with the true labels (default {LABEL_COLUMN})")
+    parser.add_argument("--label-column", default=LABEL_COLUMN,
+                        help=f"column with the true labels (default {LABEL_COLUMN})")
     parser.add_argument("--top-k", default="1,3,5",
-                        help="comma-separated k for top-k accuracy; values above the class count are left out (default 1,3,5)")
+                        help="comma-separated k for top-k accuracy; values above the class count are left out "
+                             "(default 1,3,5)")
     parser.add_argument("--mlflow-tracking-uri", default=None,
-                        help="MLflow tracking URI (default: the active run / MLFLOW_TRACKING_URI / sqlite:///mlflow.db)")
+                        help="MLflow tracking URI (default: the active run / MLFLOW_TRACKING_URI / "
+                             "sqlite:///mlflow.db)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +99,9 @@ def read_scored_table(path: Path) -> pd.DataFrame:
             # Labels stay text: "0".."9" must not become numbers, or they no longer match the column names.
             return unescape_csv(pd.read_csv(path, dtype=str, keep_default_na=False))
         return pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types for one cause
-        raise InvalidDatasetError(f"Scored data '{path}' cannot be read as a table: {type(exc).__name__}: {exc}.") from None
+    except Exception as exc:  # pyarrow/pandas raise many types for one cause
+        raise InvalidDatasetError(
+            f"Scored data '{path}' cannot be read as a table: {type(exc).__name__}: {str(exc)[:300]}.") from None
 
 
 def evaluate_table(table: pd.DataFrame, label_column: str = LABEL_COLUMN,

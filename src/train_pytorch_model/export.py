@@ -52,7 +52,8 @@ class ProbabilityModel(torch.nn.Module):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trained-model", required=True, type=Path, help="trained model directory (output of train)")
-    parser.add_argument("--output", required=True, type=Path, help="output folder (new or empty) for the files")
+    parser.add_argument("--output", "--exported-model", dest="exported_model", required=True, type=Path,
+                        help="output folder (new or empty) for the files")
     parser.add_argument("--format", default="onnx,pt2",
                         help=f"comma-separated, of {', '.join(FORMATS)} (default onnx,pt2)")
 
@@ -61,11 +62,11 @@ def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     trained = read_trained_model_directory(args.trained_model)
     info = export_info(trained)
-    with staged_output(args.output) as stage:
+    with staged_output(args.exported_model) as stage:
         for name in formats:
             (export_onnx if name == "onnx" else export_pt2)(trained, stage / FORMATS[name], info)
         (stage / INFO_FILE).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    print(f"Exported {', '.join(FORMATS[f] for f in formats)} to {args.output} "
+    print(f"Exported {', '.join(FORMATS[f] for f in formats)} to {args.exported_model} "
           f"({len(trained.classes)} classes; input {info['input']}; each checked against PyTorch).")
     return 0
 

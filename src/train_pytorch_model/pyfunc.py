@@ -155,7 +155,8 @@ def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *, exampl
     )
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
-        outputs=Schema([ColSpec("string", SCORED_LABELS)] + [ColSpec("double", probability_column(c)) for c in classes]),
+        outputs=Schema([ColSpec("string", SCORED_LABELS)]
+                       + [ColSpec("double", probability_column(c)) for c in classes]),
     )
     model = Model(signature=signature, metadata=metadata)
     _save_example(model, pd.DataFrame({IMAGE_COLUMN: [example_png(example_image)]}), str(stage))

@@ -84,7 +84,8 @@ class Tracker:
                 mlflow.set_tracking_uri(tracking_uri)
             problem = unreachable(mlflow.get_tracking_uri())
             if problem:
-                log.warning("MLflow tracking failed: server %s is unreachable (%s); logging to the local store %s instead.",
+                log.warning("MLflow tracking failed: server %s is unreachable (%s); logging to the local store %s "
+                            "instead.",
                             redact(mlflow.get_tracking_uri()), redact(problem)[:300], FALLBACK_URI)
                 mlflow.set_tracking_uri(FALLBACK_URI)
             self.run = mlflow.active_run()
@@ -92,7 +93,7 @@ class Tracker:
                 self.run = mlflow.start_run(experiment_id=_default_experiment_id(mlflow), run_name=run_name)
                 self._owns_run = True
             log.info("MLflow: logging to run %s at %s", self.run.info.run_id, redact(mlflow.get_tracking_uri()))
-        except Exception as exc:  # noqa: BLE001 - tracking must never fail training
+        except Exception as exc:  # tracking must never fail training
             self._warn(exc)
 
     @property
@@ -111,7 +112,7 @@ class Tracker:
             return
         try:
             fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._warn(exc)
 
     def log_params(self, params: dict) -> None:
