@@ -114,3 +114,19 @@ def test_export_component_validates_and_its_command_parses(tmp_path):
     export.add_arguments(parser)
     args = parser.parse_args(argv[4:])
     assert (args.exported_model, args.format) == (tmp_path / "out", "onnx")
+
+
+def test_onnx_without_the_export_extra_is_a_named_error(exported, tmp_path):
+    """A real process in which onnxruntime cannot be imported (as without `pip install '.[export]'`)."""
+    import subprocess
+    import sys
+
+    trained, _, _ = exported
+    code = ("import sys; sys.modules['onnxruntime'] = None; from train_pytorch_model.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", code, "export", "--trained-model", str(trained), "--output",
+                             str(tmp_path / "out"), "--format", "onnx"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "ExportError: ONNX export needs the optional dependencies (onnxruntime is missing)")
+    assert not (tmp_path / "out").exists()

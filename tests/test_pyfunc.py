@@ -64,6 +64,8 @@ def test_bad_input_is_a_named_error(trained_dir):
         direct.predict(pd.DataFrame({"image": [7]}))
     with pytest.raises(InvalidDatasetError, match="Input needs a column 'image'"):
         direct.predict(pd.DataFrame({"picture": [b""]}))
+    with pytest.raises(InvalidDatasetError, match="over the 32 MiB limit per image"):
+        direct.predict(pd.DataFrame({"image": [b"\x89" * (48 * 2**20)]}))
 
 
 def test_base64_text_given_as_bytes_is_decoded_first(trained_dir, legacy_image_dir):

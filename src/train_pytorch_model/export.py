@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
+    if "onnx" in formats:
+        onnx_modules()  # missing dependencies are found before anything is read or written
     trained = read_trained_model_directory(args.trained_model)
     info = export_info(trained)
     with staged_output(args.exported_model) as stage:
@@ -121,13 +123,21 @@ def _check(path: Path, expected: np.ndarray, actual: np.ndarray) -> None:
     log.info("%s: max probability difference against PyTorch %.2e", path.name, difference)
 
 
-def export_onnx(trained: TrainedModel, path: Path, info: dict) -> None:
+def onnx_modules():
+    """(onnx, onnxruntime), or ExportError saying how to install them (torch's exporter needs onnxscript too)."""
     try:
         import onnx
         import onnxruntime
+        import onnxscript  # torch.onnx imports it itself: here only to fail early, with the fix
     except ImportError as exc:
         raise ExportError(f"ONNX export needs the optional dependencies ({exc.name} is missing): "
                           "pip install 'train-pytorch-model[export]', or use --format pt2.") from None
+    del onnxscript
+    return onnx, onnxruntime
+
+
+def export_onnx(trained: TrainedModel, path: Path, info: dict) -> None:
+    onnx, onnxruntime = onnx_modules()
     model = ProbabilityModel(trained).eval()
     program = torch.onnx.export(model, (_example(trained, CHECK_BATCH),), dynamo=True, verbose=False,
                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
