@@ -26,8 +26,10 @@ import argparse
 import logging
 import os
 import re
+import tarfile
 import tempfile
 import time
+import zipfile
 from array import array
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,15 +98,16 @@ def images_to_score(paths: list[Path]):
     for path in paths:
         if not path.exists():
             raise DirectoryNotFoundError(f"Scoring data '{path}' does not exist.")
-    if len(paths) == 1 and paths[0].is_dir():
-        yield load_image_directory(paths[0], "Scoring", keep_unlabeled=True)
-    elif len(paths) == 1 and paths[0].is_file() and paths[0].suffix.lower() not in IMAGE_SUFFIXES:
-        with tempfile.TemporaryDirectory(prefix="score-") as temporary:  # an archive: extract_archive says if not
+    single = paths[0] if len(paths) == 1 else None
+    if single is not None and single.is_file() and (zipfile.is_zipfile(single) or tarfile.is_tarfile(single)):
+        with tempfile.TemporaryDirectory(prefix="score-") as temporary:
             skipped: list[tuple[str, str]] = []
-            root = extract_archive(paths[0], Path(temporary) / "images", MAX_EXTRACTED_BYTES, skipped)
+            root = extract_archive(single, Path(temporary) / "images", MAX_EXTRACTED_BYTES, skipped)
             if skipped:
                 log.warning("%d archive members were not extracted, e.g. '%s': %s", len(skipped), *skipped[0])
             yield load_image_directory(root, "Scoring", keep_unlabeled=True)
+    elif single is not None and single.suffix.lower() not in IMAGE_SUFFIXES:  # a folder (or what else it reads)
+        yield load_image_directory(single, "Scoring", keep_unlabeled=True)
     else:
         yield image_files_directory(paths)
 
