@@ -14,6 +14,7 @@ try:
     main(sys.argv[1:])
 except SystemExit as exit:
     print("exit", exit.code, file=sys.stderr)
+print("pandas imported:", "pandas" in sys.modules)
 print("torch imported:", "torch" in sys.modules)
 """
 
@@ -38,12 +39,13 @@ def test_usage_errors_do_not_import_torch():
 
 
 def test_evaluate_is_torch_free_up_to_its_output():
-    """evaluate reads tables only: its arguments, and a bad one, cost no torch import."""
+    """evaluate reads tables only: its arguments, and a bad one, cost no torch (nor pandas) import."""
     result = run("evaluate", "--help")
     assert "--scored-data" in result.stdout and result.stdout.strip().endswith("torch imported: False")
     result = run("evaluate", "--scored-data", "x")
     assert "the following arguments are required: --evaluation" in result.stderr
     assert result.stdout.strip().endswith("torch imported: False")
+    assert "pandas imported: False" in result.stdout  # nor pandas: it takes a second on its own
 
 
 def test_a_command_gets_its_own_arguments():

@@ -28,13 +28,15 @@ import json
 import logging
 import math
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError, quote
 from .predictions import (ERROR_COLUMN, LABEL_COLUMN, PROBABILITY_PREFIX, SCORED_CSV, SCORED_LABELS, SCORED_PARQUET,
                           TRAINING_RUN_ATTR, classes_of, probability_column, unescape_csv)
+
+if TYPE_CHECKING:  # numpy and pandas are imported where used: `evaluate --help` and usage errors stay instant
+    import numpy as np
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ def parse_top_k(text: str) -> list[int]:
 
 
 def read_scored_table(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     path = Path(path)
     if path.is_dir():
         for name in (SCORED_PARQUET, SCORED_CSV):
@@ -107,6 +111,8 @@ def read_scored_table(path: Path) -> pd.DataFrame:
 def evaluate_table(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
                    ks: list[int] = (1, 3, 5)) -> tuple[dict, pd.DataFrame]:
     """(metrics, confusion matrix as a labeled DataFrame) for a scored table."""
+    import numpy as np
+    import pandas as pd
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     classes = classes_of(table.columns)
@@ -179,6 +185,9 @@ def evaluate_table(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
 
 def checked_probabilities(table: pd.DataFrame, use: np.ndarray, columns: list[str]) -> np.ndarray:
     """The probabilities of the rows in use, each a number in [0, 1]; else an error naming the first bad cell."""
+    import numpy as np
+    import pandas as pd
+
     values = table.loc[use, columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~(np.isfinite(values) & (values >= 0) & (values <= 1 + PROBABILITY_TOLERANCE))
     if bad.any():
@@ -198,6 +207,8 @@ def _text(value) -> str:
 
 
 def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame) -> None:
+    import pandas as pd
+
     from .model_directory import staged_output  # imports torch: only when writing
 
     with staged_output(out) as stage:

@@ -7,7 +7,10 @@ one `Scored Probabilities_<class>` column per class, in the model's class order.
 
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCORED_PARQUET = "scored.parquet"
 SCORED_CSV = "scored.csv"
