@@ -64,7 +64,7 @@ def test_bad_input_is_a_named_error(trained_dir):
         direct.predict(pd.DataFrame({"image": [7]}))
     with pytest.raises(InvalidDatasetError, match="Input needs a column 'image'"):
         direct.predict(pd.DataFrame({"picture": [b""]}))
-    with pytest.raises(InvalidDatasetError, match="over the 32 MiB limit per image"):
+    with pytest.raises(InvalidDatasetError, match="is over the 32 MiB limit per image"):
         direct.predict(pd.DataFrame({"image": [b"\x89" * (48 * 2**20)]}))
 
 

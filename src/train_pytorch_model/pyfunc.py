@@ -52,20 +52,25 @@ def image_bytes(value, row: int) -> bytes:
     elif not isinstance(value, bytes):
         raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' must be image bytes or a base64 string, "
                                   f"got {type(value).__name__} {quote(value, 60)}.")
-    if len(value) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is {len(value)} bytes, over the "
-                                  f"{MAX_IMAGE_BYTES // 2**20} MiB limit per image; send a smaller image.")
+    too_big = InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is over the {MAX_IMAGE_BYTES // 2**20} MiB limit "
+                                  "per image; send a smaller image.")
+    if len(value) > 2 * MAX_IMAGE_BYTES:  # base64 of the largest allowed image, line breaks included, is smaller
+        raise too_big
     text = _DATA_URL.sub(b"", value[:64], count=1) + value[64:] if value.startswith(b"data:") else value
+    data = None
     if _BASE64.fullmatch(text):
         try:
-            return base64.b64decode(text)
+            data = base64.b64decode(text)
         except (binascii.Error, ValueError):
             pass
-    if is_text:
+    if data is None and is_text:
         raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is a string but not valid base64 "
                                   f"({quote(value[:40].decode(errors='replace'), 60)}); send the image file "
                                   "base64-encoded.")
-    return value
+    data = value if data is None else data
+    if len(data) > MAX_IMAGE_BYTES:
+        raise too_big
+    return data
 
 
 class ImageClassifierPyfunc:
