@@ -117,3 +117,11 @@ class UsageError(TrainPyTorchModelError):
 class UnexpectedError(TrainPyTorchModelError):
     """Anything we did not foresee. The traceback is printed above the one-line error."""
 
+
+
+# --- serving and export (serve engineer) ------------------------------------------------------------------
+
+
+class ExportError(TrainPyTorchModelError):
+    """A model could not be exported, its export dependencies are missing, or the exported file does not
+    reproduce the PyTorch model's probabilities."""
