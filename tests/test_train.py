@@ -57,8 +57,8 @@ def test_cli_trains_resnet18_on_the_legacy_fixtures(cli, tmp_path, legacy_image_
     images = sorted((legacy_image_dir / "image").iterdir())
     frame = pd.DataFrame({"image": [images[0].read_bytes(), base64.b64encode(images[-1].read_bytes()).decode()]})
     predictions = model.predict(frame)
-    assert set(predictions["label"]) <= {"cat", "dog", "fox"}
-    probabilities = predictions[["probability_cat", "probability_dog", "probability_fox"]].to_numpy()
+    assert set(predictions["Scored Labels"]) <= {"cat", "dog", "fox"}
+    probabilities = predictions[[f"Scored Probabilities_{c}" for c in ("cat", "dog", "fox")]].to_numpy()
     assert probabilities.shape == (2, 3) and abs(probabilities.sum(axis=1) - 1).max() < 1e-5
 
 

@@ -17,7 +17,7 @@ from .errors import ModuleOutOfMemoryError, TrainPyTorchModelError, UnexpectedEr
 
 # command name -> (module, one-line help). Modules import lazily: `--help` stays instant.
 COMMANDS = {
-    "train": ("train_command", "train a classifier from an untrained model directory and two image directories"),
+    "train": ("config", "train a classifier from an untrained model directory and two image directories"),
     "init-model": ("init_model", "write an untrained DenseNet/ResNet model directory (designer's DenseNet/ResNet)"),
     "convert": ("convert", "turn an ImageFolder tree, flat folder or archive into an ImageDirectory"),
     "score": ("score", "score images (a folder, an archive, image files) with a trained model: parquet + csv"),
