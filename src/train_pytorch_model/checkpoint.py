@@ -200,7 +200,7 @@ def read(directory: Path) -> dict | None:
         return None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+    except Exception as exc:  # any unreadable file gets the same advice
         raise CheckpointMismatchError(
             f"Checkpoint '{path}' cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
             "Delete it, or give an empty --checkpoint-dir, to train from the start."
