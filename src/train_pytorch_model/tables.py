@@ -277,6 +277,11 @@ class _RowCollector:
             raise self.error(f"{where}: label {quote(value)} is not a category name (a string).")
         if len(value) > MAX_CATEGORY_CHARS:
             raise self.error(f"{where}: label {quote(value)} is longer than {MAX_CATEGORY_CHARS} characters.")
+        if value not in self.names:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise self.error(f"{where}: label {quote(value)} is not valid UTF-8 text.") from None
         return value
 
     def _relative(self, value, where: str) -> str:
