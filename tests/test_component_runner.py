@@ -302,3 +302,37 @@ def test_component_yaml_trains_and_registers_end_to_end(tmp_path):
         assert mlflow.pyfunc.load_model("models:/component-e2e/1") is not None
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+GOOD_PORTS = "inputs:\n  n: {type: integer, default: 1}\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("type: command\ncommand: echo\ninputs: [a, b]\n", "`inputs` must be a mapping"),
+    ("type: command\ncommand: echo\noutputs: 3\n", "`outputs` must be a mapping"),
+    ("type: command\ncommand: [python, -m, x]\n", "`command` must be one string"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: integer, min: abc}\n", "`min` must be a number"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: integer, max: .nan}\n", "`max` must be a number"),
+    ("type: command\ncommand: echo\ninputs:\n  n: integer\n", "must be a mapping"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: [integer]}\n", "not a v2 component input type"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: string, enum: abc}\n", "`enum` must be a list"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: string, default: [1, 2]}\n", "single value"),
+    ("type: command\ncommand: echo\ncode: [a]\n", "`code` has the wrong shape"),
+    ("type: command\ncommand: echo\ndistribution: pytorch\n", "`distribution` has the wrong shape"),
+    ("type: command\ncommand: echo ${{inputs.n}\n" + GOOD_PORTS, None),  # unclosed: left as text, not a crash
+    ("- a\n- b\n", "is not a command component"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: string, default: &a [*a]}\n", "anchor or alias"),
+    ("a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b]\n"
+     "d: [*c, *c, *c, *c, *c, *c, *c, *c]\ntype: command\ncommand: echo\n", "anchor or alias"),
+    ("type: command\ncommand: echo\n  bad: indent\n", "not valid YAML"),
+])
+def test_malformed_component_yaml_is_a_component_spec_error(tmp_path, text, expected):
+    spec = tmp_path / "component.yaml"
+    spec.write_text(text)
+    args = argparse.Namespace(component=spec, input=[], output=[], dry_run=True)
+    if expected is None:
+        assert component_runner.run(args) == 0
+        return
+    with pytest.raises(ComponentSpecError, match=expected) as caught:
+        component_runner.run(args)
+    assert len(str(caught.value)) < 600
