@@ -238,7 +238,8 @@ def test_runs_in_the_code_folder_with_this_interpreter_like_azure_ml(probe_compo
 
 def test_returns_the_commands_exit_code(probe_component, tmp_path):
     (tmp_path / "d").mkdir()
-    assert run_component(probe_component, {"data": str(tmp_path / "d"), "exit_code": "3"}, {"out": str(tmp_path / "o")}) == 3
+    bound = {"data": str(tmp_path / "d"), "exit_code": "3"}
+    assert run_component(probe_component, bound, {"out": str(tmp_path / "o")}) == 3
 
 
 def test_legacy_designer_types_are_refused(probe_component, tmp_path):
@@ -287,7 +288,8 @@ def test_component_yaml_trains_and_registers_end_to_end(tmp_path):
         [sys.executable, "-m", "train_pytorch_model", "run-component", str(COMPONENT),
          "--input", f"untrained_model={UNTRAINED}", "--input", f"training_data={IMAGES}",
          "--input", f"validation_data={IMAGES}", "--output", f"trained_model={out}",
-         "--output", f"checkpoints={tmp_path / 'checkpoints'}", "--input", "epochs=1", "--input", "batch_size=4", "--input", "image_size=32",
+         "--output", f"checkpoints={tmp_path / 'checkpoints'}", "--input", "epochs=1", "--input", "batch_size=4",
+         "--input", "image_size=32",
          "--input", "num_workers=0", "--input", "registered_model_name=component-e2e"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )

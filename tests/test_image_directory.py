@@ -34,7 +34,8 @@ def write_meta_directory(root, rows, categories, *, with_meta=True):
     })
     (root / "_schema.json").write_text(dump_json(schema))
     if with_meta:
-        (root / "_meta.yaml").write_text(dump_yaml({"type": "ImageDirectory", "extension": {}, "image_list": "images.lst",
+        (root / "_meta.yaml").write_text(dump_yaml({"type": "ImageDirectory", "extension": {},
+                                                    "image_list": "images.lst",
                                                     "schema": "_schema.json"}))
     return root
 

@@ -158,7 +158,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
         where = f"{list_name} line {number}"
         info = row.get(image_ref)
         if not isinstance(info, dict):
-            raise error(f"{where} has no '{image_ref}' object naming its image file.")
+            raise error(f"{where} has no {quote(image_ref)} object naming its image file.")
         relative = info.get("base_file_name") or info.get("file_name")
         if not isinstance(relative, str) or not relative:
             if info.get("coco_url"):

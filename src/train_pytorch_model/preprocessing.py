@@ -8,11 +8,13 @@ repeats exactly what validation did.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -60,9 +62,10 @@ def _open(source: str | Path | bytes):
     return os.fdopen(fd, "rb")
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """Pillow's lazy image (header read, pixels not decoded), refusing more than MAX_IMAGE_PIXELS / 2 pixels.
-    The caller closes it."""
+@contextlib.contextmanager
+def _opened(source: str | Path | bytes) -> Iterator[Image.Image]:
+    """Pillow's lazy image (header read, pixels not decoded), refusing more than MAX_IMAGE_PIXELS / 2 pixels;
+    the file is closed on exit (Pillow does not close a stream it was given), so load the pixels inside."""
     try:
         stream = _open(source)
     except FileNotFoundError:
@@ -71,35 +74,29 @@ def open_image(source: str | Path | bytes) -> Image.Image:
         raise ImageDecodeError("permission denied") from None
     except OSError as exc:
         raise ImageDecodeError(f"cannot read the file ({exc.strerror or exc})") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+    with stream, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            # Not closed with the stream: a loaded image no longer needs the file, and close() would free its pixels.
             image = Image.open(stream)
-        if image.width < 1 or image.height < 1:
-            raise ImageDecodeError("the image has no pixels")
-        image._owned_stream = stream  # Pillow does not close a stream it was given; close() below does
-        return image
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        stream.close()
-        raise ImageDecodeError(
-            f"the image has more than {Image.MAX_IMAGE_PIXELS // 2} pixels (decompression-bomb guard)") from None
-    except ImageDecodeError:
-        stream.close()
-        raise
-    except (OSError, ValueError, SyntaxError, ZeroDivisionError, IndexError, TypeError, EOFError) as exc:
-        stream.close()
-        raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+            if image.width < 1 or image.height < 1:
+                raise ImageDecodeError("the image has no pixels")
+            yield image
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageDecodeError(
+                f"DecompressionBombError: the image has more than {Image.MAX_IMAGE_PIXELS // 2} pixels "
+                "(decompression-bomb guard)") from None
+        except (OSError, ValueError, SyntaxError, ZeroDivisionError, IndexError, TypeError, EOFError) as exc:
+            raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def probe_image(path: str | Path) -> str | None:
     """None when the file is an image Pillow can open within the pixel bound (header only), else why not."""
     try:
-        image = open_image(path)
+        with _opened(path):
+            return None
     except ImageDecodeError as exc:
         return f"not a readable image ({exc})"
-    image._owned_stream.close()
-    image.close()
-    return None
 
 
 def decode_image(source: str | Path | bytes, size_hint: int | None = None) -> Image.Image:
@@ -109,27 +106,18 @@ def decode_image(source: str | Path | bytes, size_hint: int | None = None) -> Im
     alpha images are converted (alpha dropped, as designer did); animated images use frame 0.
     `size_hint` lets JPEG decode at a reduced scale (draft mode): much faster for big photos.
     """
-    image = open_image(source)
-    stream = image._owned_stream
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if size_hint and image.format == "JPEG":
-                image.draft("RGB", (size_hint, size_hint))
-            image.load()  # now, while the stream is open
-            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the decoded pixels
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(image, dtype=np.float32)
-                scale = 257.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 1.0
-                image = Image.fromarray((array / scale).clip(0, 255).astype(np.uint8))
-            elif image.mode == "P":
-                image = image.convert("RGBA")
-            return image if image.mode == "RGB" else image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            ZeroDivisionError, IndexError, TypeError, EOFError) as exc:
-        raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    finally:
-        stream.close()
+    with _opened(source) as image:
+        if size_hint and image.format == "JPEG":
+            image.draft("RGB", (size_hint, size_hint))
+        image.load()  # decode now, while the file is open
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the decoded pixels
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float32)
+            scale = 257.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 1.0
+            return Image.fromarray((array / scale).clip(0, 255).astype(np.uint8)).convert("RGB")
+        if image.mode == "P":
+            return image.convert("RGBA").convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class _BoundedResize(v2.Transform):
