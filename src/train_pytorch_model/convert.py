@@ -325,53 +325,50 @@ def _copy_stream(reader, path: Path, budget: _Budget) -> None:
 
 def _extract_zip(archive: Path, target: Path, budget: _Budget, skipped) -> None:
     with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            if info.is_dir():
-                continue
-            path, reason = _member_path(target, info.filename)
-            mode = info.external_attr >> 16
-            if path is not None and stat.S_ISLNK(mode):
-                reason, path = "symbolic link (links are never extracted)", None
-            if path is not None and info.flag_bits & 0x1:
-                reason, path = "encrypted member", None
-            if path is None:
-                if reason:
-                    skipped.append((info.filename, reason))
-                continue
-            try:
-                with zf.open(info) as reader:
-                    _copy_stream(reader, path, budget)
-            except FileExistsError:
-                skipped.append((info.filename, "duplicate name in the archive"))
-            except _MemberNameError as exc:
-                skipped.append((info.filename, f"the name cannot be a file here ({exc})"))
-            except (zipfile.BadZipFile, NotImplementedError, zlib.error, EOFError) as exc:  # a damaged member
-                path.unlink(missing_ok=True)
-                skipped.append((info.filename, f"cannot be extracted ({type(exc).__name__}: {str(exc)[:120]})"))
+        def members():
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                refusal = ("symbolic link (links are never extracted)" if stat.S_ISLNK(info.external_attr >> 16)
+                           else "encrypted member" if info.flag_bits & 0x1 else None)
+                yield info.filename, refusal, lambda info=info: zf.open(info)
+        _extract_members(members(), target, budget, skipped)
 
 
 def _extract_tar(archive: Path, target: Path, budget: _Budget, skipped) -> None:
     # Iterating reads the (compressed) stream once, in order: no seeking back in .tar.gz.
     with tarfile.open(archive, "r:*") as tf:
-        for member in tf:
-            if member.isdir():
-                continue
-            path, reason = _member_path(target, member.name)
-            if path is not None and (member.issym() or member.islnk()):
-                reason, path = "link (links are never extracted)", None
-            elif path is not None and not member.isreg():
-                reason, path = "not a regular file", None
-            if path is None:
-                if reason:
-                    skipped.append((member.name, reason))
-                continue
-            reader = tf.extractfile(member)
-            try:
+        def members():
+            for member in tf:
+                if member.isdir():
+                    continue
+                refusal = ("link (links are never extracted)" if member.issym() or member.islnk()
+                           else "not a regular file" if not member.isreg() else None)
+                yield member.name, refusal, lambda member=member: tf.extractfile(member)
+        _extract_members(members(), target, budget, skipped)
+
+
+def _extract_members(members, target: Path, budget: _Budget, skipped: list[tuple[str, str]]) -> None:
+    """Extract (name, refusal or None, opener) members; the ones that must not or cannot be extracted are
+    skipped by name with the reason, and the others still extracted."""
+    for name, refusal, opener in members:
+        path, reason = _member_path(target, name)
+        if path is not None and refusal:
+            path, reason = None, refusal
+        if path is None:
+            if reason:
+                skipped.append((name, reason))
+            continue
+        try:
+            with opener() as reader:
                 _copy_stream(reader, path, budget)
-            except FileExistsError:
-                skipped.append((member.name, "duplicate name in the archive"))
-            except _MemberNameError as exc:
-                skipped.append((member.name, f"the name cannot be a file here ({exc})"))
+        except FileExistsError:
+            skipped.append((name, "duplicate name in the archive"))
+        except _MemberNameError as exc:
+            skipped.append((name, f"the name cannot be a file here ({exc})"))
+        except (zipfile.BadZipFile, NotImplementedError, zlib.error, EOFError) as exc:  # a damaged zip member
+            path.unlink(missing_ok=True)
+            skipped.append((name, f"cannot be extracted ({type(exc).__name__}: {str(exc)[:120]})"))
 
 
 # --- writing -------------------------------------------------------------------------------------------
