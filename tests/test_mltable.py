@@ -93,9 +93,14 @@ def test_mltable_with_azureml_uris_resolves_inside_the_mounted_folder(tmp_path):
 def test_mltable_with_relative_and_https_urls(tmp_path):
     folder = labeled_mltable(tmp_path, uri=False)
     assert load_image_directory(folder, "Training").categories == ["can", "milk"]
-    rows = [{"image_url": "https://acct.blob.core.windows.net/container/fridge/can/0.png", "label": "can"}]
-    write_mltable(folder, rows)
-    assert load_image_directory(folder, "Training").files == ["fridge/can/0.png"]
+    for url in ("https://acct.blob.core.windows.net/container/fridge/can/0.png?sv=2024&sig=x",
+                "azureml://datastores/workspaceblobstore/paths/fridge/can/0.png",
+                "wasbs://container@acct.blob.core.windows.net/fridge/can/0.png",
+                "abfss://fs@acct.dfs.core.windows.net/fridge/can/0.png",
+                "AmlDatastore://fridge/can/0.png", "./fridge/can/0.png",
+                "azureml://datastores/d/paths/fridge/can/%30.png"):
+        write_mltable(folder, [{"image_url": url, "label": "can"}])
+        assert load_image_directory(folder, "Training").files == ["fridge/can/0.png"], url
 
 
 @pytest.mark.parametrize("row, expected", [

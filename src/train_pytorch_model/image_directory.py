@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError, quote
-from .legacy_format import is_hidden, iter_json_lines, read_json, read_meta, resolves_inside, safe_join
+from .legacy_format import (is_hidden, is_safe_relative, iter_json_lines, read_json, read_meta, resolves_inside,
+                            safe_join)
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, Columns, find_table, read_table
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
                 raise error(f"{where} has only a coco_url; images must be files inside the folder "
                             "(downloads are not supported).")
             raise error(f"{where} names no image file ('file_name').")
-        if safe_join(root, relative) is None:
+        if not is_safe_relative(relative):
             raise error(f"{where} points outside the folder ({quote(relative)}); image paths must be relative "
                         "and stay inside it.")
         if categories is not None:

@@ -27,11 +27,11 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from .errors import InvalidDatasetError, quote
-from .legacy_format import (dump_json_line, dump_yaml, is_hidden, iter_json_lines, open_regular, parse_yaml,
-                            read_text, safe_join, write_text)
+from .legacy_format import (dump_json_line, dump_yaml, is_hidden, is_safe_relative, iter_json_lines, open_regular,
+                            parse_yaml, read_text, safe_join, write_text)
 
 MLTABLE_FILE = "MLTable"
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -295,7 +295,7 @@ class _RowCollector:
             relative = value.removeprefix("./")
         else:
             relative = self._inside_mount(datastore, value, where)
-        if safe_join(self.root, relative) is None:
+        if not is_safe_relative(relative):
             raise self.error(f"{where}: image {quote(value)} points outside the folder; image paths must be relative "
                              "and stay inside it.")
         return relative
@@ -328,20 +328,23 @@ class _RowCollector:
 
 
 def _datastore_path(value: str) -> str | None:
-    """The datastore path a URI names (percent-decoded), or None when `value` is not a URI we read."""
-    scheme, sep, _ = value.partition("://")
-    if not sep or scheme.lower() not in URI_SCHEMES:
+    """The datastore path a URI names (percent-decoded), or None when `value` is not a URI we read.
+    Plain string splitting: this runs once per row, and urlsplit would be most of a big table's load time."""
+    scheme, sep, rest = value.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in URI_SCHEMES:
         return None
-    parts = urlsplit(value)
-    path = unquote(parts.path)
-    if scheme.lower() == "azureml":
-        _, found, after = path.partition("/paths/")
+    rest = rest.split("#", 1)[0].split("?", 1)[0]
+    path = unquote(rest) if "%" in rest else rest
+    if scheme == "amldatastore":
+        return path
+    path = path.partition("/")[2]  # after the host (wasbs/abfss: container@account)
+    if scheme == "azureml":
+        _, found, after = ("/" + path).partition("/paths/")
         return after if found else None
-    if scheme.lower() == "amldatastore":
-        return unquote(value.partition("://")[2])
-    if scheme.lower() in ("https", "http"):
-        return path.lstrip("/").partition("/")[2] or None  # blob URLs: /<container>/<path>
-    return path.lstrip("/") or None  # wasbs/abfss: the container is in the host part
+    if scheme in ("https", "http"):
+        return path.partition("/")[2] or None  # blob URLs: /<container>/<path>
+    return path or None
 
 
 # --- writing an MLTable --------------------------------------------------------------------------------
