@@ -297,3 +297,13 @@ def test_sdk_binds_an_mltable_asset_to_the_uri_folder_data_inputs():
 
     assert job()._validate().passed
     assert load_component(str(REPO / "components" / "convert.yaml"))._validate().passed
+
+
+def test_an_mltable_of_two_files_one_without_labels(tmp_path):
+    folder = labeled_mltable(tmp_path, uri=False)
+    (folder / "more.jsonl").write_text(json.dumps({"image_url": "fridge/can/0.png"}) + "\n")
+    (folder / "MLTable").write_text(MLTABLE_TEXT.replace("paths:\n", "paths:\n  - file: ./more.jsonl\n"))
+    training = load_image_directory(folder, "Training")
+    assert len(training) == 8 and min(training.labels) >= 0
+    scoring = load_image_directory(folder, "Scoring", keep_unlabeled=True)
+    assert len(scoring) == 9 and list(scoring.labels).count(-1) == 1

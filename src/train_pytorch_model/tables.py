@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from array import array
 from collections.abc import Callable, Iterator
@@ -32,6 +33,8 @@ from urllib.parse import unquote
 from .errors import InvalidDatasetError, quote
 from .legacy_format import (dump_json_line, dump_yaml, is_hidden, is_safe_relative, iter_json_lines, open_regular,
                             parse_yaml, read_text, safe_join, write_text)
+
+log = logging.getLogger(__name__)
 
 MLTABLE_FILE = "MLTable"
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
@@ -324,7 +327,14 @@ class _RowCollector:
         for i, name in enumerate(categories):
             new_id[self.names[name]] = i
         labels = array("l", (new_id[label] if label >= 0 else -1 for label in self.labels))
-        return TableIndex(layout, self.files, self.ids, labels, categories, source)
+        files, ids = self.files, self.ids
+        if not self.keep_unlabeled and -1 in labels:  # a data file of the MLTable without the label column
+            keep = [i for i, label in enumerate(labels) if label >= 0]
+            files, ids = [files[i] for i in keep], array("q", (ids[i] for i in keep))
+            labels = array("l", (labels[i] for i in keep))
+        if self.unlabeled and not self.keep_unlabeled:
+            log.warning("%s: %d rows without a label were left out.", source, self.unlabeled)
+        return TableIndex(layout, files, ids, labels, categories, source)
 
 
 def _datastore_path(value: str) -> str | None:
