@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from train_pytorch_model.errors import InvalidModelDirectoryError
-from train_pytorch_model.preprocessing import (MAX_RESIZE_ASPECT, ImageDecodeError, InvalidPreprocessingError,
-                                               Preprocessing, _BoundedResize, decode_image, probe_image)
+from train_pytorch_model.errors import InvalidModelDirectoryError, InvalidPreprocessingError
+from train_pytorch_model.preprocessing import (MAX_RESIZE_ASPECT, ImageDecodeError, Preprocessing, _BoundedResize,
+                                               decode_image, probe_image)
 
 REPO = Path(__file__).resolve().parents[1]
 

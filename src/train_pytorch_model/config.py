@@ -29,7 +29,7 @@ def _field(default, help: str, *, group: str = "extras", identity: bool = True, 
     return field(default=default, metadata={"help": help, "group": group, "identity": identity, **argparse_options})
 
 
-def _auto_or_int(text: str) -> int | None:
+def auto_or_int(text: str) -> int | None:
     if text == "auto":
         return None
     if not text.isdigit():
@@ -58,6 +58,11 @@ class TrainConfig:
                                    required=True, type=Path)
     trained_model: Path = _field(None, "output folder (new or empty)", group="directories", identity=False,
                                  required=True, type=Path)
+    image_column: str | None = _field(None, "image path column of a table or MLTable input (default: the first of "
+                                      "image_url, image_path, image, path, file, file_name, filename)",
+                                      group="directories", identity=False, metavar="NAME")
+    label_column: str | None = _field(None, "label column of a table or MLTable input (default: the first of label, "
+                                      "category, class)", group="directories", identity=False, metavar="NAME")
     checkpoint_dir: Path | None = _field(
         None, "folder for the resume checkpoint, written every epoch; when it holds one, training resumes from it "
         "(same command after a preemption). Give it a new folder per training run", group="directories",
@@ -98,7 +103,7 @@ class TrainConfig:
                                     "a quarter of RAM, at most 16 GiB) (default false)", identity=False,
                                     type=_true_false, metavar="true|false", shown="false")
     num_workers: int | None = _field(None, "image decoding processes per training process (default auto)",
-                                     identity=False, type=_auto_or_int, metavar="auto|N", shown="auto")
+                                     identity=False, type=auto_or_int, metavar="auto|N", shown="auto")
     device: str = _field("auto", "auto (GPU when present), cpu, cuda, cuda:N", identity=False)
     precision: str = _field("auto", "auto: bf16 autocast on GPUs that support it, fp16 on older GPUs, fp32 on CPU",
                             choices=PRECISIONS)

@@ -73,6 +73,11 @@ class InvalidModelDirectoryError(TrainPyTorchModelError):
 
 
 
+class InvalidPreprocessingError(InvalidModelDirectoryError, ValueError):
+    """A preprocessing recipe out of range (from a damaged or tampered training_info.json, or bad arguments).
+    A ValueError too, so model_directory's existing handling of a bad recipe still applies."""
+
+
 class PretrainedWeightsNotFoundError(InvalidModelDirectoryError):
     """`pretrained: true` but no ImageNet weights are available without the network."""
 

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms import v2
 
-from .errors import InvalidModelDirectoryError, quote
+from .errors import InvalidPreprocessingError, quote
 
 # Decompression bombs: Pillow checks the header's size on open; decode_image turns its warning (over half this
 # many pixels) into a refusal, so no image decodes to more than ~89 megapixels (268 MB of RGB).
@@ -38,11 +38,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("flip_crop", "crop", "none")
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
-
-
-class InvalidPreprocessingError(InvalidModelDirectoryError, ValueError):
-    """A preprocessing recipe out of range (from a damaged or tampered training_info.json, or bad arguments).
-    A ValueError too, so model_directory's existing handling of a bad recipe still applies."""
 
 
 class ImageDecodeError(Exception):

@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from .config import auto_or_int
 from .convert import extract_archive
 from .data import ImageDataset, default_num_workers
 from .distributed import pick_device
@@ -63,20 +64,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scored-data", required=True, type=Path,
                         help=f"output folder (new or empty) for {SCORED_PARQUET} and {SCORED_CSV}")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--num-workers", default="auto", help="image decoding processes (default auto)")
+    parser.add_argument("--num-workers", default=None, type=auto_or_int, metavar="auto|N",
+                        help="image decoding processes (default auto)")
+    parser.add_argument("--image-column", default=None, metavar="NAME", help="image path column of a table input")
+    parser.add_argument("--label-column", default=None, metavar="NAME", help="label column of a table input")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidParameterError("Batch size", args.batch_size, "must be an integer >= 1")
-    if args.num_workers != "auto" and not str(args.num_workers).isdigit():
-        raise InvalidParameterError("Num workers", args.num_workers, "must be 'auto' or an integer >= 0")
     device = pick_device(args.device)
     trained = read_trained_model_directory(args.trained_model)
-    workers = default_num_workers(device) if args.num_workers == "auto" else int(args.num_workers)
+    workers = default_num_workers(device) if args.num_workers is None else args.num_workers
     started = time.perf_counter()
-    with images_to_score(args.image_directory) as directory:
+    columns = dict(image_column=args.image_column, label_column=args.label_column)
+    with images_to_score(args.image_directory, **columns) as directory:
         table = score_directory(trained, directory, device=device, batch_size=args.batch_size, num_workers=workers)
     seconds = time.perf_counter() - started
     table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def images_to_score(paths: list[Path]):
+def images_to_score(paths: list[Path], **columns):
     """The ImageDirectory for `--image-directory`: a folder, an archive (unpacked to a temporary folder
     for the duration), or image files."""
     paths = [Path(p) for p in paths]
@@ -105,9 +108,9 @@ def images_to_score(paths: list[Path]):
             root = extract_archive(single, Path(temporary) / "images", MAX_EXTRACTED_BYTES, skipped)
             if skipped:
                 log.warning("%d archive members were not extracted, e.g. '%s': %s", len(skipped), *skipped[0])
-            yield load_image_directory(root, "Scoring", keep_unlabeled=True)
+            yield load_image_directory(root, "Scoring", keep_unlabeled=True, **columns)
     elif single is not None and single.suffix.lower() not in IMAGE_SUFFIXES:  # a folder (or what else it reads)
-        yield load_image_directory(single, "Scoring", keep_unlabeled=True)
+        yield load_image_directory(single, "Scoring", keep_unlabeled=True, **columns)
     else:
         yield image_files_directory(paths)
 

@@ -163,8 +163,9 @@ class Data:
 
 
 def read_data(config: TrainConfig, ctx: distributed.Context) -> Data:
-    train = load_image_directory(config.training_data, "Training")
-    valid = load_image_directory(config.validation_data, "Validation")
+    columns = dict(image_column=config.image_column, label_column=config.label_column)
+    train = load_image_directory(config.training_data, "Training", **columns)
+    valid = load_image_directory(config.validation_data, "Validation", **columns)
     require_labeled(train, "Training")
     require_labeled(valid, "Validation")
     return Data(train, valid, check_classes(train, valid))
