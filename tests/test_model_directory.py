@@ -45,7 +45,7 @@ def test_weights_in_the_directory_are_used(tmp_path):
 def test_pretrained_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     write_untrained_model_directory(tmp_path / "m", ModelSpec("resnet18", True, False), None)
-    with pytest.raises(PretrainedWeightsNotFoundError, match="init-model .*--pretrained --weights"):
+    with pytest.raises(PretrainedWeightsNotFoundError, match="init-model .*--pretrained true.*--weights FILE"):
         read_untrained_model_directory(tmp_path / "m")
 
 

@@ -113,3 +113,10 @@ class UsageError(TrainPyTorchModelError):
 class UnexpectedError(TrainPyTorchModelError):
     """Anything we did not foresee. The traceback is printed above the one-line error."""
 
+
+
+# --- models and weights (models engineer) ---
+
+
+class WeightsHashMismatchError(InvalidModelDirectoryError):
+    """A downloaded weights file does not have the sha256 its file name promises."""
