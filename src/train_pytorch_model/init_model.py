@@ -22,8 +22,8 @@ import torch
 
 from .errors import InvalidParameterError, PretrainedWeightsNotFoundError
 from .model_directory import ModelSpec, check_output_folder, release_output, write_untrained_model_directory
-from .models import (DESIGNER_MODEL_NAMES, IMAGENET_CLASSES, MODEL_NAMES, Classifier, build_net, flag_name_of,
-                     load_legacy_state, load_weights_file)
+from .models import (DESIGNER_MODEL_NAMES, IMAGENET_CLASSES, MODEL_NAMES, Classifier, build_net, cpu_state_dict,
+                     flag_name_of, load_legacy_state, load_weights_file)
 from .weights import check_weights_url, pretrained_weights
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def build_untrained(model_name: str, *, pretrained: bool, weights: Path | None =
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = Classifier(build_net(model_name, IMAGENET_CLASSES, flag_value))
-        return spec, _plain(model), f"random initialisation (seed {seed})"
+        return spec, cpu_state_dict(model), f"random initialisation (seed {seed})"
     if weights is not None:
         if not Path(weights).exists():
             raise PretrainedWeightsNotFoundError(f"Weights file '{weights}' does not exist.")
@@ -107,8 +107,4 @@ def build_untrained(model_name: str, *, pretrained: bool, weights: Path | None =
     # load_legacy_state checks the file really is this architecture (keys and shapes) before building it.
     model = load_legacy_state(model_name, flag_value, load_weights_file(path, model_name, flag_value), str(path))
     log.info("Pretrained %s weights from %s", model_name, path)
-    return spec, _plain(model), f"ImageNet weights from {weights_url or path}"
-
-
-def _plain(model: Classifier) -> dict:
-    return {k: v.contiguous() for k, v in model.state_dict().items()}
+    return spec, cpu_state_dict(model), f"ImageNet weights from {weights_url or path}"

@@ -16,6 +16,7 @@ stacked `Linear(1000, C)` after the ImageNet logits, which we read but never wri
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 import os
 import re
 import stat
@@ -142,10 +143,11 @@ def _outputs(layer: nn.Module) -> int:
 def replace_head(net: nn.Module, num_classes: int) -> None:
     """Swap the head for a fresh one with `num_classes` outputs (seeded by the caller)."""
     name, old = head_of(net)
+    bias = old.bias is not None  # MaxViT's head has none
     if isinstance(old, nn.Linear):
-        new = nn.Linear(old.in_features, num_classes)
+        new = nn.Linear(old.in_features, num_classes, bias=bias)
     else:
-        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding, bias=bias)
     parent_name, _, attr = name.rpartition(".")
     setattr(net.get_submodule(parent_name), attr, new)
 
@@ -225,9 +227,21 @@ def pretrained_missing_error(model_name: str, where: str) -> PretrainedWeightsNo
     )
 
 
-def cpu_state_dict(model: nn.Module) -> dict:
-    """Detached CPU copies of the model's state: later training steps never change them."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+def cpu_state_dict(model: nn.Module) -> OrderedDict:
+    """Detached CPU copies of the model's state: later training steps never change them. The modules'
+    version metadata goes along (torch.save keeps it; MNASNet and BatchNorm read it when loading)."""
+    state = model.state_dict()
+    return _rekey(state, lambda k: k, {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()})
+
+
+def _rekey(state: dict, rename, values: dict | None = None) -> OrderedDict:
+    """`state` with every key (and its `_metadata` module prefix) renamed by `rename`; `values` replaces tensors."""
+    values = state if values is None else values
+    out = OrderedDict((rename(k), values[k]) for k in state)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict((rename(f"{k}." if k else "").removesuffix("."), v) for k, v in metadata.items())
+    return out
 
 
 # --- reading weights files ----------------------------------------------------------------------------------
@@ -321,13 +335,15 @@ def load_legacy_state(model_name: str, flag_value: bool, state: dict, source: st
     file's head size is built, so a huge head costs nothing.
     """
     _check_tensors(state, Path(source))
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
+    # Our own copy (keys renamed and filtered below). Saved from DataParallel/DDP: drop their prefix.
+    state = _rekey(state, lambda k: k.removeprefix("module.") if k.startswith("module.") else k)
     if not any(k.startswith("model.") for k in state):
         # Also accept a bare torchvision state dict (e.g. a torch hub cache file).
-        state = {f"model.{k}": v for k, v in state.items()}
+        state = _rekey(state, lambda k: f"model.{k}")
     reference, head = _reference_shapes(model_name, bool(flag_value))
     # Auxiliary heads (GoogLeNet, Inception) are in torchvision's files, not in the nets we build.
-    state = {k: v for k, v in state.items() if k in reference or not _is_aux_head(model_name, k)}
+    for key in [k for k in state if k not in reference and _is_aux_head(model_name, k)]:
+        del state[key]
     head_weight = state.get(f"{head}weight")
     linear = state.get("out_linear_model.weight")
     if head_weight is None or head_weight.dim() < 2 or min(head_weight.shape) == 0 or (
@@ -353,7 +369,13 @@ def load_legacy_state(model_name: str, flag_value: bool, state: dict, source: st
         )
     out_linear = nn.Linear(linear.shape[1], linear.shape[0]) if linear is not None else None
     model = Classifier(build_net(model_name, classes, flag_value), out_linear)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as exc:  # e.g. MNASNet needs the version metadata torch.save keeps
+        raise InvalidModelDirectoryError(
+            f"'{source}' cannot be loaded into {model_name}: {str(exc)[:200]}. Save it with "
+            "torch.save(model.state_dict(), path) (the state dict itself, with its metadata)."
+        ) from None
     return model
 
 
