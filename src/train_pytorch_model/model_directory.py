@@ -604,7 +604,8 @@ def _write_failure(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
         return exc.strerror or str(exc)
     # torch.save reports the C++ writer's failure as a RuntimeError without the errno.
-    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter failed" in str(exc) or "file write failed" in str(exc)):
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in ("PytorchStreamWriter", "inline_container",
+                                                                       "file write failed")):
         return "the file system refused a write (disk full, quota exceeded, file too large or read-only)"
     return None
 
