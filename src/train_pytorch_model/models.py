@@ -306,7 +306,7 @@ def _check_tensors(state, path: Path) -> None:
     """A mapping of names to dense, real-valued, finite CPU tensors."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
-        raise _weights_error(path, "it is not a state dict, a mapping of names to tensors")
+        raise _weights_error(path, "it is not a PyTorch state dict, a mapping of names to tensors")
     for key, tensor in state.items():
         if tensor.layout != torch.strided or tensor.is_meta or tensor.is_quantized or tensor.is_complex():
             kind = ("sparse" if tensor.layout != torch.strided else "meta" if tensor.is_meta
@@ -346,13 +346,13 @@ def load_legacy_state(model_name: str, flag_value: bool, state: dict, source: st
         del state[key]
     head_weight = state.get(f"{head}weight")
     linear = state.get("out_linear_model.weight")
-    if head_weight is None or head_weight.dim() < 2 or min(head_weight.shape) == 0 or (
-            linear is not None and (linear.dim() != 2 or min(linear.shape) == 0)):
+    # No head at all: another architecture, reported below with the other missing keys.
+    classes = head_weight.shape[0] if head_weight is not None and head_weight.dim() >= 2 else IMAGENET_CLASSES
+    if classes == 0 or (linear is not None and (linear.dim() != 2 or min(linear.shape) == 0)):
         raise InvalidModelDirectoryError(
             f"'{source}' does not hold a {model_name} state dict (no usable classification head weights found). "
             "Re-create the untrained model directory with init-model."
         )
-    classes = head_weight.shape[0]
     expected = {k: ((classes,) + s[1:] if k.startswith(head) else s) for k, s in reference.items()}
     if linear is not None:
         expected |= {"out_linear_model.weight": tuple(linear.shape), "out_linear_model.bias": (linear.shape[0],)}
