@@ -82,7 +82,8 @@ def test_zero_init_residual_zeroes_the_last_batchnorm(tmp_path):
     assert init_model("--model-name", "resnet18", "--zero-init-residual", "True", "--untrained-model", str(out)) == 0
     state = torch.load(out / "model", weights_only=True)
     assert torch.count_nonzero(state["model.layer1.0.bn2.weight"]) == 0
-    assert yaml.safe_load((out / "model_spec.yaml").read_text())["flavor_extras"]["init_params"]["zero_init_residual"] is True
+    params = yaml.safe_load((out / "model_spec.yaml").read_text())["flavor_extras"]["init_params"]
+    assert params["zero_init_residual"] is True
 
 
 def test_flag_of_the_other_family_is_refused(tmp_path, capsys):

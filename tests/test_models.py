@@ -105,7 +105,7 @@ def test_cpu_state_dict_is_a_detached_copy():
 
 
 @pytest.mark.parametrize("module, cls", [("os", "system"), ("subprocess", "Popen"),
-                                         ("azureml.designer.modules.dl.pytorch.initialize_models.vision.classification.resnet", "DenseNet")])
+                                         (f"{FAMILIES['resnet'][0]}", "DenseNet")])
 def test_unknown_module_or_class_is_refused_without_import(module, cls):
     with pytest.raises(InvalidModelDirectoryError, match="not supported"):
         family_of(module, cls)

@@ -86,9 +86,9 @@ def build_untrained(model_name: str, *, pretrained: bool, weights: Path | None =
     flags = {"memory_efficient": memory_efficient, "zero_init_residual": zero_init_residual}
     for name, value in flags.items():
         if value and name != flag_name:
+            family = "DenseNet" if name == "memory_efficient" else "ResNet"
             raise InvalidParameterError(name.replace("_", " ").capitalize(), value,
-                                        f"only applies to {'DenseNet' if name == 'memory_efficient' else 'ResNet'} models, "
-                                        f"not {model_name}")
+                                        f"only applies to {family} models, not {model_name}")
     flag_value = bool(flags.get(flag_name, False))
     if weights is not None and weights_url:
         raise InvalidParameterError("Weights url", weights_url, "give either --weights or --weights-url, not both")

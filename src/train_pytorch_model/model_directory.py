@@ -125,7 +125,8 @@ def read_model_spec(path: Path) -> ModelSpec:
     if spec.get("file_name"):
         raise invalid("it holds a legacy pickled model, which is never loaded (unsafe). Re-create it.")
     flavor = spec.get("flavor") or {}
-    if not isinstance(flavor, dict) or flavor.get("name") != "pytorch" or flavor.get("serialization_method", "state_dict") != "state_dict":
+    if not isinstance(flavor, dict) or flavor.get("name") != "pytorch" \
+            or flavor.get("serialization_method", "state_dict") != "state_dict":
         raise invalid(f"{SPEC_FILE} flavor must be pytorch / state_dict, got {flavor!r}.")
     task = spec.get("task_type", TASK_TYPE)
     if task != TASK_TYPE:
@@ -301,9 +302,9 @@ def write_untrained_model_directory(out: Path, spec: ModelSpec, state_dict: dict
         if state_dict is not None:
             torch.save(state_dict, stage / WEIGHTS_FILE)
         write_text(stage / SPEC_FILE, dump_yaml(spec.to_yaml_dict()))
+        readers = "Azure ML designer, train-pytorch-model and MLflow" if spec.is_designer else READERS_NOTE
         info = {"format_version": 1, "model_name": spec.model_name, "pretrained": spec.pretrained,
-                "weights": weights_source, "preprocessing": spec.preprocessing_defaults,
-                "readable_by": "Azure ML designer, train-pytorch-model and MLflow" if spec.is_designer else READERS_NOTE}
+                "weights": weights_source, "preprocessing": spec.preprocessing_defaults, "readable_by": readers}
         write_text(stage / MODEL_INFO_FILE, json.dumps(info, indent=2, allow_nan=False) + "\n")
         _write_readers_note(stage, spec)
         write_text(stage / META_FILE, dump_yaml({"type": "ModelDirectory", "extension": {}, "model": SPEC_FILE}))
