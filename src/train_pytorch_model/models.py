@@ -282,7 +282,7 @@ def load_weights_file(path: Path, model_name: str, flag_value: bool = False) -> 
                                            "torch.save never writes")
         else:
             size = os.path.getsize(path)
-    except (OSError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # a damaged archive directory fails in many ways (BadZipFile, struct.error, ...)
         raise _weights_error(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
     if size > limit:
         raise _weights_error(path, f"it holds {size / 2**20:.0f} MiB, more than a {model_name} state dict can "
