@@ -271,19 +271,18 @@ def load_weights_file(path: Path, model_name: str, flag_value: bool = False) -> 
             f"Weights file '{path}' is {kind}. It must be the state dict file written by torch.save: re-create the "
             "model directory with init-model."
         )
+    members = []
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 members = archive.infolist()
-            size = sum(m.file_size for m in members)
-            compressed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
-            if compressed:
-                raise _weights_error(path, f"it has compressed members (e.g. {quote(compressed[0])}), which "
-                                           "torch.save never writes")
-        else:
-            size = os.path.getsize(path)
     except Exception as exc:  # a damaged archive directory fails in many ways (BadZipFile, struct.error, ...)
         raise _weights_error(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    size = sum(m.file_size for m in members) if members else os.path.getsize(path)
+    compressed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise _weights_error(path, f"it has compressed members (e.g. {quote(compressed[0])}), which torch.save "
+                                   "never writes")
     if size > limit:
         raise _weights_error(path, f"it holds {size / 2**20:.0f} MiB, more than a {model_name} state dict can "
                                    f"({limit / 2**20:.0f} MiB)")
