@@ -203,3 +203,15 @@ def test_pretrained_googlenet_from_torchvisions_file_with_auxiliary_heads(tmp_pa
     assert not any(".aux" in k for k in saved) and torch.equal(saved["model.fc.weight"], state["fc.weight"])
     _, model = read_untrained_model_directory(out)
     assert model.model.transform_input and model.num_classes == 1000
+
+
+def test_designers_imagenet1k_v1_file_in_the_cache_is_used_when_default_is_not_there(tmp_path):
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    v1 = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    assert v1 != imagenet_weights_file("resnet50")  # DEFAULT is V2 for resnet50
+    torch.save(state, cache / v1)
+    out = tmp_path / "r50"
+    assert init_model("--model-name", "resnet50", "--pretrained", "--untrained-model", str(out)) == 0
+    assert torch.equal(torch.load(out / "model", weights_only=True)["model.fc.bias"], state["fc.bias"])

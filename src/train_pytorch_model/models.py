@@ -16,6 +16,7 @@ stacked `Linear(1000, C)` after the ImageNet logits, which we read but never wri
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
 import os
 import re
@@ -168,14 +169,7 @@ def _reference_shapes(model_name: str, flag_value: bool) -> tuple[dict, str]:
 
 def expected_weights_bytes(model_name: str, flag_value: bool = False) -> int:
     """Bytes of a float32 state dict of `model_name` with a 1000-way head."""
-    return 4 * sum(max(1, _numel(s)) for s in _reference_shapes(model_name, flag_value)[0].values())
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return 4 * sum(max(1, math.prod(s)) for s in _reference_shapes(model_name, flag_value)[0].values())
 
 
 def preprocessing_defaults(model_name: str) -> dict:
@@ -210,9 +204,14 @@ def hub_cache_path(file_name: str) -> Path:
 
 
 def find_cached_weights(model_name: str) -> Path | None:
-    """ImageNet weights for `model_name` in the local torch hub cache, if they were downloaded or put there."""
-    path = hub_cache_path(imagenet_weights_file(model_name))
-    return path if path.is_file() else None
+    """ImageNet weights for `model_name` in the local torch hub cache, if they were downloaded or put there:
+    the DEFAULT file, else the IMAGENET1K_V1 file (what designer's modules used, e.g. resnet50-0676ba61.pth)."""
+    weights = torchvision.models.get_model_weights(model_name)
+    for entry in dict.fromkeys((weights.DEFAULT, getattr(weights, "IMAGENET1K_V1", weights.DEFAULT))):
+        path = hub_cache_path(os.path.basename(entry.url))
+        if path.is_file():
+            return path
+    return None
 
 
 def pretrained_missing_error(model_name: str, where: str) -> PretrainedWeightsNotFoundError:
