@@ -40,7 +40,8 @@ import torch
 from .errors import (CheckpointMismatchError, OutputDirectoryError, TrainingInterruptedError, TrainPyTorchModelError,
                      quote)
 from .image_directory import ImageDirectory
-from .train import EpochMetrics, TrainingState, cpu_copy, cpu_state_dict
+from .models import cpu_state_dict
+from .train import EpochMetrics, TrainingState, cpu_copy
 
 log = logging.getLogger(__name__)
 

@@ -77,7 +77,9 @@ class TrainConfig:
     patience: int = _field(3, "stop after this many epochs without a better validation loss; 0 never stops early "
                            "(default 3)", group="designer parameters", type=int)
     # extras
-    image_size: int = _field(224, "square side images are resized/cropped to (default 224)", type=int)
+    image_size: int | None = _field(None, "square side images are resized/cropped to (default auto: the "
+                                    "architecture's, 224 for designer's DenseNet/ResNet)", type=auto_or_int,
+                                    metavar="auto|N", shown="auto")
     augmentation: str = _field("flip_crop", "training augmentation: random crop + horizontal flip, crop only, or "
                                "none (default flip_crop)", choices=AUGMENTATIONS)
     optimizer: str = _field("sgd", "sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the original's); adamw: "
@@ -126,7 +128,8 @@ class TrainConfig:
         _check("Learning rate", self.learning_rate, math.isfinite(self.learning_rate) and self.learning_rate > 0,
                "must be a finite number > 0")
         _check("Patience", self.patience, self.patience >= 0, "must be an integer >= 0 (0 disables early stopping)")
-        _check("Image size", self.image_size, 32 <= self.image_size <= 4096, "must be between 32 and 4096 pixels")
+        _check("Image size", self.image_size, self.image_size is None or 32 <= self.image_size <= 4096,
+               "must be auto or between 32 and 4096 pixels")
         _check("Warmup epochs", self.warmup_epochs, self.warmup_epochs == 0 or 0 < self.warmup_epochs < self.epochs,
                "must be >= 0 and smaller than epochs")
         _check("Max bad image fraction", self.max_bad_image_fraction,

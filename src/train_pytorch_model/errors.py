@@ -83,6 +83,10 @@ class PretrainedWeightsNotFoundError(InvalidModelDirectoryError):
 
 
 
+class WeightsHashMismatchError(InvalidModelDirectoryError):
+    """A downloaded weights file does not have the sha256 its file name promises."""
+
+
 class CheckpointMismatchError(TrainPyTorchModelError):
     """A resume checkpoint was written for other inputs (other classes or model)."""
 
@@ -109,6 +113,11 @@ class TrainingDivergedError(TrainPyTorchModelError):
     """The loss or the weights became NaN/infinite: no model is written (lower the learning rate)."""
 
 
+class ExportError(TrainPyTorchModelError):
+    """A model could not be exported, its export dependencies are missing, or the exported file does not
+    reproduce the PyTorch model's probabilities."""
+
+
 class ComponentSpecError(TrainPyTorchModelError):
     """A component YAML or a binding given to the local component runner is wrong."""
 
@@ -121,12 +130,3 @@ class UsageError(TrainPyTorchModelError):
 
 class UnexpectedError(TrainPyTorchModelError):
     """Anything we did not foresee. The traceback is printed above the one-line error."""
-
-
-
-# --- serving and export (serve engineer) ------------------------------------------------------------------
-
-
-class ExportError(TrainPyTorchModelError):
-    """A model could not be exported, its export dependencies are missing, or the exported file does not
-    reproduce the PyTorch model's probabilities."""
