@@ -22,7 +22,7 @@ COMMANDS = {
     "convert": ("convert", "turn an ImageFolder tree, flat folder or archive into an ImageDirectory"),
     "score": ("score", "score images (a folder, an archive, image files) with a trained model: parquet + csv"),
     "evaluate": ("evaluate", "accuracy, per-class metrics and a confusion matrix from a scored table"),
-    "export": ("export", "export a trained model directory to ONNX and TorchScript for other runtimes"),
+    "export": ("export", "export a trained model directory to ONNX and torch.export (.pt2) for other runtimes"),
     "run-component": ("component_runner", "run a component YAML locally, binding inputs like Azure ML does"),
 }
 
