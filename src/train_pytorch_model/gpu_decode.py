@@ -113,6 +113,10 @@ class GpuDecodeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.cpu)
 
+    @property
+    def size_hint(self) -> int | None:  # data.make_loader sizes its prefetch from it
+        return self.cpu.size_hint
+
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         target = self.cpu.targets[index]
