@@ -641,7 +641,7 @@ def throughput_suite(args, out: Path) -> dict:
     for model in models:
         if not (data / f"untrained_{model}" / "model_spec.yaml").is_file():
             write_untrained_model_directory(data / f"untrained_{model}", ModelSpec(model), None)
-    warmup, steps, print_freq = (2, 4, 2) if quick else (50, 300, 25)
+    warmup, steps, print_freq = (2, 4, 2) if quick else (30, 300, 30)
     cap = 5 if quick else args.max_seconds
     gpu_decode_in_train = train_has_flag("decode")
     results, skipped, failed = [], [], []
@@ -663,26 +663,28 @@ def throughput_suite(args, out: Path) -> dict:
                 "valid_dir": str(data / "valid"),
                 "valid_images": valid["images"], "warmup_steps": warmup, "steps": steps, "max_seconds": cap,
                 "timed_epochs": 1, "steps_per_epoch": steps, "print_freq": print_freq, "patience": 0}
-        yield f"ceiling {first} b{big}", "ceiling", {**base, "model": first, "batch_size": big}
+        yield f"ceiling {first} b{big}", "ceiling", {**base, "model": first, "batch_size": big,
+                                                   "max_seconds": cap / 2}
+        for kind, decode in (("imagenet", "cpu"), ("photos", "cpu"), ("photos", "gpu"), ("imagenet", "gpu")):
+            yield f"train {first} b{big} {kind} {decode}-decode", "end_to_end", {
+                **base, "model": first, "batch_size": big, "decode": decode, "kind": kind}
         for kind in kinds:
             for decode in ("cpu", "gpu"):
                 yield f"supply {kind} {decode}-decode b{big}", "supply", {
                     **base, "batch_size": big, "decode": decode, "train_dir": str(data / kind),
-                    "steps": 3 * steps // 4, "max_seconds": cap / 2}
-        for kind in kinds:
-            for decode in ("cpu", "gpu"):
-                yield f"train {first} b{big} {kind} {decode}-decode", "end_to_end", {
-                    **base, "model": first, "batch_size": big, "decode": decode, "kind": kind}
+                    "steps": steps // 3, "max_seconds": cap / 3}
         if args.compile:
             yield f"ceiling {first} b{big} compiled", "ceiling", {**base, "model": first, "batch_size": big,
                                                                    "compile": True, "max_seconds": cap}
         for model in rest:
-            yield f"ceiling {model} b{big}", "ceiling", {**base, "model": model, "batch_size": big}
+            yield f"ceiling {model} b{big}", "ceiling", {**base, "model": model, "batch_size": big,
+                                                       "max_seconds": cap / 2}
             yield f"train {model} b{big} imagenet cpu-decode", "end_to_end", {
                 **base, "model": model, "batch_size": big, "decode": "cpu", "kind": "imagenet"}
         for batch in small:
             for model in models:
-                yield f"ceiling {model} b{batch}", "ceiling", {**base, "model": model, "batch_size": batch}
+                yield f"ceiling {model} b{batch}", "ceiling", {**base, "model": model, "batch_size": batch,
+                                                             "max_seconds": cap / 3}
                 yield f"train {model} b{batch} imagenet cpu-decode", "end_to_end", {
                     **base, "model": model, "batch_size": batch, "decode": "cpu", "kind": "imagenet"}
         if args.compile:
@@ -698,7 +700,7 @@ def throughput_suite(args, out: Path) -> dict:
                 continue
             spec = {**spec, "train_dir": str(e2e_rows(spec["kind"], spec["batch_size"])),
                     "untrained_model": str(data / f"untrained_{spec['model']}"), "train_images": 0}
-        need = 30 if quick else (150 if spec.get("compile") else 2 * cap + 30)
+        need = 30 if quick else (150 if spec.get("compile") else spec["max_seconds"] + 30)
         if left < need:
             skipped.append((name, f"budget: {left:.0f}s left, needs ~{need}s"))
             print(f"  {name:<44} skipped (budget)", flush=True)

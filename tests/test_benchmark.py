@@ -86,3 +86,12 @@ def test_script_writes_json_and_markdown_and_lists_what_it_skipped(tmp_path):
     assert any(name.startswith("train resnet18 b4 imagenet") for name, _ in report["skipped"])
     assert set(report["datasets"]) == {"imagenet", "photos"}
     assert "| ceiling resnet18 b4 | skipped: budget" in (out / "throughput.md").read_text()
+
+
+def test_gpu_check_finds_the_python_and_refuses_without_a_gpu(tmp_path):
+    """On this CPU-only machine the script gets as far as looking for the GPU, then exits 2 saying why."""
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "torch 2." in done.stdout and "no CUDA device visible to torch" in done.stdout
