@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import itertools
 import json
 import math
 import os
@@ -475,7 +476,7 @@ def write_photos(root: Path, count: int, seed: int, min_mp: float, max_mp: float
         (root / name).mkdir(parents=True)
     processes = max(1, len(os.sched_getaffinity(0)))
     bounds = [count * k // (4 * processes) for k in range(4 * processes + 1)]
-    jobs = [(str(root), a, b, seed, min_mp, max_mp, quality) for a, b in zip(bounds, bounds[1:]) if b > a]
+    jobs = [(str(root), a, b, seed, min_mp, max_mp, quality) for a, b in itertools.pairwise(bounds) if b > a]
     with ProcessPoolExecutor(processes) as pool:
         rows = [row for chunk in pool.map(write_photo_chunk, jobs) for row in chunk]
     summary = {"recipe": recipe, "images": count, "megabytes": round(sum(r[1] for r in rows) / 1e6, 1),
@@ -525,8 +526,11 @@ def measure_supply(spec: dict) -> dict:
             start, seen = time.perf_counter(), 0
         to_device(batch)
         seen += len(batch)
-        if start and (step - spec["warmup_steps"] >= spec["steps"] or time.perf_counter() - start > spec["max_seconds"]):
+        timed = step - spec["warmup_steps"]
+        if start and (timed >= spec["steps"] or time.perf_counter() - start > spec["max_seconds"]):
             break
+    if start is None:
+        raise SystemExit(f"the dataset has no more than {spec['warmup_steps']} batches: nothing left to time")
     sync(device)
     elapsed = time.perf_counter() - start
     return {"images_per_second": seen / elapsed, "images": seen, "seconds": elapsed, "workers": workers,
@@ -650,7 +654,8 @@ def throughput_suite(args, out: Path) -> dict:
         """An images.lst of (warmup + steps) batches cycling the kind's files (hard links, no copies)."""
         root = data / f"lst_{kind}_{batch}"
         rows = (warmup + steps + 1) * batch
-        if not (root / "images.lst").is_file() or sum(1 for _ in open(root / "images.lst")) != rows:
+        listed = (root / "images.lst").read_bytes().count(b"\n") if (root / "images.lst").is_file() else -1
+        if listed != rows:
             shutil.rmtree(root, ignore_errors=True)
             write_image_list(root, rows, kinds[kind]["files"], data / kind)
         return root
@@ -706,7 +711,8 @@ def throughput_suite(args, out: Path) -> dict:
             print(f"  {name:<44} skipped (budget)", flush=True)
             continue
         try:
-            result = run_measurement(measure, spec, logs, name.replace(" ", "_"), timeout=None if math.isinf(left) else left)
+            result = run_measurement(measure, spec, logs, name.replace(" ", "_"),
+                                     timeout=None if math.isinf(left) else left)
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             failed.append((name, str(exc)[-600:]))
             print(f"  {name:<44} FAILED: {str(exc)[-300:]}", flush=True)

@@ -166,7 +166,7 @@ class GpuBatch:
     failures: list[tuple[int, str]]
     rows: list[int]
 
-    def pin_memory(self) -> "GpuBatch":
+    def pin_memory(self) -> GpuBatch:
         # The JPEG bytes are read by the decoder on the host; only the targets go to the device as they are.
         return GpuBatch(self.images, self.plans, self.targets.pin_memory(), self.failures, self.rows)
 
