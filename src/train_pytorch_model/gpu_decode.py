@@ -105,7 +105,7 @@ class GpuDecodeDataset(torch.utils.data.Dataset):
     Plan None, or None with the failure's reason."""
 
     def __init__(self, cpu: ImageDataset, preprocessing: Preprocessing, train: bool):
-        self.cpu, self.preprocessing, self.train = cpu, preprocessing, train
+        self.cpu, self.preprocessing = cpu, preprocessing
         self.crop = v2.RandomResizedCrop(preprocessing.image_size or 1, scale=(0.5, 1.0))
         self.augment = train and preprocessing.augmentation != "none"
         self.flip = train and preprocessing.augmentation == "flip_crop"
@@ -130,8 +130,8 @@ class GpuDecodeDataset(torch.utils.data.Dataset):
         if self.preprocessing.image_size is None or image.format != "JPEG" or image.mode not in DEVICE_JPEG_MODES:
             decoded, target, index, failure = self.cpu[key]
             return decoded, None, target, index, failure
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), self._plan(image, full, epoch, index), target, \
-            index, None
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return encoded, self._plan(image, full, epoch, index), target, index, None
 
     def _plan(self, image: Image.Image, full: tuple[int, int], epoch: int, index: int) -> Plan:
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
