@@ -26,7 +26,9 @@ Results: <out>/benchmark.json and <out>/benchmark.md (a markdown table). Timing 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import itertools
 import json
 import math
 import os
@@ -168,20 +170,23 @@ def make_model_and_step(spec: dict, device):
     import torch
     import torch.nn.functional as F
 
+    from train_pytorch_model.config import TrainConfig
     from train_pytorch_model.models import Classifier, build_net
     from train_pytorch_model.preprocessing import Preprocessing
-    from train_pytorch_model.train import Hyperparameters, autocast, make_optimizer
+    from train_pytorch_model.train import autocast, make_optimizer
     from train_pytorch_model.train_command import resolve_precision
 
     torch.manual_seed(0)
     precision = resolve_precision(spec.get("precision", "auto"), device)
     channels_last = device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train_command.configure_torch: the ceiling is like for like
     model = Classifier(build_net(spec["model"], len(CLASSES))).to(device, memory_format=memory_format)
     if spec.get("compile"):
         model.compile()
-    hp = Hyperparameters(learning_rate=0.001, precision=precision)
-    optimizer = make_optimizer(model, hp, hp.learning_rate)
+    config = TrainConfig(learning_rate=0.001, precision=precision)
+    optimizer = make_optimizer(model, config, config.learning_rate, len(CLASSES), device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     prep = Preprocessing(image_size=spec["image_size"])
 
@@ -225,12 +230,13 @@ def measure_ceiling(spec: dict) -> dict:
     steps = max(5, spec["steps_per_epoch"])
     rates = []
     for _ in range(spec["timed_epochs"]):
-        start = time.perf_counter()
-        for _ in range(steps):
+        start, done = time.perf_counter(), 0
+        while done < steps and time.perf_counter() - start < spec.get("max_seconds", math.inf):
             step(images, targets)
+            done += 1
         sync(device)
-        rates.append(steps * batch / (time.perf_counter() - start))
-    return {"images_per_second": statistics.median(rates), "epochs": rates, "precision": precision,
+        rates.append(done * batch / (time.perf_counter() - start))
+    return {"images_per_second": statistics.median(rates), "epochs": rates, "precision": precision, "timed_steps": done,
             "threads": torch.get_num_threads(), "device": str(device), **peak_memory()}
 
 
@@ -407,18 +413,17 @@ def measure_index(spec: dict) -> dict:
             / len(directory)), **peak_memory()}
 
 
-MEASUREMENTS = {"ceiling": measure_ceiling, "eval_ceiling": measure_eval_ceiling, "train": measure_train,
-                "baseline": measure_baseline, "decode": measure_decode, "index": measure_index}
 
 
-def run_measurement(kind: str, spec: dict, log_dir: Path, name: str) -> dict:
+def run_measurement(kind: str, spec: dict, log_dir: Path, name: str, timeout: float | None = None) -> dict:
     """`kind` in a fresh interpreter; returns its JSON result (stderr goes to <out>/logs/<name>.log)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, str(Path(__file__).resolve()), "--measure", kind, "--spec", json.dumps(spec)]
     started = time.perf_counter()
     with open(log_dir / f"{name}.log", "w") as log:
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=log_dir)
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=log_dir,
+                              timeout=timeout)
     if done.returncode != 0:
         tail = (log_dir / f"{name}.log").read_text()[-2000:]
         raise RuntimeError(f"measurement {name} failed (exit {done.returncode}):\n{tail}")
@@ -433,6 +438,326 @@ def summary_line(result: dict) -> str:
     if "rows_per_second" in result:
         return f"{result['rows']} rows in {result['seconds']:.2f}s, index {result['index_mib']} MiB"
     return json.dumps(result)
+
+
+# --- the throughput suite (issue 16): `--suite throughput`, on a GPU `--device cuda` -------------------------
+
+
+def write_photo_chunk(job: tuple) -> list[tuple[str, int, int]]:
+    """Worker of write_photos: images [start, stop) of one recipe (a seed per image: any split, same files)."""
+    import numpy as np
+
+    root, start, stop, seed, min_mp, max_mp, quality = job
+    written = []
+    for n in range(start, stop):
+        rng = np.random.default_rng([seed, n])
+        label = n % len(CLASSES)
+        pixels = math.exp(rng.uniform(math.log(min_mp * 1e6), math.log(max_mp * 1e6)))
+        aspect = rng.uniform(0.75, 1.0)  # 4:3 .. 1:1, landscape or portrait
+        long_side, short_side = int(math.sqrt(pixels / aspect)), max(8, int(math.sqrt(pixels * aspect)))
+        width, height = (long_side, short_side) if n % 3 else (short_side, long_side)
+        path = Path(root) / CLASSES[label] / f"{n:06d}.jpg"
+        synthetic_photo(rng, width, height, label).save(path, "JPEG", quality=quality)
+        written.append((path.relative_to(root).as_posix(), path.stat().st_size, width * height))
+    return written
+
+
+def write_photos(root: Path, count: int, seed: int, min_mp: float, max_mp: float, quality: int = 90) -> dict:
+    """An ImageFolder tree of `count` JPEGs of `min_mp`-`max_mp` megapixels, written by every CPU at once.
+    Reused when a manifest with the same recipe exists."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    recipe = {"count": count, "seed": seed, "min_mp": min_mp, "max_mp": max_mp, "quality": quality, "version": 1}
+    manifest = root / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("recipe") == recipe:
+        return json.loads(manifest.read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+    processes = max(1, len(os.sched_getaffinity(0)))
+    bounds = [count * k // (4 * processes) for k in range(4 * processes + 1)]
+    jobs = [(str(root), a, b, seed, min_mp, max_mp, quality) for a, b in itertools.pairwise(bounds) if b > a]
+    with ProcessPoolExecutor(processes) as pool:
+        rows = [row for chunk in pool.map(write_photo_chunk, jobs) for row in chunk]
+    summary = {"recipe": recipe, "images": count, "megabytes": round(sum(r[1] for r in rows) / 1e6, 1),
+               "mean_megapixels": round(sum(r[2] for r in rows) / count / 1e6, 3), "png_fraction": 0.0,
+               "sides": f"{min_mp}-{max_mp} MP", "files": [r[0] for r in rows]}
+    manifest.write_text(json.dumps(summary))
+    return summary
+
+
+def measure_supply(spec: dict) -> dict:
+    """Loader-only images/s: the training DataLoader (CPU decode in `workers` processes, or the --decode gpu
+    path: workers read bytes, the device decodes), batches moved to / decoded on the device, no model."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from train_pytorch_model import data, gpu_decode
+    from train_pytorch_model.distributed import pick_device
+    from train_pytorch_model.image_directory import load_image_directory
+    from train_pytorch_model.preprocessing import Preprocessing
+
+    device = pick_device(spec.get("device", "auto"))
+    directory = load_image_directory(spec["train_dir"], "Training")
+    classes = {c: i for i, c in enumerate(directory.categories)}
+    prep = Preprocessing(image_size=spec["image_size"])
+    workers = int(spec["workers"]) if str(spec["workers"]).isdigit() else data.default_num_workers(device)
+    if spec["decode"] == "gpu":
+        dataset = gpu_decode.build_gpu_dataset(directory, classes, prep, train=True, seed=1)
+        sampler = data.EpochTaggedSampler(torch.utils.data.RandomSampler(range(len(dataset))))
+        loader = DataLoader(dataset, batch_size=spec["batch_size"], sampler=sampler, drop_last=True,
+                            collate_fn=gpu_decode.collate, num_workers=workers, pin_memory=device.type == "cuda",
+                            worker_init_fn=data._worker_init if workers else None,
+                            prefetch_factor=4 if workers else None)
+
+        def to_device(batch):
+            return gpu_decode.decode_batch(batch, device)
+    else:
+        dataset = data.build_dataset(directory, classes, prep, train=True, seed=1)
+        loader = data.training_loader(dataset, batch_size=spec["batch_size"], seed=1, rank=0, world_size=1,
+                                      num_workers=workers, device=device)
+
+        def to_device(batch):
+            return batch.images.to(device, non_blocking=True)
+    seen, start, batches = 0, None, iter(loader)
+    for step, batch in enumerate(batches):
+        if step == spec["warmup_steps"]:
+            sync(device)
+            start, seen = time.perf_counter(), 0
+        to_device(batch)
+        seen += len(batch)
+        timed = step - spec["warmup_steps"]
+        if start and (timed >= spec["steps"] or time.perf_counter() - start > spec["max_seconds"]):
+            break
+    if start is None:
+        raise SystemExit(f"the dataset has no more than {spec['warmup_steps']} batches: nothing left to time")
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return {"images_per_second": seen / elapsed, "images": seen, "seconds": elapsed, "workers": workers,
+            "decode": spec["decode"], **peak_memory()}
+
+
+@contextlib.contextmanager
+def restored(cls, originals: dict, logger, handler):
+    """Undo measure_end_to_end's patches (it also runs inside tests)."""
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(cls, name, original)
+        logger.removeHandler(handler)
+
+
+def measure_end_to_end(spec: dict) -> dict:
+    """The real `train` command over one epoch of warmup_steps + steps: images/s between the progress line at
+    the end of the warm-up and the last one, and host syncs (Tensor.item/.tolist/.cpu calls) in between.
+    Past max_seconds of timing the run is stopped with SIGTERM (the command's own clean stop)."""
+    import logging
+    import signal
+
+    import torch
+
+    from train_pytorch_model import cli
+
+    calls = [0]
+    # On a GPU only calls on device tensors wait for it; on the CPU every call counts (run with workers, so
+    # the augmentation's own .item() calls on CPU tensors happen elsewhere).
+    on_gpu = spec.get("device", "auto").startswith("cuda")
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "cpu")}
+    for name, original in originals.items():
+        def counted(self, *args, _original=original, **kwargs):
+            if not on_gpu or self.device.type != "cpu":
+                calls[0] += 1
+            return _original(self, *args, **kwargs)
+        setattr(torch.Tensor, name, counted)
+    progress = []  # (step, time, calls) of each progress line
+
+    class Progress(logging.Handler):
+        def emit(self, record):
+            if isinstance(record.args, tuple) and len(record.args) == 6 and "step" in str(record.msg):
+                step = record.args[2]
+                progress.append((step, time.perf_counter(), calls[0]))
+                timed = [p for p in progress if p[0] >= spec["warmup_steps"]]
+                if timed and progress[-1][1] - timed[0][1] > spec["max_seconds"]:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+    handler, logger = Progress(logging.INFO), logging.getLogger("train_pytorch_model")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp, restored(torch.Tensor, originals, logger, handler):
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        argv = train_argv({**spec, "epochs": 1}, Path(tmp) / "trained")
+        argv[argv.index("--print-freq") + 1] = str(spec["print_freq"])
+        if spec.get("decode", "cpu") != "cpu":
+            argv += ["--decode", spec["decode"]]
+        code = cli.main(argv)
+        stopped = code == 143
+        if code not in (0, 143):
+            raise SystemExit(f"train exited with {code}")
+        info_file = Path(tmp) / "trained" / "training_info.json"
+        training = json.loads(info_file.read_text())["training"] if info_file.is_file() else {}
+    timed = [p for p in progress if p[0] >= spec["warmup_steps"]]
+    if len(timed) < 2:
+        raise SystemExit(f"too few progress lines after the warm-up: {progress}")
+    (first, t0, c0), (last, t1, c1) = timed[0], timed[-1]
+    print_steps = len(timed) - 1
+    return {"images_per_second": (last - first) * spec["batch_size"] / (t1 - t0), "timed_steps": last - first,
+            "stopped_by_time": stopped, "host_syncs": c1 - c0, "host_syncs_per_step": (c1 - c0) / (last - first),
+            "host_syncs_per_print_step": (c1 - c0) / print_steps, "print_freq": spec["print_freq"],
+            **{k: training.get(k) for k in ("num_workers", "precision", "channels_last", "device")},
+            **peak_memory()}
+
+
+def train_has_flag(name: str) -> bool:
+    sys.path.insert(0, str(REPO / "src"))
+    import dataclasses
+
+    from train_pytorch_model.config import TrainConfig
+
+    return name in {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+
+MEASUREMENTS = {"ceiling": measure_ceiling, "eval_ceiling": measure_eval_ceiling, "train": measure_train,
+                "baseline": measure_baseline, "decode": measure_decode, "index": measure_index,
+                "supply": measure_supply, "end_to_end": measure_end_to_end}
+
+def throughput_suite(args, out: Path) -> dict:
+    """Ceilings, loader supply and end to end for each model / batch / dataset, most important first, each
+    measurement capped by steps and seconds, the whole suite by --budget-seconds (what does not fit is listed
+    as skipped). Returns the report; report["failed"] lists measurements that failed."""
+    started = time.perf_counter()
+    data, logs = out / "data", out / "logs"
+    quick = args.quick
+    print(f"Generating data in {data} with {len(os.sched_getaffinity(0))} processes ...", flush=True)
+    kinds = {"imagenet": write_photos(data / "imagenet", 48 if quick else args.images, 1,
+                                      0.002 if quick else 0.17, 0.003 if quick else 0.2),
+             "photos": write_photos(data / "photos", 24 if quick else args.photo_images, 2,
+                                    0.02 if quick else 3.0, 0.04 if quick else 12.0)}
+    valid = write_photos(data / "valid", 16 if quick else 512, 3, 0.002 if quick else 0.17, 0.003 if quick else 0.2)
+    print(f"  data ready ({time.perf_counter() - started:.0f}s)", flush=True)
+    models = (args.model or ("resnet18" if quick else "resnet50,densenet121")).split(",")
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    size = int(args.image_sizes.split(",")[0])
+    sys.path.insert(0, str(REPO / "src"))
+    from train_pytorch_model.model_directory import ModelSpec, write_untrained_model_directory
+
+    for model in models:
+        if not (data / f"untrained_{model}" / "model_spec.yaml").is_file():
+            write_untrained_model_directory(data / f"untrained_{model}", ModelSpec(model), None)
+    warmup, steps, print_freq = (2, 4, 2) if quick else (30, 300, 30)
+    cap = 5 if quick else args.max_seconds
+    gpu_decode_in_train = train_has_flag("decode")
+    results, skipped, failed = [], [], []
+
+    def e2e_rows(kind: str, batch: int) -> Path:
+        """An images.lst of (warmup + steps) batches cycling the kind's files (hard links, no copies)."""
+        root = data / f"lst_{kind}_{batch}"
+        rows = (warmup + steps + 1) * batch
+        listed = (root / "images.lst").read_bytes().count(b"\n") if (root / "images.lst").is_file() else -1
+        if listed != rows:
+            shutil.rmtree(root, ignore_errors=True)
+            write_image_list(root, rows, kinds[kind]["files"], data / kind)
+        return root
+
+    def plan():
+        """(name, kind, spec) in order of importance: the targets' measurements first."""
+        first, rest = models[0], models[1:]
+        big, small = batches[0], batches[1:]
+        base = {"image_size": size, "device": args.device, "workers": 1 if quick else args.workers,
+                "valid_dir": str(data / "valid"),
+                "valid_images": valid["images"], "warmup_steps": warmup, "steps": steps, "max_seconds": cap,
+                "timed_epochs": 1, "steps_per_epoch": steps, "print_freq": print_freq, "patience": 0}
+        yield f"ceiling {first} b{big}", "ceiling", {**base, "model": first, "batch_size": big,
+                                                   "max_seconds": cap / 2}
+        for kind, decode in (("imagenet", "cpu"), ("photos", "cpu"), ("photos", "gpu"), ("imagenet", "gpu")):
+            yield f"train {first} b{big} {kind} {decode}-decode", "end_to_end", {
+                **base, "model": first, "batch_size": big, "decode": decode, "kind": kind}
+        for kind in kinds:
+            for decode in ("cpu", "gpu"):
+                yield f"supply {kind} {decode}-decode b{big}", "supply", {
+                    **base, "batch_size": big, "decode": decode, "train_dir": str(data / kind),
+                    "steps": steps // 3, "max_seconds": cap / 3}
+        if args.compile:
+            yield f"ceiling {first} b{big} compiled", "ceiling", {**base, "model": first, "batch_size": big,
+                                                                   "compile": True, "max_seconds": cap}
+        for model in rest:
+            yield f"ceiling {model} b{big}", "ceiling", {**base, "model": model, "batch_size": big,
+                                                       "max_seconds": cap / 2}
+            yield f"train {model} b{big} imagenet cpu-decode", "end_to_end", {
+                **base, "model": model, "batch_size": big, "decode": "cpu", "kind": "imagenet"}
+        for batch in small:
+            for model in models:
+                yield f"ceiling {model} b{batch}", "ceiling", {**base, "model": model, "batch_size": batch,
+                                                             "max_seconds": cap / 3}
+                yield f"train {model} b{batch} imagenet cpu-decode", "end_to_end", {
+                    **base, "model": model, "batch_size": batch, "decode": "cpu", "kind": "imagenet"}
+        if args.compile:
+            for model in rest:
+                yield f"ceiling {model} b{big} compiled", "ceiling", {**base, "model": model, "batch_size": big,
+                                                                       "compile": True}
+
+    for name, measure, spec in plan():
+        left = args.budget_seconds - (time.perf_counter() - started)
+        if measure == "end_to_end":
+            if spec["decode"] == "gpu" and not gpu_decode_in_train:
+                skipped.append((name, "train has no --decode flag yet"))
+                continue
+            spec = {**spec, "train_dir": str(e2e_rows(spec["kind"], spec["batch_size"])),
+                    "untrained_model": str(data / f"untrained_{spec['model']}"), "train_images": 0}
+        need = 30 if quick else (150 if spec.get("compile") else spec["max_seconds"] + 30)
+        if left < need:
+            skipped.append((name, f"budget: {left:.0f}s left, needs ~{need}s"))
+            print(f"  {name:<44} skipped (budget)", flush=True)
+            continue
+        try:
+            result = run_measurement(measure, spec, logs, name.replace(" ", "_"),
+                                     timeout=None if math.isinf(left) else left)
+        except subprocess.TimeoutExpired:
+            skipped.append((name, f"stopped at the end of the budget after {left:.0f}s"))
+            print(f"  {name:<44} stopped (budget)", flush=True)
+            continue
+        except RuntimeError as exc:
+            failed.append((name, str(exc)[-600:]))
+            print(f"  {name:<44} FAILED: {str(exc)[-300:]}", flush=True)
+            continue
+        results.append({"name": name, "measure": measure, **{k: spec.get(k) for k in (
+            "model", "batch_size", "decode", "kind", "compile")}, **result})
+    dataset = {kind: {k: v for k, v in info.items() if k != "files"} for kind, info in kinds.items()}
+    return {"suite": "throughput", "results": results, "skipped": skipped, "failed": failed, "datasets": dataset,
+            "image_size": size, "seconds": time.perf_counter() - started}
+
+
+def throughput_markdown(report: dict) -> str:
+    m = report["machine"]
+    rows = report["results"]
+    ceiling = {(r["model"], r["batch_size"]): r["images_per_second"] for r in rows
+               if r["measure"] == "ceiling" and not r.get("compile")}
+    lines = ["# Throughput benchmark (issue 16)", "",
+             f"Machine: {m.get('gpu', 'no GPU')}; {m['cpu']}, {m['cpus_available']} CPUs; torch {m['torch']}. "
+             f"Image size {report['image_size']}, channels_last and bf16 autocast on GPUs (fp32 on CPU).  ",
+             "Datasets: " + "; ".join(f"{k}: {d['images']} JPEGs, {d['sides']} (mean {d['mean_megapixels']} MP), "
+                                      f"{d['megabytes']} MB" for k, d in report["datasets"].items()) + ".  ",
+             f"Command: `{report['command']}`", "",
+             "| measurement | img/s | / eager ceiling | timed steps | host syncs per step (per print step) "
+             "| workers | peak GPU MiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base = ceiling.get((r.get("model"), r.get("batch_size")))
+        ratio = f"{r['images_per_second'] / base:.2f}" if base and r["measure"] != "supply" else "-"
+        if r["measure"] == "supply" and base is None:
+            big = [v for (_, b), v in ceiling.items() if b == r["batch_size"]]
+            ratio = f"{r['images_per_second'] / big[0]:.2f} (supply)" if big else "-"
+        syncs = (f"{r['host_syncs_per_step']:.3f} ({r['host_syncs_per_print_step']:.1f})"
+                 if "host_syncs" in r else "-")
+        steps = r.get("timed_steps", r.get("images", 0) // max(1, r.get("batch_size") or 1))
+        stopped = " (time cap)" if r.get("stopped_by_time") else ""
+        lines.append(f"| {r['name']} | {r['images_per_second']:.0f} | {ratio} | {steps}{stopped} | {syncs} "
+                     f"| {r.get('num_workers', r.get('workers', '-'))} | {r.get('gpu_peak_mib', '-')} |")
+    for name, why in report["skipped"]:
+        lines.append(f"| {name} | skipped: {why} | | | | | |")
+    for name, why in report["failed"]:
+        lines.append(f"| {name} | **FAILED** (see logs/) | | | | | |")
+    return "\n".join(lines) + "\n"
 
 
 # --- the report ----------------------------------------------------------------------------------------------
@@ -537,8 +862,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-side", type=int, default=500, help="largest generated long side, px (default 500)")
     parser.add_argument("--png-fraction", type=float, default=0.2, help="share of PNG files (default 0.2)")
     parser.add_argument("--image-sizes", default="32,64", help="--image-size values, comma-separated (default 32,64)")
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--model", help="default resnet18; throughput suite: resnet50,densenet121 (comma-separated)")
     parser.add_argument("--batch-size", type=int, default=32, help="per step, as in the demo (default 32)")
+    parser.add_argument("--suite", choices=("auto", "speed", "throughput"), default="auto",
+                        help="speed: the CPU report below; throughput: ceilings / loader supply / end to end per "
+                             "model, batch and dataset (issue 16). auto: throughput with --device cuda")
+    parser.add_argument("--batch-sizes", default="256,16", help="throughput suite: batch sizes (default 256,16)")
+    parser.add_argument("--photo-images", type=int, default=1024,
+                        help="throughput suite: 3-12 MP photos generated (default 1024)")
+    parser.add_argument("--max-seconds", type=float, default=30.0,
+                        help="throughput suite: timing cap of one measurement (default 30)")
+    parser.add_argument("--budget-seconds", type=float, default=math.inf,
+                        help="throughput suite: skip what would start past this many seconds (default no limit)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per timed run; the first is excluded (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of ceiling/train/baseline (default 3)")
     parser.add_argument("--workers", default="auto", help="--num-workers for `train` (default auto)")
@@ -559,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         return 0
 
+    if args.suite == "throughput" or (args.suite == "auto" and args.device.startswith("cuda")):
+        return run_throughput_suite(args, argv)
+    args.model = args.model or "resnet18"
     if args.quick:
         args.images, args.valid_images, args.image_sizes, args.epochs, args.repeats = 256, 64, "32", 2, 1
         args.batch_size, args.index_rows, args.memory_rows, args.workers_sweep = 32, "10000,100000", "256,1024", ""
@@ -661,6 +999,29 @@ def main(argv: list[str] | None = None) -> int:
     (out / "benchmark.md").write_text(markdown(report))
     print("\n" + markdown(report))
     print(f"Written {out / 'benchmark.json'} and {out / 'benchmark.md'} in {report['seconds']:.0f}s.")
+    return 0
+
+
+
+def run_throughput_suite(args, argv) -> int:
+    """The throughput suite: JSON + Markdown in --out; exit 1 when a measurement failed."""
+    if args.quick:
+        args.image_sizes, args.batch_sizes = "32", "4,2"
+    elif args.image_sizes == "32,64":  # the CPU suite's default
+        args.image_sizes = "224"
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report = throughput_suite(args, out)
+    report["command"] = " ".join(["python benchmarks/benchmark_training.py",
+                                  *(argv if argv is not None else sys.argv[1:])])
+    report["machine"] = machine()
+    (out / "throughput.json").write_text(json.dumps(report, indent=2))
+    (out / "throughput.md").write_text(throughput_markdown(report))
+    print("\n" + throughput_markdown(report))
+    print(f"Written {out / 'throughput.json'} and {out / 'throughput.md'} in {report['seconds']:.0f}s.")
+    if report["failed"]:
+        print(f"{len(report['failed'])} measurement(s) failed: " + ", ".join(n for n, _ in report["failed"]))
+        return 1
     return 0
 
 

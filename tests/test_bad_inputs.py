@@ -190,7 +190,7 @@ PATH_CASES = [
 
 # --- _meta.yaml / _schema.json / images.lst --------------------------------------------------------------------
 
-_train = lambda name: (lambda w: w.train / name)  # noqa: E731
+_train = lambda name: (lambda w: w.train / name)
 
 
 META_CASES = [
@@ -344,8 +344,8 @@ PARAMETER_CASES = [
          lambda w: ["1.5"], "between 0 and 1"),
     case("bad-fraction-nan", params(**{"--max-bad-image-fraction": "nan"}), "InvalidParameterError",
          lambda w: ["nan"], "between 0 and 1"),
-    case("num-workers-text", params(**{"--num-workers": "many"}), "InvalidParameterError", lambda w: ["'many'"],
-         "'auto' or an integer"),
+    case("num-workers-text", params(**{"--num-workers": "many"}), "UsageError", lambda w: ["'many'"],
+         "'auto' or an integer", exit_code=2),
     case("warmup-not-below-epochs", params(**{"--warmup-epochs": "2", "--epochs": "2"}), "InvalidParameterError",
          lambda w: ['"Warmup epochs"', "2"], "smaller than epochs"),
     case("unknown-flag", params(**{"--num-epochs": "3"}), "UsageError", lambda w: ["--num-epochs"], "--help",

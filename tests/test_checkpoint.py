@@ -144,7 +144,7 @@ def test_rng_states_round_trip():
 
 def test_sigterm_in_the_steps_sets_the_flag_elsewhere_stops_at_once_and_the_handler_is_restored():
     before = signal.getsignal(signal.SIGTERM)
-    message = lambda: TrainingInterruptedError("stopped")  # noqa: E731
+    message = lambda: TrainingInterruptedError("stopped")
     with checkpoint.StopOnSigterm(message) as stop:
         with stop.deferred():
             assert not stop()

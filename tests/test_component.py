@@ -30,6 +30,8 @@ EXPECTED_INPUTS = {
     "untrained_model": ("uri_folder", None, False, None),
     "training_data": ("uri_folder", None, False, None),
     "validation_data": ("uri_folder", None, False, None),
+    "image_column": ("string", None, True, None),
+    "label_column": ("string", None, True, None),
     "epochs": ("integer", 5, False, 1),
     "batch_size": ("integer", 16, False, 1),
     "learning_rate": ("number", 0.001, False, 1e-9),  # "> 0": the schema only has an inclusive min
@@ -49,7 +51,8 @@ EXPECTED_INPUTS = {
 ALLOWED_FLAGS = {"--untrained-model", "--training-data", "--validation-data", "--trained-model", "--epochs",
                  "--batch-size", "--learning-rate", "--random-seed", "--patience", "--image-size",
                  "--registered-model-name", "--num-workers", "--checkpoint-dir", "--optimizer", "--augmentation",
-                 "--warmup-epochs", "--label-smoothing", "--precision", "--cache-validation"}
+                 "--warmup-epochs", "--label-smoothing", "--precision", "--cache-validation", "--image-column",
+                 "--label-column"}
 # Names that mean something else in an input definition or a job YAML (`path: azureml:...`),
 # Python keywords (the SDK turns inputs into keyword arguments) and `self`.
 RESERVED_NAMES = set(keyword.kwlist) | {"self", "path", "type", "mode", "name", "version", "description",
@@ -265,7 +268,7 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     inputs.update({name: str(port["default"]) for name, port in spec["inputs"].items() if "default" in port})
     inputs.update(image_size="64", num_workers="2", registered_model_name="my-model", optimizer="sgd",
                   augmentation="crop", warmup_epochs="1", label_smoothing="0.1", precision="auto",
-                  cache_validation="True")  # Azure ML writes booleans as True/False
+                  cache_validation="True", image_column="path", label_column="y")  # booleans: True/False
     argv = bind_command(spec["command"], inputs, {"trained_model": str(tmp_path / "out"), "checkpoints": str(tmp_path / "ckpt")})
     assert argv[:4] == ["python", "-m", "train_pytorch_model", "train"]
     assert {word for word in argv if word.startswith("--")} == ALLOWED_FLAGS

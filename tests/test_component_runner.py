@@ -238,7 +238,8 @@ def test_runs_in_the_code_folder_with_this_interpreter_like_azure_ml(probe_compo
 
 def test_returns_the_commands_exit_code(probe_component, tmp_path):
     (tmp_path / "d").mkdir()
-    assert run_component(probe_component, {"data": str(tmp_path / "d"), "exit_code": "3"}, {"out": str(tmp_path / "o")}) == 3
+    bound = {"data": str(tmp_path / "d"), "exit_code": "3"}
+    assert run_component(probe_component, bound, {"out": str(tmp_path / "o")}) == 3
 
 
 def test_legacy_designer_types_are_refused(probe_component, tmp_path):
@@ -287,7 +288,8 @@ def test_component_yaml_trains_and_registers_end_to_end(tmp_path):
         [sys.executable, "-m", "train_pytorch_model", "run-component", str(COMPONENT),
          "--input", f"untrained_model={UNTRAINED}", "--input", f"training_data={IMAGES}",
          "--input", f"validation_data={IMAGES}", "--output", f"trained_model={out}",
-         "--output", f"checkpoints={tmp_path / 'checkpoints'}", "--input", "epochs=1", "--input", "batch_size=4", "--input", "image_size=32",
+         "--output", f"checkpoints={tmp_path / 'checkpoints'}", "--input", "epochs=1", "--input", "batch_size=4",
+         "--input", "image_size=32",
          "--input", "num_workers=0", "--input", "registered_model_name=component-e2e"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
@@ -302,3 +304,37 @@ def test_component_yaml_trains_and_registers_end_to_end(tmp_path):
         assert mlflow.pyfunc.load_model("models:/component-e2e/1") is not None
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+GOOD_PORTS = "inputs:\n  n: {type: integer, default: 1}\n"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("type: command\ncommand: echo\ninputs: [a, b]\n", "`inputs` must be a mapping"),
+    ("type: command\ncommand: echo\noutputs: 3\n", "`outputs` must be a mapping"),
+    ("type: command\ncommand: [python, -m, x]\n", "`command` must be one string"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: integer, min: abc}\n", "`min` must be a number"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: integer, max: .nan}\n", "`max` must be a number"),
+    ("type: command\ncommand: echo\ninputs:\n  n: integer\n", "must be a mapping"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: [integer]}\n", "not a v2 component input type"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: string, enum: abc}\n", "`enum` must be a list"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: string, default: [1, 2]}\n", "single value"),
+    ("type: command\ncommand: echo\ncode: [a]\n", "`code` has the wrong shape"),
+    ("type: command\ncommand: echo\ndistribution: pytorch\n", "`distribution` has the wrong shape"),
+    ("type: command\ncommand: echo ${{inputs.n}\n" + GOOD_PORTS, None),  # unclosed: left as text, not a crash
+    ("- a\n- b\n", "is not a command component"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: string, default: &a [*a]}\n", "anchor or alias"),
+    ("a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b]\n"
+     "d: [*c, *c, *c, *c, *c, *c, *c, *c]\ntype: command\ncommand: echo\n", "anchor or alias"),
+    ("type: command\ncommand: echo\n  bad: indent\n", "not valid YAML"),
+])
+def test_malformed_component_yaml_is_a_component_spec_error(tmp_path, text, expected):
+    spec = tmp_path / "component.yaml"
+    spec.write_text(text)
+    args = argparse.Namespace(component=spec, input=[], output=[], dry_run=True)
+    if expected is None:
+        assert component_runner.run(args) == 0
+        return
+    with pytest.raises(ComponentSpecError, match=expected) as caught:
+        component_runner.run(args)
+    assert len(str(caught.value)) < 600

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -230,3 +232,37 @@ def test_symlinks_leading_outside_the_input_are_skipped(tmp_path, capsys):
     assert len(rows) == 4 and '"image/1_3.png"' in rows[3]  # dog/1.png, then dog/alias.png
     assert (tmp_path / "out" / "image" / "1_3.png").read_bytes() == (tree / "cat" / "1.png").read_bytes()
     assert not (tmp_path / "out" / "image" / "1_3.png").is_symlink()
+
+
+def test_a_zip_member_with_a_300_character_name_is_skipped_by_name(tmp_path, capsys):
+    archive = tmp_path / "data.zip"
+    long_name = "cat/" + "x" * 300 + ".png"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("cat/1.png", png_bytes())
+        zf.writestr(long_name, png_bytes())
+        zf.writestr("dog/1.png", png_bytes((1, 2, 3)))
+    assert convert(archive, tmp_path / "out") == 0
+    err = capsys.readouterr().err
+    assert "longer than 255 bytes" in err and "x" * 50 in err
+    assert max(len(line) for line in err.splitlines()) < 500  # the name is quoted, bounded
+    assert len((tmp_path / "out" / "images.lst").read_text().splitlines()) == 2
+
+
+def test_a_fifo_among_the_images_is_skipped_not_read(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    os.mkfifo(tree / "cat" / "blocked.png")
+    code = ("from train_pytorch_model.cli import main; import sys; "
+            f"sys.exit(main(['convert', '--input', {str(tree)!r}, '--image-directory', {str(tmp_path / 'out')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert result.returncode == 0, result.stderr
+    assert "Skipped 'cat/blocked.png': not a readable image (not a regular file" in result.stderr
+
+
+def test_convert_to_mltable_from_the_cli(tmp_path, capsys):
+    tree = make_tree(tmp_path / "tree")
+    assert main(["convert", "--input", str(tree), "--output", str(tmp_path / "t"), "--to", "mltable"]) == 0
+    assert "to MLTable" in capsys.readouterr().out
+    directory = load_image_directory(tmp_path / "t", "Training")
+    assert directory.layout == "mltable" and directory.categories == ["cat", "dog"]
+    assert convert(tmp_path / "t", tmp_path / "t2", "--to", "mltable") == 1  # already an MLTable

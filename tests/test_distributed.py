@@ -154,3 +154,32 @@ def test_every_rank_gets_its_own_shard_reshuffled_each_epoch(make_image_folder):
     assert order(0, 0) != order(0, 1)  # reshuffled per epoch ...
     assert order(0, 1) == order(0, 1)  # ... from the seed
     assert sorted([*ShardSampler(7, 0, 2), *ShardSampler(7, 1, 2)]) == list(range(7))  # validation: each row once
+
+
+def test_two_simulated_nodes_sharing_one_output_path(tmp_path, make_image_folder, resnet18_dir):
+    """Two torchrun "nodes" on this machine (--nnodes 2, one process each: LOCAL_RANK is 0 on both), as Azure ML
+    starts a 2-node job whose nodes mount the same output: one writer, both exit 0, and the same weights as the
+    same 2 processes on one node."""
+    train_dir = make_image_folder("train", TRAIN)
+    valid_dir = make_image_folder("valid", VALID, seed=1)
+    shared_out, one_node_out = tmp_path / "trained", tmp_path / "one-node"
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "train_pytorch_model",
+         *train_args(resnet18_dir, train_dir, valid_dir, shared_out, "--epochs", "2")],
+        cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [(node.wait(timeout=300), node.communicate()[1]) for node in nodes]
+    for code, stderr in results:
+        assert code == 0, stderr[-4000:]
+    assert "Trained model written" in results[0][1] and "Trained model written" not in results[1][1]
+    for name in OUTPUT_FILES:
+        assert (shared_out / name).is_file(), name
+
+    one_node = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "train_pytorch_model", *train_args(resnet18_dir, train_dir, valid_dir, one_node_out, "--epochs", "2")],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert one_node.returncode == 0, one_node.stderr[-4000:]
+    two_nodes, reference = (torch.load(out / "model", weights_only=True) for out in (shared_out, one_node_out))
+    assert all(torch.equal(two_nodes[k], reference[k]) for k in reference)

@@ -43,7 +43,8 @@ HAND_MADE = scored_table(["a", "b", "c"], [
 
 def test_metrics_of_a_hand_made_table():
     metrics, confusion = evaluate_table(HAND_MADE, "category", [1, 2, 3, 5])
-    assert (metrics["rows"], metrics["evaluated_rows"], metrics["unscored_rows"], metrics["unlabeled_rows"]) == (8, 6, 1, 1)
+    counts = (metrics["rows"], metrics["evaluated_rows"], metrics["unscored_rows"], metrics["unlabeled_rows"])
+    assert counts == (8, 6, 1, 1)
     assert metrics["classes"] == ["a", "b", "c"] and metrics["labels_unknown_to_model"] == ["z"]
     assert metrics["accuracy"] == pytest.approx(3 / 6)
     assert metrics["top_k_accuracy"] == pytest.approx({"1": 3 / 6, "2": 5 / 6, "3": 5 / 6})  # k=5 > 3 classes: left out
@@ -56,7 +57,8 @@ def test_metrics_of_a_hand_made_table():
     y_true, y_pred = ["a", "a", "b", "c", "c", "z"], ["a", "b", "b", "a", "c", "a"]
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
-        assert (metrics[average]["precision"], metrics[average]["recall"], metrics[average]["f1"]) == pytest.approx((p, r, f))
+        got = (metrics[average]["precision"], metrics[average]["recall"], metrics[average]["f1"])
+        assert got == pytest.approx((p, r, f))
     assert metrics["log_loss"] == pytest.approx(-np.mean(np.log([0.7, 0.3, 0.8, 0.4, 0.8])))
     assert list(confusion.index) == list(confusion.columns) == ["a", "b", "c", "z"]
     assert confusion.to_numpy().tolist() == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0]]
@@ -107,7 +109,8 @@ def test_cli_writes_metrics_files_and_logs_to_mlflow(tmp_path, capsys):
     assert from_csv["log_loss"] == pytest.approx(metrics["log_loss"], rel=1e-9)
 
     # Logged to MLflow (the job's run in Azure ML; here the test's sqlite store).
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.mlflow.runName = 'evaluate'")
+    runs = mlflow.search_runs(search_all_experiments=True,
+                              filter_string="tags.mlflow.runName = 'evaluate 60 images, 10 classes'")
     assert len(runs) == 2
     assert runs["metrics.accuracy"].tolist() == pytest.approx([expected, expected])
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs["run_id"][0], "evaluation")]
@@ -139,3 +142,72 @@ def test_errors(tmp_path, capsys, case, error):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(error), line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", -1.0, NAN, 1.5, float("inf")])
+def test_a_probability_that_is_not_one_is_refused_by_row_and_column(tmp_path, capsys, value):
+    table = digits_table().astype({"Scored Probabilities_3": object})
+    table.loc[7, "Scored Probabilities_3"] = value
+    (tmp_path / "scored").mkdir()
+    table.to_csv(tmp_path / "scored" / "scored.csv", index=False)
+    out = tmp_path / "out"
+    assert main(["evaluate", "--scored-data", str(tmp_path / "scored"), "--evaluation", str(out)]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("InvalidDatasetError: Row 7 (counting from 0) of the scored table, column "
+                           "'Scored Probabilities_3'"), line
+    assert not out.exists()
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    table = digits_table()
+    (tmp_path / "scored").mkdir()
+    table.to_parquet(tmp_path / "scored" / "scored.parquet", index=False)
+    assert main(["evaluate", "--scored-data", str(tmp_path / "scored"), "--evaluation", str(tmp_path / "out")]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=refuse)
+
+
+def test_the_evaluate_run_is_tagged_with_the_training_run_and_back(tmp_path):
+    training = mlflow.start_run(run_name="train resnet18 1ep")
+    mlflow.end_run()
+    table = digits_table()
+    table.attrs["train_pytorch_model.training_run_id"] = training.info.run_id  # what `score` records
+    (tmp_path / "scored").mkdir()
+    table.to_parquet(tmp_path / "scored" / "scored.parquet", index=False)
+    assert main(["evaluate", "--scored-data", str(tmp_path / "scored"), "--evaluation", str(tmp_path / "out")]) == 0
+    client = mlflow.MlflowClient()
+    [evaluation] = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                      filter_string="tags.mlflow.runName LIKE 'evaluate%'")
+    assert evaluation.data.tags["train_pytorch_model.training_run_id"] == training.info.run_id
+    tags = client.get_run(training.info.run_id).data.tags
+    assert tags["train_pytorch_model.evaluation_run_id"] == evaluation.info.run_id
+
+
+def test_an_unreachable_tracking_server_falls_back_to_a_local_store_in_seconds(tmp_path):
+    """Nothing listens on the port: one short probe, a warning, and the run goes to ./mlflow.db (no minutes of
+    MLflow's HTTP retries). A real process, so MLflow's own retry settings are the defaults."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    digits_table().to_parquet(tmp_path / "scored.parquet", index=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "train_pytorch_model", "evaluate", "--scored-data",
+                             str(tmp_path / "scored.parquet"), "--evaluation", str(tmp_path / "out"),
+                             "--mlflow-tracking-uri", f"http://127.0.0.1:{port}"],
+                            capture_output=True, text=True, cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.monotonic() - started < 120  # generous bound: MLflow's retries alone take about 4 minutes
+    assert f"server http://127.0.0.1:{port} is unreachable" in result.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.data.metrics["evaluated_rows"] for r in runs] == [60]

@@ -33,7 +33,8 @@ KILL_HELPER = textwrap.dedent(r"""
     from pathlib import Path
     import torch
     torch.set_num_threads(1)  # no thread pools to break across fork()
-    import matplotlib.pyplot, mlflow.pyfunc  # noqa: F401  (imported once, before forking)
+    import matplotlib.pyplot  # imported once, before forking
+    import mlflow.pyfunc
     from train_pytorch_model.image_directory import load_image_directory
     from train_pytorch_model.model_directory import read_untrained_model_directory
     from train_pytorch_model.models import Classifier, build_net

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +34,8 @@ def write_meta_directory(root, rows, categories, *, with_meta=True):
     })
     (root / "_schema.json").write_text(dump_json(schema))
     if with_meta:
-        (root / "_meta.yaml").write_text(dump_yaml({"type": "ImageDirectory", "extension": {}, "image_list": "images.lst",
+        (root / "_meta.yaml").write_text(dump_yaml({"type": "ImageDirectory", "extension": {},
+                                                    "image_list": "images.lst",
                                                     "schema": "_schema.json"}))
     return root
 
@@ -173,3 +178,82 @@ def test_all_image_kinds_decode_to_rgb(tmp_path):
     # 16-bit values are scaled, not clipped to white.
     deep = np.asarray(decode_image(tmp_path / "deep.png"))[..., 0]
     assert np.abs(deep.astype(int) - rgb[..., 0]).max() <= 1
+
+
+# --- hostile inputs (issue 14) -----------------------------------------------------------------------------
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_a_yaml_alias_bomb_in_meta_is_refused_before_it_expands(tmp_path):
+    root = write_meta_directory(tmp_path / "d", [("image/a.png", "x")], [{"id": 0, "name": "x"}])
+    (root / "_meta.yaml").write_text("type: ImageDirectory\n" + ALIAS_BOMB)
+    assert len(ALIAS_BOMB) < 1000
+    with pytest.raises(InvalidDatasetError, match="anchor or alias") as caught:
+        load_image_directory(root, "Training")
+    assert len(str(caught.value)) < 500
+
+
+def test_oversized_metadata_is_refused(tmp_path):
+    root = write_meta_directory(tmp_path / "d", [("image/a.png", "x")], [{"id": 0, "name": "x"}])
+    with open(root / "_schema.json", "ab") as handle:
+        handle.truncate(65 * 2**20)  # sparse: no disk used
+    with pytest.raises(InvalidDatasetError, match="at most"):
+        load_image_directory(root, "Training")
+
+
+def test_schema_with_100k_categories_loads(tmp_path):
+    categories = [{"id": i, "name": f"class {i}"} for i in range(100_000)]
+    root = write_meta_directory(tmp_path / "d", [("image/a.png", "class 7")], categories)
+    assert len(load_image_directory(root, "Training").categories) == 100_000
+    categories[-1]["name"] = "class 0"
+    write_meta_directory(tmp_path / "e", [("image/a.png", "class 7")], categories)
+    with pytest.raises(InvalidDatasetError, match="appear more than once"):
+        load_image_directory(tmp_path / "e", "Training")
+
+
+def test_a_huge_label_is_quoted_bounded(tmp_path):
+    root = write_meta_directory(tmp_path / "d", [("image/a.png", "x" * 900_000)], [{"id": 0, "name": "x"}])
+    with pytest.raises(InvalidDatasetError, match="is not among") as caught:
+        load_image_directory(root, "Training")
+    assert len(str(caught.value)) < 1000
+
+
+def test_an_invalid_utf8_byte_is_reported_on_its_line(tmp_path):
+    rows = [(f"image/{i}.png", "x") for i in range(3)]
+    root = write_meta_directory(tmp_path / "d", rows, [{"id": 0, "name": "x"}])
+    lines = (root / "images.lst").read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"x"', b'"\xff"')
+    (root / "images.lst").write_bytes(b"".join(lines))
+    with pytest.raises(InvalidDatasetError, match="line 3 is not UTF-8"):
+        load_image_directory(root, "Training")
+
+
+def test_a_non_utf8_class_folder_fails_at_load_naming_the_folder(tmp_path):
+    root = tmp_path / "d"
+    bad = os.fsdecode(b"caf\xe9")  # Latin-1 bytes: a surrogate escape in Python
+    for name in ("good", bad):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "0.png")
+    with pytest.raises(InvalidDatasetError, match=r"class folder name b'caf\\xe9' is not valid UTF-8"):
+        load_image_directory(root, "Training")
+
+
+@pytest.mark.parametrize("name", ["images.lst", "_schema.json", "_meta.yaml"])
+def test_a_fifo_metadata_file_is_refused_promptly(tmp_path, name):
+    root = write_meta_directory(tmp_path / "d", [("image/a.png", "x")], [{"id": 0, "name": "x"}])
+    (root / name).unlink()
+    os.mkfifo(root / name)
+    code = f"from train_pytorch_model.image_directory import load_image_directory as l; l({str(root)!r})"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert result.returncode != 0 and "InvalidDatasetError" in result.stderr
+    assert "not a regular file" in result.stderr
+
+
+def test_strict_json_is_written():
+    with pytest.raises(ValueError):
+        dump_json({"loss": float("nan")})
+    with pytest.raises(ValueError):
+        dump_json_line({"loss": float("inf")})

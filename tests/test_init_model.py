@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
@@ -18,6 +19,12 @@ from train_pytorch_model.models import imagenet_weights_file
 META = "type: ModelDirectory\nextension: {}\nmodel: model_spec.yaml\n"
 
 
+@pytest.fixture(autouse=True)
+def _own_torch_home(tmp_path, monkeypatch):
+    """Nothing here may find (or fill) the real torch hub cache; downloads only ever go to 127.0.0.1."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
 def init_model(*args: str) -> int:
     return main(["init-model", *args])
 
@@ -29,7 +36,9 @@ def last_stderr_line(capsys) -> str:
 def test_resnet18_directory_has_the_designer_layout_and_a_loadable_model(tmp_path, resnet18_dir):
     out = tmp_path / "untrained"
     assert init_model("--model-name", "resnet18", "--untrained-model", str(out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["_meta.yaml", "model", "model_spec.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["_meta.yaml", "model", "model_info.json", "model_spec.yaml"]
+    info = json.loads((out / "model_info.json").read_text())
+    assert info["preprocessing"]["image_size"] == 224 and info["weights"] == "random initialisation (seed 1)"
     assert (out / "_meta.yaml").read_text() == META == (resnet18_dir / "_meta.yaml").read_text()
     # Same keys, order and values as the legacy fixture, except the timestamp.
     ours, legacy = ((d / "model_spec.yaml").read_text().splitlines() for d in (out, resnet18_dir))
@@ -73,7 +82,8 @@ def test_zero_init_residual_zeroes_the_last_batchnorm(tmp_path):
     assert init_model("--model-name", "resnet18", "--zero-init-residual", "True", "--untrained-model", str(out)) == 0
     state = torch.load(out / "model", weights_only=True)
     assert torch.count_nonzero(state["model.layer1.0.bn2.weight"]) == 0
-    assert yaml.safe_load((out / "model_spec.yaml").read_text())["flavor_extras"]["init_params"]["zero_init_residual"] is True
+    params = yaml.safe_load((out / "model_spec.yaml").read_text())["flavor_extras"]["init_params"]
+    assert params["zero_init_residual"] is True
 
 
 def test_flag_of_the_other_family_is_refused(tmp_path, capsys):
@@ -130,7 +140,7 @@ def test_training_starts_from_the_directory_weights(tmp_path):
     assert model.num_classes == 3
 
 
-@pytest.mark.parametrize("case", ["missing_cache", "wrong_architecture", "wrong_shapes", "not_tensors"])
+@pytest.mark.parametrize("case", ["wrong_architecture", "wrong_shapes", "not_tensors"])
 def test_pretrained_errors(tmp_path, monkeypatch, capsys, case):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_home"))
     out = tmp_path / "out"
@@ -147,7 +157,6 @@ def test_pretrained_errors(tmp_path, monkeypatch, capsys, case):
     assert init_model(*args) == 1
     line = last_stderr_line(capsys)
     expected = {
-        "missing_cache": ("PretrainedWeightsNotFoundError:", imagenet_weights_file("resnet18")),
         "wrong_architecture": ("InvalidModelDirectoryError:", "does not match architecture resnet18"),
         "wrong_shapes": ("InvalidModelDirectoryError:", "does not match architecture resnet18"),
         "not_tensors": ("InvalidModelDirectoryError:", "never pickled code"),
@@ -156,8 +165,53 @@ def test_pretrained_errors(tmp_path, monkeypatch, capsys, case):
     assert not out.exists()
 
 
-def test_unknown_model_name_is_an_argparse_error(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "quantized_resnet18", "os.system", "resnet18 "])
+def test_a_name_outside_torchvisions_classification_list_is_an_argparse_error(tmp_path, capsys, name):
     with pytest.raises(SystemExit) as exit_info:
-        init_model("--model-name", "vgg16", "--untrained-model", str(tmp_path / "x"))
+        init_model("--model-name", name, "--untrained-model", str(tmp_path / "x"))
     assert exit_info.value.code == 2
     assert "resnet18" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_architecture_beyond_designer_says_who_reads_it_and_trains(tmp_path):
+    out = tmp_path / "mobilenet"
+    assert init_model("--model-name", "mobilenet_v3_small", "--untrained-model", str(out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.txt", "_meta.yaml", "model", "model_info.json",
+                                                     "model_spec.yaml"]
+    assert "Only train-pytorch-model and MLflow" in (out / "README.txt").read_text()
+    spec_yaml = yaml.safe_load((out / "model_spec.yaml").read_text())
+    assert spec_yaml["flavor_extras"]["class"] == "TorchvisionClassifier"
+    assert "designer" in spec_yaml["readable_by"]
+    assert spec_yaml["flavor_extras"]["init_params"] == {"model_name": "mobilenet_v3_small", "pretrained": False}
+    model, spec = train_command.build_model(argparse.Namespace(untrained_model=out), 4)
+    assert spec.model_name == "mobilenet_v3_small" and not spec.is_designer and model.num_classes == 4
+    model.train()
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+
+
+def test_pretrained_googlenet_from_torchvisions_file_with_auxiliary_heads(tmp_path):
+    """torchvision's GoogLeNet file holds aux1/aux2 (as the hub cache has it); the net we train has none."""
+    state = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True).state_dict()
+    assert any(k.startswith("aux1.") for k in state)
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(state, cache / imagenet_weights_file("googlenet"))
+    out = tmp_path / "googlenet"
+    assert init_model("--model-name", "googlenet", "--pretrained", "true", "--untrained-model", str(out)) == 0
+    saved = torch.load(out / "model", weights_only=True)
+    assert not any(".aux" in k for k in saved) and torch.equal(saved["model.fc.weight"], state["fc.weight"])
+    _, model = read_untrained_model_directory(out)
+    assert model.model.transform_input and model.num_classes == 1000
+
+
+def test_designers_imagenet1k_v1_file_in_the_cache_is_used_when_default_is_not_there(tmp_path):
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    v1 = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    assert v1 != imagenet_weights_file("resnet50")  # DEFAULT is V2 for resnet50
+    torch.save(state, cache / v1)
+    out = tmp_path / "r50"
+    assert init_model("--model-name", "resnet50", "--pretrained", "--untrained-model", str(out)) == 0
+    assert torch.equal(torch.load(out / "model", weights_only=True)["model.fc.bias"], state["fc.bias"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -45,7 +46,7 @@ def test_weights_in_the_directory_are_used(tmp_path):
 def test_pretrained_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     write_untrained_model_directory(tmp_path / "m", ModelSpec("resnet18", True, False), None)
-    with pytest.raises(PretrainedWeightsNotFoundError, match="init-model .*--pretrained --weights"):
+    with pytest.raises(PretrainedWeightsNotFoundError, match="init-model .*--pretrained true.*--weights FILE"):
         read_untrained_model_directory(tmp_path / "m")
 
 
@@ -95,3 +96,46 @@ def test_staged_output_is_all_or_nothing(tmp_path):
     with pytest.raises(OutputDirectoryError, match="not empty"):
         with staged_output(out):
             pass
+
+
+def test_a_model_entry_that_is_a_folder_is_refused_not_random_init(tmp_path):
+    write_untrained_model_directory(tmp_path / "m", ModelSpec("resnet18", False, False), None)
+    (tmp_path / "m" / "model").mkdir()
+    with pytest.raises(InvalidModelDirectoryError, match="is a folder"):
+        read_untrained_model_directory(tmp_path / "m")
+
+
+def test_a_model_link_out_of_the_directory_is_not_followed(tmp_path):
+    torch.save(Classifier(build_net("resnet18", 1000)).state_dict(), tmp_path / "elsewhere.pt")
+    write_untrained_model_directory(tmp_path / "m", ModelSpec("resnet18", False, False), None)
+    (tmp_path / "m" / "model").symlink_to(tmp_path / "elsewhere.pt")
+    with pytest.raises(InvalidModelDirectoryError, match="outside the model directory"):
+        read_untrained_model_directory(tmp_path / "m")
+
+
+def test_any_torchvision_architecture_round_trips_and_says_who_reads_it(tmp_path):
+    spec = ModelSpec("efficientnet_b0", False, False)
+    write_untrained_model_directory(tmp_path / "m", spec, Classifier(build_net("efficientnet_b0", 1000)).state_dict())
+    assert read_model_spec(tmp_path / "m") == spec and not spec.is_designer
+    assert "Only train-pytorch-model and MLflow" in (tmp_path / "m" / "README.txt").read_text()
+    info = json.loads((tmp_path / "m" / "model_info.json").read_text())
+    assert info["preprocessing"]["image_size"] == 224 and info["preprocessing"]["interpolation"] == "bicubic"
+    _, model = read_untrained_model_directory(tmp_path / "m")
+    assert model.num_classes == 1000
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"model_name": "fasterrcnn_resnet50_fpn"}, "not a supported torchvision architecture"),
+    ({"model_name": ["a"] * 10_000}, "not a supported"),
+    ({"num_classes": 10**9}, "integer from 1 to"),
+    ({"memory_efficient": True}, "unknown keys"),
+])
+def test_a_tampered_spec_of_a_torchvision_architecture_is_refused(tmp_path, edit, message):
+    write_untrained_model_directory(tmp_path / "m", ModelSpec("efficientnet_b0", False, False), None)
+    path = tmp_path / "m" / "model_spec.yaml"
+    spec = yaml.safe_load(path.read_text())
+    spec["flavor_extras"]["init_params"].update(edit)
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(InvalidModelDirectoryError, match=message) as info:
+        read_model_spec(tmp_path / "m")
+    assert len(str(info.value)) < 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ import mlflow.pyfunc, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
 image = open(sys.argv[2], 'rb').read()
 result = model.predict(pd.DataFrame({'image': [image, base64.b64encode(image).decode()]}))
-print(list(result.columns)); print(list(result['label']))
+print(list(result.columns)); print(list(result['Scored Labels']))
 """
 
 
@@ -38,7 +39,9 @@ def test_serves_from_its_own_code_copy_without_the_package_installed(trained_dir
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     columns, labels = result.stdout.strip().splitlines()[-2:]
-    assert columns == "['label', 'probability_cat', 'probability_dog', 'probability_fox']"
+    # The same columns as `score` writes (predictions.py): one table shape everywhere.
+    assert columns == ("['Scored Labels', 'Scored Probabilities_cat', 'Scored Probabilities_dog', "
+                       "'Scored Probabilities_fox']")
     assert eval(labels)[0] == eval(labels)[1] and eval(labels)[0] in ("cat", "dog", "fox")
 
 
@@ -53,3 +56,27 @@ def test_bad_input_is_a_named_error(trained_dir):
         model.predict(pd.DataFrame({"image": [b"not an image"]}))
     with pytest.raises(InvalidDatasetError, match="not valid base64"):
         model.predict(pd.DataFrame({"image": ["%%%"]}))
+    # Past MLflow's schema check (a caller of the loader itself): still named errors.
+    from train_pytorch_model.pyfunc import _load_pyfunc
+
+    direct = _load_pyfunc(str(trained_dir))
+    with pytest.raises(InvalidDatasetError, match="must be image bytes or a base64 string, got int"):
+        direct.predict(pd.DataFrame({"image": [7]}))
+    with pytest.raises(InvalidDatasetError, match="Input needs a column 'image'"):
+        direct.predict(pd.DataFrame({"picture": [b""]}))
+    with pytest.raises(InvalidDatasetError, match="is over the 32 MiB limit per image"):
+        direct.predict(pd.DataFrame({"image": [b"\x89" * (48 * 2**20)]}))
+
+
+def test_base64_text_given_as_bytes_is_decoded_first(trained_dir, legacy_image_dir):
+    """MLflow's `inputs`/`instances` path hands the base64 text over as bytes."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    image = next((legacy_image_dir / "image").iterdir()).read_bytes()
+    model = mlflow.pyfunc.load_model(str(trained_dir))
+    text = base64.b64encode(image)
+    forms = [image, text, text.decode(), b"data:image/jpeg;base64," + text, base64.encodebytes(image)]
+    result = model.predict(pd.DataFrame({"image": forms}))
+    assert result["Scored Labels"].nunique() == 1
+    assert result.filter(like="Scored Probabilities_").std().max() < 1e-7

@@ -63,7 +63,7 @@ def test_scores_every_image_with_designer_column_names(trained_dir, tmp_path, ca
     # Same numbers as the MLflow model serves for the same files (one preprocessing recipe).
     served = mlflow.pyfunc.load_model(str(trained_dir)).predict(
         pd.DataFrame({"image": [(LEGACY_IMAGES / f).read_bytes() for f in table["file"]]}))
-    np.testing.assert_allclose(served[[f"probability_{c}" for c in CLASSES]].to_numpy(), probabilities, atol=1e-5)
+    np.testing.assert_allclose(served[PROBABILITIES].to_numpy(), probabilities, atol=1e-5)
 
 
 def test_batch_size_does_not_change_the_scores(trained_dir):
@@ -143,3 +143,68 @@ def test_rows_without_a_label_are_scored_too(trained_dir, tmp_path, legacy_image
     assert len(table) == 18
     assert table["category"].isna().sum() == 1 and pd.isna(table["category"][0])
     assert table["Scored Labels"].notna().all()
+
+
+def test_a_single_image_a_list_of_images_and_an_archive(trained_dir, tmp_path):
+    import tarfile
+    import zipfile
+
+    images = sorted((LEGACY_IMAGES / "image").iterdir())[:3]
+    assert score(trained_dir, images[0], tmp_path / "one") == 0
+    one = pd.read_parquet(tmp_path / "one" / "scored.parquet")
+    assert list(one["file"]) == [images[0].name] and one["Scored Labels"].isin(CLASSES).all()
+
+    assert main(["score", "--trained-model", str(trained_dir), "--image-directory", *map(str, images),
+                 "--scored-data", str(tmp_path / "list"), "--num-workers", "0"]) == 0
+    listed = pd.read_parquet(tmp_path / "list" / "scored.parquet")
+    assert list(listed["file"]) == [p.name for p in images]
+    assert listed["Scored Labels"].iloc[0] == one["Scored Labels"].iloc[0]
+
+    tree = write_image_folder(tmp_path / "tree", {"cat": 2, "dog": 1})
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        for path in sorted(tree.rglob("*.png")):
+            archive.write(path, f"dataset/{path.relative_to(tree).as_posix()}")
+    with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as archive:
+        archive.add(tree, "dataset")
+    for name in ("images.zip", "images.tar.gz"):
+        assert score(trained_dir, tmp_path / name, tmp_path / f"from-{name}") == 0
+        table = pd.read_parquet(tmp_path / f"from-{name}" / "scored.parquet")
+        assert list(table["file"]) == ["cat/0.png", "cat/1.png", "dog/0.png"]
+        assert list(table["category"]) == ["cat", "cat", "dog"] and (table["error"] == "").all()
+
+
+def test_files_that_are_not_images_are_refused(trained_dir, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    image = next((LEGACY_IMAGES / "image").iterdir())
+    assert main(["score", "--trained-model", str(trained_dir), "--image-directory", str(image),
+                 str(tmp_path / "notes.txt"), "--scored-data", str(tmp_path / "out")]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("InvalidDatasetError: Scoring data") and "notes.txt' is not an image file" in line
+    assert score(trained_dir, tmp_path / "notes.txt", tmp_path / "out") == 1  # neither archive nor images
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.split(":")[0] in ("DirectoryNotFoundError", "InvalidDatasetError") and "notes.txt" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_escaped_and_parquet_keeps_them(trained_dir, tmp_path):
+    """CSV injection: a class folder named like a formula. The CSV escapes it, evaluate reads it back right."""
+    evil = ["=cmd|' -C calc'!A0", "+1", "@sum", "-2", "'quoted"]
+    images = write_image_folder(tmp_path / "images", {name: 1 for name in evil})
+    assert score(trained_dir, images, tmp_path / "scored") == 0
+    table = pd.read_parquet(tmp_path / "scored" / "scored.parquet")
+    assert sorted(table["category"]) == sorted(evil)
+    raw = pd.read_csv(tmp_path / "scored" / "scored.csv", dtype=str, keep_default_na=False)
+    assert sorted(raw["category"]) == sorted("'" + name for name in evil)
+    assert not raw["category"].str.match(r"[=+\-@\t\r]").any()
+    from train_pytorch_model.evaluate import read_scored_table
+    assert sorted(read_scored_table(tmp_path / "scored" / "scored.csv")["category"]) == sorted(evil)
+
+
+def test_the_scored_table_names_the_training_run(trained_dir, tmp_path):
+    import json
+
+    run_id = json.loads((trained_dir / "training_info.json").read_text())["training"]["mlflow_run_id"]
+    assert run_id
+    assert score(trained_dir, LEGACY_IMAGES, tmp_path / "scored") == 0
+    table = pd.read_parquet(tmp_path / "scored" / "scored.parquet")
+    assert table.attrs["train_pytorch_model.training_run_id"] == run_id

@@ -57,8 +57,8 @@ def test_cli_trains_resnet18_on_the_legacy_fixtures(cli, tmp_path, legacy_image_
     images = sorted((legacy_image_dir / "image").iterdir())
     frame = pd.DataFrame({"image": [images[0].read_bytes(), base64.b64encode(images[-1].read_bytes()).decode()]})
     predictions = model.predict(frame)
-    assert set(predictions["label"]) <= {"cat", "dog", "fox"}
-    probabilities = predictions[["probability_cat", "probability_dog", "probability_fox"]].to_numpy()
+    assert set(predictions["Scored Labels"]) <= {"cat", "dog", "fox"}
+    probabilities = predictions[[f"Scored Probabilities_{c}" for c in ("cat", "dog", "fox")]].to_numpy()
     assert probabilities.shape == (2, 3) and abs(probabilities.sum(axis=1) - 1).max() < 1e-5
 
 
@@ -283,3 +283,37 @@ def test_fine_tuning_controls_train_and_are_recorded(tmp_path, make_image_folder
         key = name[2:].replace("-", "_")
         assert str(recorded[key]) == value or recorded[key] == float(value), key
     assert before is None or before  # the untrained directory is never modified
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_with_eta_in_logs(tmp_path, make_image_folder, resnet18_dir):
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    args = [sys.executable, "-m", "train_pytorch_model", "train", "--untrained-model", str(resnet18_dir),
+            "--training-data", str(data), "--validation-data", str(data), "--epochs", "1", "--print-freq", "1", *FAST]
+    logged = subprocess.run([*args, "--trained-model", str(tmp_path / "a")], capture_output=True, text=True,
+                            timeout=300)
+    assert logged.returncode == 0, logged.stderr[-2000:]
+    assert "  epoch 1/1  step 1/2  loss " in logged.stderr and " eta 0m" in logged.stderr
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 columns wide
+    process = subprocess.Popen([*args, "--trained-model", str(tmp_path / "b")], stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not chunk:
+            break
+        screen += chunk
+    assert process.wait(timeout=300) == 0, screen[-2000:]
+    text = screen.decode(errors="replace")
+    assert "epoch 1/1:" in text and ("step/s" in text or "s/step" in text)  # tqdm's bar
+    assert "  epoch 1/1  step 1/2" not in text

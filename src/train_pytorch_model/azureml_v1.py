@@ -48,7 +48,7 @@ def live_v1_run():
         return None
     try:
         run = Run.get_context()
-    except Exception as exc:  # noqa: BLE001 - a broken v1 install must not stop training
+    except Exception as exc:  # a broken v1 install must not stop training
         log.debug("azureml-core run context unavailable: %s", exc)
         return None
     # Outside a job, get_context() returns an offline run that only prints.
@@ -67,5 +67,5 @@ def log_epoch_v1(epoch: int, metrics: dict) -> None:
         return
     try:
         run.log_row(TABLE_NAME, epoch=epoch, **row)
-    except Exception as exc:  # noqa: BLE001 - v1 logging is best effort
+    except Exception as exc:  # v1 logging is best effort
         log.warning("azureml-core metric logging failed: %s: %s", type(exc).__name__, exc)

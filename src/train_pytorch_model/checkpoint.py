@@ -40,7 +40,8 @@ import torch
 from .errors import (CheckpointMismatchError, OutputDirectoryError, TrainingInterruptedError, TrainPyTorchModelError,
                      quote)
 from .image_directory import ImageDirectory
-from .train import EpochMetrics, TrainingState, cpu_copy, cpu_state_dict
+from .models import cpu_state_dict
+from .train import EpochMetrics, TrainingState, cpu_copy
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def read(directory: Path) -> dict | None:
         return None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+    except Exception as exc:  # any unreadable file gets the same advice
         raise CheckpointMismatchError(
             f"Checkpoint '{path}' cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
             "Delete it, or give an empty --checkpoint-dir, to train from the start."

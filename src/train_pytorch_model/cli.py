@@ -2,6 +2,7 @@
 
 Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
 this file only wires them together and turns our errors into the one-line stderr contract.
+Only the chosen command's module is imported: `--help` and a mistyped command never import torch.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from .errors import ModuleOutOfMemoryError, TrainPyTorchModelError, UnexpectedEr
 
 # command name -> (module, one-line help). Modules import lazily: `--help` stays instant.
 COMMANDS = {
-    "train": ("train_command", "train a classifier from an untrained model directory and two image directories"),
-    "init-model": ("init_model", "write an untrained DenseNet/ResNet model directory (designer's DenseNet/ResNet modules)"),
+    "train": ("config", "train a classifier from an untrained model directory and two image directories"),
+    "init-model": ("init_model", "write an untrained DenseNet/ResNet model directory (designer's DenseNet/ResNet)"),
     "convert": ("convert", "turn an ImageFolder tree, flat folder or archive into an ImageDirectory"),
-    "score": ("score", "score an image directory with a trained model directory: a predictions table (parquet + csv)"),
+    "score": ("score", "score images (a folder, an archive, image files) with a trained model: parquet + csv"),
     "evaluate": ("evaluate", "accuracy, per-class metrics and a confusion matrix from a scored table"),
+    "export": ("export", "export a trained model directory to ONNX and torch.export (.pt2) for other runtimes"),
     "run-component": ("component_runner", "run a component YAML locally, binding inputs like Azure ML does"),
 }
 
@@ -35,20 +37,23 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(error.exit_code)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command listed; only `command`'s module imported, for its arguments and `run`."""
     parser = ArgumentParser(prog="python -m train_pytorch_model", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(f"{__package__}.{module_name}")
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        if name == command:
+            module = importlib.import_module(f"{__package__}.{module_name}")
+            module.add_arguments(sub)
+            sub.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except TrainPyTorchModelError as exc:
@@ -62,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Memory has been exhausted. Reduce --batch-size{hint} or --image-size, lower --num-workers, "
             "or use a machine with more memory."
         ))
-    except Exception as exc:  # noqa: BLE001 - the last line must still name an error, whatever happened
+    except Exception as exc:  # the last line must still name an error, whatever happened
         traceback.print_exc()  # above the one-line error, for whoever debugs it
         first_line = (str(exc).splitlines() or [""])[0][:300]
         return report(UnexpectedError(

@@ -26,9 +26,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import yaml
-
-from .errors import ComponentSpecError
+from .errors import ComponentSpecError, quote
+from .legacy_format import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +71,34 @@ def run(args) -> int:
 
 
 def load_spec(path: Path) -> dict:
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ComponentSpecError(f"Cannot read component '{path}': {exc.strerror}.") from None
-    except yaml.YAMLError as exc:
-        raise ComponentSpecError(f"Component '{path}' is not valid YAML: {exc}.") from None
+    """The component YAML, its shape checked up front (read_yaml refuses aliases and huge files), so that a
+    malformed one is a ComponentSpecError naming the field, never a crash later."""
+    spec = read_yaml(path, ComponentSpecError)
     if not isinstance(spec, dict) or spec.get("type", "command") != "command" or not spec.get("command"):
         raise ComponentSpecError(f"'{path}' is not a command component: it needs `type: command` and a `command`.")
+    if not isinstance(spec["command"], str):
+        raise ComponentSpecError(f"'{path}': `command` must be one string, got {type(spec['command']).__name__}.")
+    for group in ("inputs", "outputs"):
+        ports = spec.get(group) or {}
+        if not isinstance(ports, dict):
+            raise ComponentSpecError(f"'{path}': `{group}` must be a mapping of names to ports, "
+                                     f"got {type(ports).__name__}.")
+        for name, port in ports.items():
+            if not isinstance(name, str) or not isinstance(port, dict):
+                raise ComponentSpecError(f"'{path}': {group[:-1]} {quote(name)} must be a mapping "
+                                         "(`type: ...`, ...).")
+            for key in ("min", "max"):
+                if port.get(key) is not None and (isinstance(port[key], bool) or not isinstance(port[key], (int, float))
+                                                  or not math.isfinite(port[key])):
+                    raise ComponentSpecError(f"'{path}': input {quote(name)} `{key}` must be a number, "
+                                             f"got {quote(port[key])}.")
+            if port.get("enum") is not None and not isinstance(port["enum"], list):
+                raise ComponentSpecError(f"'{path}': input {quote(name)} `enum` must be a list.")
+            if port.get("default") is not None and isinstance(port["default"], (dict, list)):
+                raise ComponentSpecError(f"'{path}': input {quote(name)} `default` must be a single value.")
+    for key in ("code", "distribution"):
+        if spec.get(key) is not None and not isinstance(spec[key], str if key == "code" else dict):
+            raise ComponentSpecError(f"'{path}': `{key}` has the wrong shape ({type(spec[key]).__name__}).")
     return spec
 
 
@@ -103,8 +122,8 @@ def bind_inputs(ports: dict, given: dict[str, str], spec_dir: Path) -> dict[str,
     values: dict[str, str | None] = {}
     for name, port in ports.items():
         kind = port.get("type")
-        if kind not in FILE_TYPES | FOLDER_TYPES | LITERAL_TYPES:
-            raise ComponentSpecError(f"Input '{name}' has type {kind!r}, which is not a v2 component input type.")
+        if not isinstance(kind, str) or kind not in FILE_TYPES | FOLDER_TYPES | LITERAL_TYPES:
+            raise ComponentSpecError(f"Input '{name}' has type {quote(kind)}, which is not a v2 component input type.")
         value = given.get(name)
         if value == "":
             value = None  # an empty value means "not given", as in the designer's parameter panel
@@ -139,22 +158,22 @@ def check_literal(name: str, port: dict, value) -> str:
     text = str(value)
     if kind == "boolean":
         if text.lower() not in ("true", "false"):
-            raise ComponentSpecError(f"Input '{name}' must be a boolean (true or false), got {text!r}.")
+            raise ComponentSpecError(f"Input '{name}' must be a boolean (true or false), got {quote(text)}.")
         return text
     if kind in ("integer", "number"):
         try:
             number = int(text) if kind == "integer" else float(text)
         except ValueError:
-            raise ComponentSpecError(f"Input '{name}' must be an {kind}, got {text!r}.") from None
+            raise ComponentSpecError(f"Input '{name}' must be an {kind}, got {quote(text)}.") from None
         if not math.isfinite(number):
-            raise ComponentSpecError(f"Input '{name}' must be a finite number, got {text!r}.")
+            raise ComponentSpecError(f"Input '{name}' must be a finite number, got {quote(text)}.")
         if port.get("min") is not None and number < float(port["min"]):
             raise ComponentSpecError(f"Input '{name}' is {text}; the minimum is {port['min']}.")
         if port.get("max") is not None and number > float(port["max"]):
             raise ComponentSpecError(f"Input '{name}' is {text}; the maximum is {port['max']}.")
         return text
     if port.get("enum") and text not in [str(choice) for choice in port["enum"]]:
-        raise ComponentSpecError(f"Input '{name}' is {text!r}; allowed: {', '.join(map(str, port['enum']))}.")
+        raise ComponentSpecError(f"Input '{name}' is {quote(text)}; allowed: {quote(port['enum'], 300)}.")
     return text
 
 
@@ -202,7 +221,8 @@ def bind_command(command: str, inputs: dict[str, str | None], outputs: dict[str,
 def binding(expression: str, inputs: dict, outputs: dict) -> tuple[str, str]:
     match = BINDING.match(expression)
     if not match:
-        raise ComponentSpecError(f"Unsupported expression ${{{{{expression}}}}}: only inputs.NAME and outputs.NAME bind.")
+        raise ComponentSpecError(f"Unsupported expression ${{{{{quote(expression)}}}}}: only inputs.NAME and "
+                                 "outputs.NAME bind.")
     group, name = match.groups()
     if name not in (inputs if group == "inputs" else outputs):
         raise ComponentSpecError(f"The command uses ${{{{{group}.{name}}}}}, which the component does not declare.")

@@ -29,7 +29,7 @@ def _field(default, help: str, *, group: str = "extras", identity: bool = True, 
     return field(default=default, metadata={"help": help, "group": group, "identity": identity, **argparse_options})
 
 
-def _auto_or_int(text: str) -> int | None:
+def auto_or_int(text: str) -> int | None:
     if text == "auto":
         return None
     if not text.isdigit():
@@ -58,6 +58,11 @@ class TrainConfig:
                                    required=True, type=Path)
     trained_model: Path = _field(None, "output folder (new or empty)", group="directories", identity=False,
                                  required=True, type=Path)
+    image_column: str | None = _field(None, "image path column of a table or MLTable input (default: the first of "
+                                      "image_url, image_path, image, path, file, file_name, filename)",
+                                      group="directories", identity=False, metavar="NAME")
+    label_column: str | None = _field(None, "label column of a table or MLTable input (default: the first of label, "
+                                      "category, class)", group="directories", identity=False, metavar="NAME")
     checkpoint_dir: Path | None = _field(
         None, "folder for the resume checkpoint, written every epoch; when it holds one, training resumes from it "
         "(same command after a preemption). Give it a new folder per training run", group="directories",
@@ -72,7 +77,9 @@ class TrainConfig:
     patience: int = _field(3, "stop after this many epochs without a better validation loss; 0 never stops early "
                            "(default 3)", group="designer parameters", type=int)
     # extras
-    image_size: int = _field(224, "square side images are resized/cropped to (default 224)", type=int)
+    image_size: int | None = _field(None, "square side images are resized/cropped to (default auto: the "
+                                    "architecture's, 224 for designer's DenseNet/ResNet)", type=auto_or_int,
+                                    metavar="auto|N", shown="auto")
     augmentation: str = _field("flip_crop", "training augmentation: random crop + horizontal flip, crop only, or "
                                "none (default flip_crop)", choices=AUGMENTATIONS)
     optimizer: str = _field("sgd", "sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the original's); adamw: "
@@ -98,7 +105,7 @@ class TrainConfig:
                                     "a quarter of RAM, at most 16 GiB) (default false)", identity=False,
                                     type=_true_false, metavar="true|false", shown="false")
     num_workers: int | None = _field(None, "image decoding processes per training process (default auto)",
-                                     identity=False, type=_auto_or_int, metavar="auto|N", shown="auto")
+                                     identity=False, type=auto_or_int, metavar="auto|N", shown="auto")
     device: str = _field("auto", "auto (GPU when present), cpu, cuda, cuda:N", identity=False)
     precision: str = _field("auto", "auto: bf16 autocast on GPUs that support it, fp16 on older GPUs, fp32 on CPU",
                             choices=PRECISIONS)
@@ -121,7 +128,8 @@ class TrainConfig:
         _check("Learning rate", self.learning_rate, math.isfinite(self.learning_rate) and self.learning_rate > 0,
                "must be a finite number > 0")
         _check("Patience", self.patience, self.patience >= 0, "must be an integer >= 0 (0 disables early stopping)")
-        _check("Image size", self.image_size, 32 <= self.image_size <= 4096, "must be between 32 and 4096 pixels")
+        _check("Image size", self.image_size, self.image_size is None or 32 <= self.image_size <= 4096,
+               "must be auto or between 32 and 4096 pixels")
         _check("Warmup epochs", self.warmup_epochs, self.warmup_epochs == 0 or 0 < self.warmup_epochs < self.epochs,
                "must be >= 0 and smaller than epochs")
         _check("Max bad image fraction", self.max_bad_image_fraction,
@@ -179,3 +187,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if not options.get("required"):
             options["default"] = f.default
         group.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`train` itself lives in train_command, which imports torch: only once the arguments parsed."""
+    from .train_command import run as run_training
+
+    return run_training(args)

@@ -1,16 +1,20 @@
 """`convert`: images as people have them -> an ImageDirectory (designer's "Convert to Image Directory").
 
-Input: a folder, a .zip/.tar/.tar.gz/.tgz/.tar.bz2/.tar.xz archive, or a folder holding just one
-such archive (how Azure ML mounts an uploaded archive). Its images are laid out like this:
+Input: a folder, a table file, a .zip/.tar/.tar.gz/.tgz/.tar.bz2/.tar.xz archive, or a folder holding
+just one such archive (how Azure ML mounts an uploaded archive). Its images are laid out like this:
+- an ImageDirectory, an MLTable folder or a CSV/TSV/Parquet/JSONL table (read as training reads
+  them, image_directory.py / tables.py): their rows and categories, in table order;
 - ImageFolder tree `<class>/<image>`: labeled, classes are the folder names (sorted). Images at
-  the top level or nested deeper are skipped, as designer did (spec 2.6 b).
+  the top level or nested deeper are skipped, as designer did (spec 2.6 b);
 - otherwise a flat folder: every image below the root, unlabeled (spec 2.6 c).
 
-Output: the layout "Convert to Image Directory" wrote (spec 2.1): `image/<class id>_<row><suffix>`
-(flat: `image/<relative path>`) copied byte for byte, `images.lst`, `_schema.json`,
-`_samples.json`, `_meta.yaml`. Rows are in sorted path order, so the same input always gives the
-same directory. Every file that is left out is reported on stderr with the reason; hidden files
-and folders (.DS_Store, __MACOSX, ...) are never data and are ignored silently.
+Output (`--to`): an ImageDirectory, the layout "Convert to Image Directory" wrote (spec 2.1):
+`image/<class id>_<row><suffix>` (flat: `image/<relative path>`) copied byte for byte, `images.lst`,
+`_schema.json`, `_samples.json`, `_meta.yaml`; or an MLTable folder as AutoML for images reads it
+(`MLTable` + `images.jsonl` with relative `image_url`s, the same `image/` files). Rows are in sorted
+path order (table order for tables), so the same input always gives the same output. Every file
+that is left out is reported on stderr with the reason; hidden files and folders (.DS_Store,
+__MACOSX, ...) are never data and are ignored silently.
 
 Archives are extracted into the output's staging folder, never outside it: members with
 absolute paths, `..`, links or special files are skipped, and extraction stops at
@@ -20,28 +24,28 @@ absolute paths, `..`, links or special files are skipped, and extraction stops a
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import logging
 import os
 import shutil
 import stat
 import sys
 import tarfile
-import warnings
 import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from . import preprocessing  # noqa: F401 - sets Pillow's decompression-bomb limit used by check_image
 from .errors import (DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, InvalidParameterError,
-                     OutputDirectoryError)
-from .image_directory import IMAGE_SUFFIXES, default_schema, load_image_directory
-from .legacy_format import META_FILE, dump_json, dump_json_line, dump_yaml, is_hidden, safe_join, write_text
+                     OutputDirectoryError, quote)
+from .image_directory import (IMAGE_SUFFIXES, default_schema, find_coco_file, is_image_name, label_image_folder,
+                              load_image_directory, walk_files)
+from .legacy_format import (META_FILE, dump_json, dump_json_line, dump_yaml, is_hidden, resolves_inside, safe_join,
+                            write_text)
 from .model_directory import staged_output, training_samples
+from .preprocessing import probe_image
+from .tables import MLTABLE_FILE, TABLE_SUFFIXES, find_table, write_mltable
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +56,35 @@ SAMPLES_FILE = "_samples.json"
 IMAGE_FOLDER = "image"
 MAX_NAMED_SKIPS = 200
 COPY_CHUNK = 1 << 20
+MAX_NAME_BYTES = 255  # one path component, as every common file system allows
+FORMATS = ("image_directory", "mltable")
 
 
 @dataclass
 class Conversion:
     """What was found: the rows to write and every file left out."""
 
-    layout: str  # "image_folder" or "flat"
-    files: list[str] = field(default_factory=list)  # relative POSIX paths in the source, sorted
+    layout: str  # "image_folder", "flat", or the layout of a read dataset ("meta", "mltable", "table")
+    files: list[str] = field(default_factory=list)  # relative POSIX paths below `root`
     categories: list[str] | None = None
-    labels: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)  # -1: a row without a label
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    root: Path | None = None  # where `files` are, when not the scanned folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, type=Path,
-                        help="ImageFolder tree (<class>/<image>), flat folder of images, or a .zip/.tar(.gz) of one")
-    parser.add_argument("--image-directory", required=True, type=Path, help="output ImageDirectory folder (new or empty)")
+                        help="ImageFolder tree (<class>/<image>), flat folder of images, ImageDirectory, MLTable "
+                             "folder, CSV/TSV/Parquet/JSONL table, or a .zip/.tar(.gz) of one")
+    parser.add_argument("--image-directory", "--output", dest="image_directory", required=True, type=Path,
+                        help="output folder (new or empty)")
+    parser.add_argument("--to", "--format", dest="to", choices=FORMATS, default="image_directory",
+                        help="write an ImageDirectory (designer; default) or an MLTable folder (AutoML for images)")
+    parser.add_argument("--image-column", default=None,
+                        help="a table's image path column (default: the first of image_url, image_path, image, path, "
+                             "file, file_name, filename)")
+    parser.add_argument("--label-column", default=None,
+                        help="a table's label column (default: the first of label, category, class)")
     parser.add_argument("--max-extracted-gib", type=float, default=32.0,
                         help="stop when an archive unpacks to more than this many GiB (zip-bomb guard; default 32)")
 
@@ -76,19 +92,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.max_extracted_gib > 0:
         raise InvalidParameterError("Max extracted GiB", args.max_extracted_gib, "must be a number > 0")
-    result = convert(args.input, args.image_directory, max_extracted_bytes=int(args.max_extracted_gib * 2**30))
+    result = convert(args.input, args.image_directory, max_extracted_bytes=int(args.max_extracted_gib * 2**30),
+                     to=args.to, image_column=args.image_column, label_column=args.label_column)
     report_skipped(result.skipped)
-    classes = f"{len(result.categories)} classes" if result.categories is not None else "unlabeled (flat folder)"
-    print(f"Converted {len(result.files)} images, {classes}, to ImageDirectory {args.image_directory}; "
+    classes = f"{len(result.categories)} classes" if result.categories is not None else "unlabeled"
+    kind = "MLTable" if args.to == "mltable" else "ImageDirectory"
+    print(f"Converted {len(result.files)} images, {classes}, to {kind} {args.image_directory}; "
           f"{len(result.skipped)} files skipped.")
     return 0
 
 
-def convert(source: Path, out: Path, *, max_extracted_bytes: int = 32 * 2**30) -> Conversion:
-    """Write the ImageDirectory for `source` to `out` (atomically) and say what was converted."""
+def convert(source: Path, out: Path, *, max_extracted_bytes: int = 32 * 2**30, to: str = "image_directory",
+            image_column: str | None = None, label_column: str | None = None) -> Conversion:
+    """Write the ImageDirectory (or MLTable, `to="mltable"`) for `source` to `out` (atomically) and say what
+    was converted."""
     source = Path(source)
     if not source.exists():
         raise DirectoryNotFoundError(f"Input '{source}' does not exist.")
+    if to not in FORMATS:
+        raise InvalidParameterError("To", to, f"must be one of {', '.join(FORMATS)}")
     with staged_output(out) as stage:
         extracted = stage / ".extracted"  # hidden: never part of the result, removed below
         try:
@@ -96,10 +118,9 @@ def convert(source: Path, out: Path, *, max_extracted_bytes: int = 32 * 2**30) -
             archive = _archive_in(source)
             if archive is not None:
                 root = extract_archive(archive, extracted, max_extracted_bytes, skipped)
-                move = True
             else:
-                root, move = source, False
-            result = scan(root)
+                root = source
+            result = scan(root, to, image_column, label_column)
             result.skipped[:0] = skipped
             if not result.files:
                 report_skipped(result.skipped)
@@ -107,7 +128,12 @@ def convert(source: Path, out: Path, *, max_extracted_bytes: int = 32 * 2**30) -
                     f"Input '{source}' holds no readable image (extensions {sorted(IMAGE_SUFFIXES)}); "
                     f"{len(result.skipped)} files skipped{_reason_summary(result.skipped)}."
                 )
-            write_image_directory(stage, root, result, move=move)
+            # Files of an extraction are ours to move, unless table rows may name one file twice.
+            move = archive is not None and result.layout in ("image_folder", "flat")
+            if to == "mltable":
+                write_mltable_folder(stage, result.root or root, result, move=move)
+            else:
+                write_image_directory(stage, result.root or root, result, move=move)
         finally:
             shutil.rmtree(extracted, ignore_errors=True)
     return result
@@ -123,6 +149,8 @@ def _is_archive(path: Path) -> bool:
 def _archive_in(source: Path) -> Path | None:
     """The archive to unpack: `source` itself, or the only entry of a folder."""
     if source.is_file():
+        if source.name == MLTABLE_FILE or source.name.lower().endswith(TABLE_SUFFIXES):
+            return None
         if not _is_archive(source):
             raise InvalidDatasetError(
                 f"Input '{source}' is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)}); "
@@ -137,13 +165,23 @@ def _archive_in(source: Path) -> Path | None:
     return None
 
 
-def scan(root: Path) -> Conversion:
-    """Sort the files below `root` into rows and skips, by designer's layout rules."""
-    if (root / META_FILE).is_file() or ((root / IMAGE_LIST).is_file() and (root / SCHEMA_FILE).is_file()):
+def scan(root: Path, to: str = "image_directory", image_column: str | None = None,
+         label_column: str | None = None) -> Conversion:
+    """Sort the files below `root` into rows and skips: a dataset (ImageDirectory, MLTable, table) by its own
+    rows, a folder by designer's layout rules."""
+    if root.is_file():
+        return _read_dataset(root, image_column, label_column)
+    is_directory = (root / META_FILE).is_file() or ((root / IMAGE_LIST).is_file() and (root / SCHEMA_FILE).is_file())
+    if is_directory and to == "image_directory":
         raise InvalidDatasetError(
             f"'{root}' is already an ImageDirectory ({META_FILE} / {IMAGE_LIST}); use it as it is."
         )
-    coco = _coco_file(root)
+    table = None if is_directory else find_table(root, InvalidDatasetError)
+    if table is not None and table.name == MLTABLE_FILE and to == "mltable":
+        raise InvalidDatasetError(f"'{root}' is already an MLTable folder; use it as it is.")
+    if is_directory or table is not None:
+        return _read_dataset(root, image_column, label_column)
+    coco = find_coco_file(root)
     if coco is not None:
         raise InvalidDatasetError(
             f"'{coco}' makes '{root}' a COCO dataset (images + annotations), which has no classification labels. "
@@ -151,7 +189,7 @@ def scan(root: Path) -> Conversion:
         )
     images, skipped = [], []
     real_root = os.path.realpath(root)
-    for relative, path in _walk(root):
+    for relative, path in walk_files(root):
         reason = _check_file(relative, path, real_root)
         if reason:
             skipped.append((relative, reason))
@@ -159,7 +197,7 @@ def scan(root: Path) -> Conversion:
             images.append(relative)
     images.sort()
 
-    one_deep = [f for f in images if f.count("/") == 1]
+    one_deep, categories, labels = label_image_folder(images)
     if not one_deep:
         unsafe = {f for f in images if safe_join(root, f) is None}
         skipped += [(f, "the file name cannot be stored in images.lst (backslash in the name)") for f in sorted(unsafe)]
@@ -170,63 +208,38 @@ def scan(root: Path) -> Conversion:
             skipped.append((f, "top-level image outside any <class>/ folder (ImageFolder layout)"))
         elif f.count("/") > 1:
             skipped.append((f, "nested deeper than <class>/<image> (ImageFolder layout)"))
-    categories = sorted({f.split("/", 1)[0] for f in one_deep})
-    index = {name: i for i, name in enumerate(categories)}
-    labels = [index[f.split("/", 1)[0]] for f in one_deep]
-    return Conversion("image_folder", one_deep, categories, labels, skipped)
+    return Conversion("image_folder", one_deep, categories, list(labels), skipped)
 
 
-def _walk(root: Path):
-    """(relative POSIX path, path) of every non-hidden file below root. Symlinked folders are not entered."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-        for name in sorted(filenames):
-            if not is_hidden(name):
-                path = Path(dirpath, name)
-                yield path.relative_to(root).as_posix(), path
+def _read_dataset(path: Path, image_column: str | None, label_column: str | None) -> Conversion:
+    """The rows of an ImageDirectory / MLTable / table, read as training reads them; unreadable images skipped."""
+    directory = load_image_directory(path, "Input", keep_unlabeled=True,
+                                     image_column=image_column, label_column=label_column)
+    result = Conversion(directory.layout, categories=directory.categories, root=directory.root)
+    real_root = os.path.realpath(directory.root)
+    for i, relative in enumerate(directory.files):
+        reason = _check_file(relative, directory.path(i), real_root, suffix=False)
+        if reason:
+            result.skipped.append((relative, reason))
+        else:
+            result.files.append(relative)
+            result.labels.append(directory.labels[i])
+    return result
 
 
-def _check_file(relative: str, path: Path, real_root: str) -> str | None:
+def _check_file(relative: str, path: Path, real_root: str, suffix: bool = True) -> str | None:
     """Why the file cannot be an image row, or None when it can."""
     try:
         relative.encode("utf-8")
     except UnicodeEncodeError:
         return "the path is not valid UTF-8"
-    if Path(relative).suffix.lower() not in IMAGE_SUFFIXES:
+    if suffix and not is_image_name(relative):
         return f"not an image file extension ({', '.join(sorted(IMAGE_SUFFIXES))})"
-    if path.is_symlink():
-        real = os.path.realpath(path)
-        if not real.startswith(real_root.rstrip(os.sep) + os.sep):
-            return "symbolic link to a file outside the input folder"
-    return check_image(path)
-
-
-def check_image(path: Path) -> str | None:
-    """None when Pillow recognises the file as an image (header only, as designer checked), else why not."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-        if width < 1 or height < 1:
-            return "the image has no pixels"
-        return None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"the image has more than {Image.MAX_IMAGE_PIXELS} pixels (decompression-bomb guard)"
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, ZeroDivisionError) as exc:
-        return f"not a readable image ({type(exc).__name__}: {str(exc)[:120]})"
-
-
-def _coco_file(root: Path) -> Path | None:
-    for entry in sorted(root.iterdir()):
-        if entry.suffix.lower() == ".json" and entry.is_file() and not is_hidden(entry.name):
-            try:
-                data = json.loads(entry.read_text(encoding="utf-8-sig"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and "images" in data and "annotations" in data:
-                return entry
-    return None
+    if not os.path.lexists(path):
+        return "file not found"
+    if not resolves_inside(real_root, path):
+        return "symbolic link to a file outside the input folder"
+    return probe_image(path)
 
 
 # --- archives --------------------------------------------------------------------------------------------
@@ -255,6 +268,10 @@ def extract_archive(archive: Path, target: Path, max_bytes: int, skipped: list[t
         root = entries[0]
 
 
+class _MemberNameError(Exception):
+    """A member's name the file system refuses: that member is skipped."""
+
+
 class _Budget:
     def __init__(self, archive: Path, max_bytes: int):
         self.archive, self.max_bytes, self.used = archive, max_bytes, 0
@@ -281,6 +298,8 @@ def _member_path(target: Path, name: str) -> tuple[Path | None, str | None]:
         return None, "unsafe path in the archive"
     if any(is_hidden(part) for part in parts):
         return None, None
+    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES for part in parts):
+        return None, f"a name in the path is longer than {MAX_NAME_BYTES} bytes"
     return path, None
 
 
@@ -292,6 +311,8 @@ def _copy_stream(reader, path: Path, budget: _Budget) -> None:
     except FileExistsError:
         raise
     except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL, errno.ENOTDIR, errno.EISDIR):
+            raise _MemberNameError(exc.strerror or str(exc)) from None  # this member's name: skip it
         raise OutputDirectoryError(f"Cannot write extracted file '{path}': {exc.strerror or exc}.") from None
     with writer:
         while chunk := reader.read(COPY_CHUNK):
@@ -304,82 +325,97 @@ def _copy_stream(reader, path: Path, budget: _Budget) -> None:
 
 def _extract_zip(archive: Path, target: Path, budget: _Budget, skipped) -> None:
     with zipfile.ZipFile(archive) as zf:
-        for info in zf.infolist():
-            if info.is_dir():
-                continue
-            path, reason = _member_path(target, info.filename)
-            mode = info.external_attr >> 16
-            if path is not None and stat.S_ISLNK(mode):
-                reason, path = "symbolic link (links are never extracted)", None
-            if path is not None and info.flag_bits & 0x1:
-                reason, path = "encrypted member", None
-            if path is None:
-                if reason:
-                    skipped.append((info.filename, reason))
-                continue
-            try:
-                with zf.open(info) as reader:
-                    _copy_stream(reader, path, budget)
-            except FileExistsError:
-                skipped.append((info.filename, "duplicate name in the archive"))
-            except (zipfile.BadZipFile, NotImplementedError, zlib.error, EOFError) as exc:  # a damaged member
-                path.unlink(missing_ok=True)
-                skipped.append((info.filename, f"cannot be extracted ({type(exc).__name__}: {str(exc)[:120]})"))
+        def members():
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                refusal = ("symbolic link (links are never extracted)" if stat.S_ISLNK(info.external_attr >> 16)
+                           else "encrypted member" if info.flag_bits & 0x1 else None)
+                yield info.filename, refusal, lambda info=info: zf.open(info)
+        _extract_members(members(), target, budget, skipped)
 
 
 def _extract_tar(archive: Path, target: Path, budget: _Budget, skipped) -> None:
     # Iterating reads the (compressed) stream once, in order: no seeking back in .tar.gz.
     with tarfile.open(archive, "r:*") as tf:
-        for member in tf:
-            if member.isdir():
-                continue
-            path, reason = _member_path(target, member.name)
-            if path is not None and (member.issym() or member.islnk()):
-                reason, path = "link (links are never extracted)", None
-            elif path is not None and not member.isreg():
-                reason, path = "not a regular file", None
-            if path is None:
-                if reason:
-                    skipped.append((member.name, reason))
-                continue
-            reader = tf.extractfile(member)
-            try:
+        def members():
+            for member in tf:
+                if member.isdir():
+                    continue
+                refusal = ("link (links are never extracted)" if member.issym() or member.islnk()
+                           else "not a regular file" if not member.isreg() else None)
+                yield member.name, refusal, lambda member=member: tf.extractfile(member)
+        _extract_members(members(), target, budget, skipped)
+
+
+def _extract_members(members, target: Path, budget: _Budget, skipped: list[tuple[str, str]]) -> None:
+    """Extract (name, refusal or None, opener) members; the ones that must not or cannot be extracted are
+    skipped by name with the reason, and the others still extracted."""
+    for name, refusal, opener in members:
+        path, reason = _member_path(target, name)
+        if path is not None and refusal:
+            path, reason = None, refusal
+        if path is None:
+            if reason:
+                skipped.append((name, reason))
+            continue
+        try:
+            with opener() as reader:
                 _copy_stream(reader, path, budget)
-            except FileExistsError:
-                skipped.append((member.name, "duplicate name in the archive"))
+        except FileExistsError:
+            skipped.append((name, "duplicate name in the archive"))
+        except _MemberNameError as exc:
+            skipped.append((name, f"the name cannot be a file here ({exc})"))
+        except (zipfile.BadZipFile, NotImplementedError, zlib.error, EOFError) as exc:  # a damaged zip member
+            path.unlink(missing_ok=True)
+            skipped.append((name, f"cannot be extracted ({type(exc).__name__}: {str(exc)[:120]})"))
 
 
 # --- writing -------------------------------------------------------------------------------------------
 
 
 def image_file_name(result: Conversion, row: int) -> str:
-    """Where row `row` goes in the ImageDirectory (spec 2.6): `image/<class id>_<row><suffix>` or `image/<path>`."""
+    """Where row `row` goes (spec 2.6): `image/<class id>_<row><suffix>`, `image/<row><suffix>` for a row
+    without a label, `image/<path>` for a flat folder."""
     relative = result.files[row]
-    if result.categories is None:
+    if result.layout == "flat":
         return f"{IMAGE_FOLDER}/{relative}"
     suffix = Path(relative).suffix  # original case kept, as designer did
-    return f"{IMAGE_FOLDER}/{result.labels[row]}_{row}{suffix}"
+    label = result.labels[row] if result.categories is not None else -1
+    return f"{IMAGE_FOLDER}/{label}_{row}{suffix}" if label >= 0 else f"{IMAGE_FOLDER}/{row}{suffix}"
+
+
+def _place_images(stage: Path, root: Path, result: Conversion, move: bool):
+    """Put every row's image in `stage` (moved from an extraction, else copied); yield (row, its new name)."""
+    for i, relative in enumerate(result.files):
+        name = image_file_name(result, i)
+        destination = stage / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        source = root / relative
+        try:
+            if move:
+                os.replace(source, destination)
+            else:
+                shutil.copyfile(source, destination)
+        except OSError as exc:
+            raise OutputDirectoryError(f"Cannot copy '{source}' to '{destination}': {exc.strerror or exc}.") from None
+        yield i, name
+
+
+def _category(result: Conversion, row: int) -> str | None:
+    if result.categories is None or result.labels[row] < 0:
+        return None
+    return result.categories[result.labels[row]]
 
 
 def write_image_directory(stage: Path, root: Path, result: Conversion, *, move: bool) -> None:
-    """The §2.1 files in `stage`: images (moved from an extraction, else copied), list, schema, samples, meta."""
+    """The §2.1 files in `stage`: images, list, schema, samples, meta."""
     schema = default_schema(result.categories)
     with open(stage / IMAGE_LIST, "w", encoding="utf-8", newline="\n") as rows:
-        for i, relative in enumerate(result.files):
-            name = image_file_name(result, i)
-            destination = stage / name
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            source = root / relative
-            try:
-                if move:
-                    os.replace(source, destination)
-                else:
-                    shutil.copyfile(source, destination)
-            except OSError as exc:
-                raise OutputDirectoryError(f"Cannot copy '{source}' to '{destination}': {exc.strerror or exc}.") from None
+        for i, name in _place_images(stage, root, result, move):
             row = {"image_info": {"file_name": name}}
-            if result.categories is not None:
-                row["category"] = result.categories[result.labels[i]]
+            if (category := _category(result, i)) is not None:
+                row["category"] = category
             row["id"] = i
             rows.write(dump_json_line(row))
     write_text(stage / SCHEMA_FILE, dump_json(schema))
@@ -390,6 +426,12 @@ def write_image_directory(stage: Path, root: Path, result: Conversion, *, move: 
         "type": "ImageDirectory", "extension": {}, "image_list": IMAGE_LIST,
         "samples": SAMPLES_FILE, "schema": SCHEMA_FILE,
     }))
+
+
+def write_mltable_folder(stage: Path, root: Path, result: Conversion, *, move: bool) -> None:
+    """An MLTable folder in `stage`: the images under `image/`, `images.jsonl` rows, the `MLTable` file."""
+    write_mltable(stage, ((name, _category(result, i)) for i, name in _place_images(stage, root, result, move)))
+    load_image_directory(stage, "Converted", keep_unlabeled=True)  # read back, as training will
 
 
 # --- reporting -----------------------------------------------------------------------------------------
@@ -405,7 +447,7 @@ def _reason_summary(skipped: list[tuple[str, str]]) -> str:
 def report_skipped(skipped: list[tuple[str, str]], stream=None) -> None:
     stream = stream or sys.stderr
     for path, reason in skipped[:MAX_NAMED_SKIPS]:
-        print(f"Skipped '{path}': {reason}", file=stream)
+        print(f"Skipped {quote(path, 300)}: {reason}", file=stream)
     if len(skipped) > MAX_NAMED_SKIPS:
         print(f"... and {len(skipped) - MAX_NAMED_SKIPS} more skipped files", file=stream)
     if skipped:

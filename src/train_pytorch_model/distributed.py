@@ -114,7 +114,7 @@ class FailureWatch:
                 if not self.store.check([FAILURE_KEY]):
                     continue
                 cause = self.store.get(FAILURE_KEY).decode("utf-8", "replace")
-            except Exception:  # noqa: BLE001 - the store went away (rank 0 or the launcher exited): nothing to read
+            except Exception:  # the store went away (rank 0 or the launcher exited): nothing to read
                 return
             if self.stopped.is_set():
                 return
@@ -132,7 +132,7 @@ class FailureWatch:
         message = " ".join(str(error).split())[:2000]
         try:
             self.store.set(FAILURE_KEY, f"process {self.rank}: {type(error).__name__}: {message}")
-        except Exception:  # noqa: BLE001 - best effort; the launcher or the timeout still ends the job
+        except Exception:  # best effort; the launcher or the timeout still ends the job
             return
         # Stay alive (and connected) a moment, so the others read the cause before they see a closed socket.
         time.sleep(5 * POLL_SECONDS)
@@ -169,7 +169,7 @@ def setup(requested_device: str = "auto", timeout_minutes: float = 30) -> Contex
     watch = None
     try:
         watch = FailureWatch(rank, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout)
-    except Exception as exc:  # noqa: BLE001 - without it a failure still ends the job, only later
+    except Exception as exc:  # without it a failure still ends the job, only later
         log.warning("Cannot watch the other processes for failures (%s); a failed process may leave the others "
                     "waiting until the %g-minute timeout.", exc, timeout_minutes)
     return Context(device, rank, world_size, local_rank, local_world_size, watch)

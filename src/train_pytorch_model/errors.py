@@ -73,9 +73,18 @@ class InvalidModelDirectoryError(TrainPyTorchModelError):
 
 
 
+class InvalidPreprocessingError(InvalidModelDirectoryError, ValueError):
+    """A preprocessing recipe out of range (from a damaged or tampered training_info.json, or bad arguments).
+    A ValueError too, so model_directory's existing handling of a bad recipe still applies."""
+
+
 class PretrainedWeightsNotFoundError(InvalidModelDirectoryError):
     """`pretrained: true` but no ImageNet weights are available without the network."""
 
+
+
+class WeightsHashMismatchError(InvalidModelDirectoryError):
+    """A downloaded weights file does not have the sha256 its file name promises."""
 
 
 class CheckpointMismatchError(TrainPyTorchModelError):
@@ -104,6 +113,11 @@ class TrainingDivergedError(TrainPyTorchModelError):
     """The loss or the weights became NaN/infinite: no model is written (lower the learning rate)."""
 
 
+class ExportError(TrainPyTorchModelError):
+    """A model could not be exported, its export dependencies are missing, or the exported file does not
+    reproduce the PyTorch model's probabilities."""
+
+
 class ComponentSpecError(TrainPyTorchModelError):
     """A component YAML or a binding given to the local component runner is wrong."""
 
@@ -116,4 +130,3 @@ class UsageError(TrainPyTorchModelError):
 
 class UnexpectedError(TrainPyTorchModelError):
     """Anything we did not foresee. The traceback is printed above the one-line error."""
-

@@ -13,7 +13,12 @@ Output folder:
 The headline metrics and the files are also logged to MLflow (the job's run in Azure ML).
 
 Rows without a true label, and images that could not be scored (non-empty `error`), are left
-out of every metric and counted in `metrics.json` (`unlabeled_rows`, `unscored_rows`).
+out of every metric and counted in `metrics.json` (`unlabeled_rows`, `unscored_rows`). A probability
+that is not a number in [0, 1] is an InvalidDatasetError naming its row and column.
+
+The MLflow run is named after what it evaluated and, when the scored table names the run that
+trained the model (`score` records it), tagged `train_pytorch_model.training_run_id`; that
+training run gets `train_pytorch_model.evaluation_run_id` back.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
+from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError, quote
+from .predictions import (ERROR_COLUMN, LABEL_COLUMN, PROBABILITY_PREFIX, SCORED_CSV, SCORED_LABELS, SCORED_PARQUET,
+                          TRAINING_RUN_ATTR, classes_of, probability_column, unescape_csv)
 
-from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError
-from .model_directory import staged_output
-from .score import ERROR_COLUMN, LABEL_COLUMN, PROBABILITY_PREFIX, SCORED_CSV, SCORED_LABELS, SCORED_PARQUET
+if TYPE_CHECKING:  # numpy and pandas are imported where used: `evaluate --help` and usage errors stay instant
+    import numpy as np
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +45,23 @@ PER_CLASS_FILE = "per_class_metrics.csv"
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 ANNOTATE_UP_TO = 30  # classes; beyond that the confusion-matrix cells are too small for numbers
+TRAINING_RUN_TAG = TRAINING_RUN_ATTR
+EVALUATION_RUN_TAG = "train_pytorch_model.evaluation_run_id"
+PROBABILITY_TOLERANCE = 1e-6  # float32 softmax written as float64 may exceed 1 by rounding
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scored-data", required=True, type=Path,
                         help=f"output folder of `score`, or a {SCORED_PARQUET} / {SCORED_CSV} file")
     parser.add_argument("--evaluation", required=True, type=Path, help="output folder (new or empty) for the metrics")
-    parser.add_argument("--label-column", default=LABEL_COLUMN, help=f"column with the true labels (default {LABEL_COLUMN})")
+    parser.add_argument("--label-column", default=LABEL_COLUMN,
+                        help=f"column with the true labels (default {LABEL_COLUMN})")
     parser.add_argument("--top-k", default="1,3,5",
-                        help="comma-separated k for top-k accuracy; values above the class count are left out (default 1,3,5)")
+                        help="comma-separated k for top-k accuracy; values above the class count are left out "
+                             "(default 1,3,5)")
     parser.add_argument("--mlflow-tracking-uri", default=None,
-                        help="MLflow tracking URI (default: the active run / MLFLOW_TRACKING_URI / sqlite:///mlflow.db)")
+                        help="MLflow tracking URI (default: the active run / MLFLOW_TRACKING_URI / "
+                             "sqlite:///mlflow.db)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     table = read_scored_table(args.scored_data)
     metrics, confusion = evaluate_table(table, args.label_column, ks)
     write_evaluation(args.evaluation, metrics, confusion)
-    log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri)
+    log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
     print(summary_text(metrics, args.evaluation))
     return 0
 
@@ -72,6 +85,8 @@ def parse_top_k(text: str) -> list[int]:
 
 
 def read_scored_table(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     path = Path(path)
     if path.is_dir():
         for name in (SCORED_PARQUET, SCORED_CSV):
@@ -86,19 +101,22 @@ def read_scored_table(path: Path) -> pd.DataFrame:
     try:
         if path.suffix.lower() == ".csv":
             # Labels stay text: "0".."9" must not become numbers, or they no longer match the column names.
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
+            return unescape_csv(pd.read_csv(path, dtype=str, keep_default_na=False))
         return pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - pyarrow/pandas raise many types for one cause
-        raise InvalidDatasetError(f"Scored data '{path}' cannot be read as a table: {type(exc).__name__}: {exc}.") from None
+    except Exception as exc:  # pyarrow/pandas raise many types for one cause
+        raise InvalidDatasetError(
+            f"Scored data '{path}' cannot be read as a table: {type(exc).__name__}: {str(exc)[:300]}.") from None
 
 
 def evaluate_table(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
                    ks: list[int] = (1, 3, 5)) -> tuple[dict, pd.DataFrame]:
     """(metrics, confusion matrix as a labeled DataFrame) for a scored table."""
+    import numpy as np
+    import pandas as pd
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    probability_columns = [c for c in table.columns if c.startswith(PROBABILITY_PREFIX)]
-    classes = [c[len(PROBABILITY_PREFIX):] for c in probability_columns]
+    classes = classes_of(table.columns)
+    probability_columns = [probability_column(c) for c in classes]
     if SCORED_LABELS not in table.columns or not classes:
         raise InvalidDatasetError(f"The table has no '{SCORED_LABELS}' and '{PROBABILITY_PREFIX}<class>' columns; "
                                   "give the output of `score`.")
@@ -119,7 +137,7 @@ def evaluate_table(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
                                   f"({int(labeled.sum())} labeled, {int(scored.sum())} scored of {len(table)}).")
     y_true = true[use].to_numpy(dtype=object)
     y_pred = predicted[use].to_numpy(dtype=object)
-    probabilities = table.loc[use, probability_columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    probabilities = checked_probabilities(table, use, probability_columns)
 
     # Labels the model does not know still count (as misses) and get their own confusion-matrix row.
     unknown = sorted(set(y_true) - set(classes))
@@ -165,6 +183,23 @@ def evaluate_table(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
     return metrics, confusion
 
 
+def checked_probabilities(table: pd.DataFrame, use: np.ndarray, columns: list[str]) -> np.ndarray:
+    """The probabilities of the rows in use, each a number in [0, 1]; else an error naming the first bad cell."""
+    import numpy as np
+    import pandas as pd
+
+    values = table.loc[use, columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(values) & (values >= 0) & (values <= 1 + PROBABILITY_TOLERANCE))
+    if bad.any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        position = int(np.flatnonzero(use)[row])
+        raise InvalidDatasetError(
+            f"Row {position} (counting from 0) of the scored table, column {quote(columns[column])}: "
+            f"{quote(table[columns[column]].iloc[position])} is not a probability (a number from 0 to 1); "
+            f"{int(bad.any(axis=1).sum())} rows have such values. Score the images again with `score`.")
+    return values
+
+
 def _text(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -172,8 +207,14 @@ def _text(value) -> str:
 
 
 def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame) -> None:
+    import pandas as pd
+
+    from .model_directory import staged_output  # imports torch: only when writing
+
     with staged_output(out) as stage:
-        (stage / METRICS_FILE).write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # Strict JSON: a NaN or Infinity would be a bug here, and is not JSON for most readers.
+        text = json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False)
+        (stage / METRICS_FILE).write_text(text + "\n", encoding="utf-8")
         per_class = pd.DataFrame.from_dict(metrics["per_class"], orient="index")
         per_class.index.name = "label"
         per_class.to_csv(stage / PER_CLASS_FILE)
@@ -201,10 +242,14 @@ def plot_confusion_matrix(path: Path, confusion: pd.DataFrame, accuracy: float) 
     plt.close(fig)
 
 
-def log_to_mlflow(folder: Path, metrics: dict, tracking_uri: str | None) -> None:
+def log_to_mlflow(folder: Path, metrics: dict, tracking_uri: str | None, training_run_id: str | None = None) -> None:
     from .tracking import Tracker
 
-    tracker = Tracker(True, tracking_uri, run_name="evaluate")
+    name = f"evaluate {metrics['evaluated_rows']} images, {len(metrics['classes'])} classes"
+    tracker = Tracker(True, tracking_uri, run_name=name)
+    if training_run_id:
+        tracker.set_tags({TRAINING_RUN_TAG: training_run_id,
+                          "mlflow.note.content": f"Evaluates the model trained by run {training_run_id}."})
     flat = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro"]["f1"],
             "macro_precision": metrics["macro"]["precision"], "macro_recall": metrics["macro"]["recall"],
             "weighted_f1": metrics["weighted"]["f1"], "evaluated_rows": metrics["evaluated_rows"]}
@@ -214,6 +259,8 @@ def log_to_mlflow(folder: Path, metrics: dict, tracking_uri: str | None) -> None
     tracker.log_metrics(flat, step=0)
     for name in (METRICS_FILE, CONFUSION_PNG, CONFUSION_CSV, PER_CLASS_FILE):
         tracker.log_artifact(str(Path(folder) / name), "evaluation")
+    if training_run_id and tracker.run_id:
+        tracker.tag_run(training_run_id, {EVALUATION_RUN_TAG: tracker.run_id})
     tracker.close()
 
 

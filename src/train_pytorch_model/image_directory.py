@@ -4,10 +4,13 @@ Layouts, tried in this order:
 1. meta route: `_meta.yaml` (or, without it, `images.lst` + `_schema.json`) → rows from
    `images.lst`, categories from the schema's annotation column. Errors are reported, never
    swallowed into a fallback as the original did.
-2. a COCO folder (a top-level `*.json` with `images` and `annotations`): never classification,
+2. an image table (tables.py): an `MLTable` folder (Azure ML data labeling, AutoML for images),
+   or a CSV/TSV/Parquet/JSONL file of image paths and labels (the file itself, or the only one in
+   the folder); categories sorted by name.
+3. a COCO folder (a top-level `*.json` with `images` and `annotations`): never classification,
    so it is refused up front with a clear error instead of failing later.
-3. a torchvision ImageFolder tree: `<class>/<image>`, classes sorted by name.
-4. a flat folder of images: readable, but not labeled.
+4. a torchvision ImageFolder tree: `<class>/<image>`, classes sorted by name.
+5. a flat folder of images: readable, but not labeled.
 
 The result is an index (relative paths + label ids), built by streaming `images.lst`: memory
 is the index itself. Images are opened later, by `data.py`.
@@ -18,11 +21,14 @@ from __future__ import annotations
 import logging
 import os
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError
-from .legacy_format import is_hidden, iter_json_lines, read_json, read_meta, resolves_inside, safe_join
+from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError, quote
+from .legacy_format import (is_hidden, is_safe_relative, iter_json_lines, read_json, read_meta, resolves_inside,
+                            safe_join)
+from .tables import MLTABLE_FILE, TABLE_SUFFIXES, Columns, find_table, read_table
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +43,7 @@ class ImageDirectory:
     """An indexed ImageDirectory: row i is image `files[i]` with label `categories[labels[i]]`."""
 
     root: Path
-    layout: str  # "meta", "image_folder" or "flat"
+    layout: str  # "meta", "mltable", "table", "image_folder" or "flat"
     files: list[str]  # relative POSIX paths, each checked to stay inside root
     ids: array  # the rows' integer ids (images.lst `id`, else the row number)
     labels: array  # index into `categories`, -1 for an unlabeled row
@@ -56,16 +62,27 @@ class ImageDirectory:
         return self.root / self.files[i]
 
 
-def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unlabeled: bool = False) -> ImageDirectory:
+def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unlabeled: bool = False, *,
+                         image_column: str | None = None, label_column: str | None = None) -> ImageDirectory:
     """Index the ImageDirectory at `path`. `role` ("Training", "Validation", ...) prefixes errors.
 
+    `path` is a folder, or a table file (CSV/TSV/Parquet/JSONL, or an `MLTable` file) whose image paths are
+    relative to its folder; `image_column` / `label_column` name a table's columns (defaults: tables.py).
     Rows without a label are left out (training cannot use them) unless `keep_unlabeled`
     (scoring, which like designer scores every row), where their label is -1."""
-    root = Path(path)
-    if not root.exists():
-        raise DirectoryNotFoundError(f"{role} data folder '{root}' does not exist.")
-    if not root.is_dir():
-        raise DirectoryNotFoundError(f"{role} data path '{root}' is a file; give the folder that holds the images.")
+    given = Path(path)
+    if not given.exists():
+        raise DirectoryNotFoundError(f"{role} data folder '{given}' does not exist.")
+    table = None
+    if given.is_dir():
+        root = given
+    elif given.name == MLTABLE_FILE or given.name.lower().endswith(TABLE_SUFFIXES):
+        root, table = given.parent, given
+    else:
+        raise DirectoryNotFoundError(
+            f"{role} data path '{given}' is a file but not a table ({', '.join(TABLE_SUFFIXES)}, {MLTABLE_FILE}); "
+            "give the folder that holds the images."
+        )
     try:
         entries = [e for e in os.listdir(root) if not is_hidden(e)]
     except PermissionError:
@@ -74,12 +91,18 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
         raise DirectoryEmptyError(f"{role} data folder '{root}' is empty.")
 
     def error(message: str) -> InvalidDatasetError:
-        return InvalidDatasetError(f"{role} data '{root}' is not valid: {message}")
+        return InvalidDatasetError(f"{role} data '{given}' is not valid: {message}")
 
-    meta = read_meta(root, InvalidDatasetError)
-    if meta is not None or ((root / "images.lst").is_file() and (root / "_schema.json").is_file()):
+    meta = read_meta(root, InvalidDatasetError) if table is None else None
+    if table is None and (meta is not None or (os.path.lexists(root / "images.lst")
+                                               and os.path.lexists(root / "_schema.json"))):
         directory = _read_meta_layout(root, meta or {}, error, keep_unlabeled)
-    elif (coco := _coco_annotation_file(root)) is not None:
+    elif (table := table or find_table(root, error)) is not None:
+        index = read_table(table, Columns(image_column, label_column), keep_unlabeled, error)
+        labeled = index.categories is not None
+        directory = ImageDirectory(root, index.layout, index.files, index.ids, index.labels, index.categories,
+                                   default_schema(index.categories), "category" if labeled else None)
+    elif (coco := find_coco_file(root)) is not None:
         raise error(
             f"'{coco.name}' makes this a COCO folder, which never holds classification labels. "
             f"Training needs one category per image: arrange images as <class>/<image> folders ({CONVERT_HELP})."
@@ -91,7 +114,20 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
         raise error(
             f"no image rows found. Images must have one of the extensions {sorted(IMAGE_SUFFIXES)} ({CONVERT_HELP})."
         )
+    check_categories(directory.categories, directory.layout, error)
     return directory
+
+
+def check_categories(categories: list[str] | None, layout: str, error) -> None:
+    """Category names end up in JSON, CSV and MLflow: each must be text that UTF-8 can encode (a folder
+    name with undecodable bytes arrives as surrogate escapes), caught here rather than after training."""
+    for name in categories or ():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            what = "class folder" if layout == "image_folder" else "category"
+            raw = os.fsencode(name) if layout == "image_folder" else name
+            raise error(f"{what} name {quote(raw)} is not valid UTF-8 text; rename it.") from None
 
 
 # --- meta route -------------------------------------------------------------------------------------------
@@ -100,14 +136,16 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
 def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = False) -> ImageDirectory:
     kind = meta.get("type", "ImageDirectory")
     if kind != "ImageDirectory":
-        raise error(f"_meta.yaml says type '{kind}', but an ImageDirectory is needed here. Connect an image dataset.")
+        raise error(f"_meta.yaml says type {quote(kind)}, but an ImageDirectory is needed here. "
+                    "Connect an image dataset.")
     list_name = meta.get("image_list", "images.lst")
     schema_name = meta.get("schema", "_schema.json")
     for key, name in (("image_list", list_name), ("schema", schema_name)):
         if not isinstance(name, str) or safe_join(root, name) is None:
-            raise error(f"_meta.yaml key '{key}' must be a relative file name inside the folder, got {name!r}.")
+            raise error(f"_meta.yaml key '{key}' must be a relative file name inside the folder, got {quote(name)}.")
         if not resolves_inside(root, safe_join(root, name)):
-            raise error(f"'{name}' (_meta.yaml key '{key}') is a symlink leading outside the folder; copy the file in.")
+            raise error(f"{quote(name)} (_meta.yaml key '{key}') is a symlink leading outside the folder; "
+                        "copy the file in.")
 
     schema = read_json(safe_join(root, schema_name), InvalidDatasetError)
     image_ref, annotation_column, categories = _parse_schema(schema, error)
@@ -121,14 +159,16 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
         where = f"{list_name} line {number}"
         info = row.get(image_ref)
         if not isinstance(info, dict):
-            raise error(f"{where} has no '{image_ref}' object naming its image file.")
+            raise error(f"{where} has no {quote(image_ref)} object naming its image file.")
         relative = info.get("base_file_name") or info.get("file_name")
         if not isinstance(relative, str) or not relative:
             if info.get("coco_url"):
-                raise error(f"{where} has only a coco_url; images must be files inside the folder (downloads are not supported).")
+                raise error(f"{where} has only a coco_url; images must be files inside the folder "
+                            "(downloads are not supported).")
             raise error(f"{where} names no image file ('file_name').")
-        if safe_join(root, relative) is None:
-            raise error(f"{where} points outside the folder ({relative!r}); image paths must be relative and stay inside it.")
+        if not is_safe_relative(relative):
+            raise error(f"{where} points outside the folder ({quote(relative)}); image paths must be relative "
+                        "and stay inside it.")
         if categories is not None:
             value = row.get(annotation_column)
             if value is None or value == "" or value == []:
@@ -140,11 +180,12 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
                 labels.append(-1)
             elif isinstance(value, bool) or not isinstance(value, str):
                 raise error(
-                    f"{where}: label {value!r} in column '{annotation_column}' is not a category name; "
+                    f"{where}: label {quote(value)} in column {quote(annotation_column)} is not a category name; "
                     f"labels must be one of {_preview(categories)}."
                 )
             elif value not in name_to_id:
-                raise error(f"{where}: label {value!r} is not among the schema's categories {_preview(categories)}.")
+                raise error(f"{where}: label {quote(value)} is not among the schema's categories "
+                            f"{_preview(categories)}.")
             else:
                 labels.append(name_to_id[value])
         else:
@@ -178,7 +219,7 @@ def _parse_schema(schema, error) -> tuple[str, str | None, list[str] | None]:
         raise error("_schema.json has no image column (typeName 'bytes' with mime_type 'image/png').")
     image_ref = props(image_columns[0]).get("image_ref", DEFAULT_IMAGE_REF)
     if not isinstance(image_ref, str) or not image_ref:
-        raise error(f"_schema.json: the image column's 'image_ref' must be a column name, got {image_ref!r}.")
+        raise error(f"_schema.json: the image column's 'image_ref' must be a column name, got {quote(image_ref)}.")
 
     annotated = [c for c in columns if "annotation_type" in props(c)]
     if not annotated:
@@ -186,10 +227,11 @@ def _parse_schema(schema, error) -> tuple[str, str | None, list[str] | None]:
     column = annotated[0]
     annotation_type = props(column)["annotation_type"]
     if annotation_type != CLASSIFICATION:
-        raise error(f"annotation type is {annotation_type!r}; only {CLASSIFICATION} can train a classifier.")
+        raise error(f"annotation type is {quote(annotation_type)}; only {CLASSIFICATION} can train a classifier.")
     name = column.get("name")
     if not isinstance(name, str) or not name:
-        raise error(f"_schema.json: the annotation column needs a string 'name' (the images.lst key), got {name!r}.")
+        raise error(f"_schema.json: the annotation column needs a string 'name' (the images.lst key), "
+                    f"got {quote(name)}.")
     return image_ref, name, _parse_categories(props(column).get("categories"), error)
 
 
@@ -200,62 +242,77 @@ def _parse_categories(raw, error) -> list[str]:
     by_id: dict[int, str] = {}
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
-            raise error(f"category {item!r} needs a non-empty string 'name'.")
+            raise error(f"category {quote(item)} needs a non-empty string 'name'.")
         cid = item.get("id")
         if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0:
-            raise error(f"category {item['name']!r} needs a non-negative integer 'id', got {cid!r}.")
+            raise error(f"category {quote(item['name'])} needs a non-negative integer 'id', got {quote(cid)}.")
         if cid in by_id:
-            raise error(f"category id {cid} is used twice ({by_id[cid]!r} and {item['name']!r}).")
+            raise error(f"category id {quote(cid)} is used twice ({quote(by_id[cid])} and {quote(item['name'])}).")
         by_id[cid] = item["name"]
     names = [by_id[i] for i in sorted(by_id)]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)  # linear: 100k names are fine
     if duplicates:
-        raise error(f"category names must be unique; {duplicates} appear more than once.")
+        raise error(f"category names must be unique; {quote(duplicates)} appear more than once.")
     return names
 
 
 def _preview(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(repr(n) for n in names[:limit])
+    shown = ", ".join(quote(n) for n in names[:limit])
     return f"[{shown}{', ...' if len(names) > limit else ''}]"
 
 
 # --- fallbacks ---------------------------------------------------------------------------------------------
 
 
-def _coco_annotation_file(root: Path) -> Path | None:
+def find_coco_file(root: Path) -> Path | None:
+    """The top-level `*.json` that makes `root` a COCO dataset (`images` + `annotations`), if any."""
     for entry in sorted(root.iterdir()):
-        if entry.suffix == ".json" and entry.is_file() and not is_hidden(entry.name):
+        if entry.suffix.lower() == ".json" and not is_hidden(entry.name):
             try:
                 data = read_json(entry, InvalidDatasetError)
             except InvalidDatasetError:
-                continue
+                continue  # not JSON, not a regular file, too big: not an annotation file
             if isinstance(data, dict) and "images" in data and "annotations" in data:
                 return entry
     return None
 
 
-def _walk_images(root: Path):
-    """Relative POSIX paths of image files below root, sorted; hidden entries pruned. Links are not followed."""
-    found = []
+def walk_files(root: Path):
+    """(relative POSIX path, path) of every non-hidden file below root, in sorted order. Links to folders are
+    not entered."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        for name in filenames:
-            if not is_hidden(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-    return sorted(found)
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for name in sorted(filenames):
+            if not is_hidden(name):
+                path = Path(dirpath, name)
+                yield path.relative_to(root).as_posix(), path
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _walk_images(root: Path) -> list[str]:
+    return sorted(relative for relative, _ in walk_files(root) if is_image_name(relative))
+
+
+def label_image_folder(images: list[str]) -> tuple[list[str], list[str], array]:
+    """ImageFolder labelling of sorted relative paths: (the `<class>/<image>` ones, classes sorted by name,
+    each one's class id). Paths at the top level or nested deeper are not part of the layout."""
+    one_deep = [f for f in images if f.count("/") == 1]
+    categories = sorted({f.split("/", 1)[0] for f in one_deep})
+    index = {name: i for i, name in enumerate(categories)}
+    return one_deep, categories, array("l", (index[f.split("/", 1)[0]] for f in one_deep))
 
 
 def _read_image_folder(root: Path) -> ImageDirectory | None:
     files = _walk_images(root)
-    one_deep = [f for f in files if f.count("/") == 1]
+    one_deep, categories, labels = label_image_folder(files)
     if not one_deep:
         return None
     ignored = len(files) - len(one_deep)
     if ignored:
         log.warning("%s: %d images not exactly one folder deep (<class>/<image>) were ignored.", root, ignored)
-    categories = sorted({f.split("/", 1)[0] for f in one_deep})
-    index = {name: i for i, name in enumerate(categories)}
-    labels = array("l", (index[f.split("/", 1)[0]] for f in one_deep))
     schema = default_schema(categories)
     return ImageDirectory(root, "image_folder", one_deep, array("q", range(len(one_deep))), labels, categories, schema)
 
@@ -263,7 +320,8 @@ def _read_image_folder(root: Path) -> ImageDirectory | None:
 def _read_flat_folder(root: Path) -> ImageDirectory:
     files = _walk_images(root)
     schema = default_schema(None)
-    return ImageDirectory(root, "flat", files, array("q", range(len(files))), array("l", [-1] * len(files)), None, schema, None)
+    return ImageDirectory(root, "flat", files, array("q", range(len(files))), array("l", [-1] * len(files)),
+                          None, schema, None)
 
 
 def default_schema(categories: list[str] | None) -> dict:
@@ -274,7 +332,8 @@ def default_schema(categories: list[str] | None) -> dict:
             "elementType": {"typeName": "bytes", "isNullable": False},
             "properties": {"mime_type": "image/png", "image_ref": DEFAULT_IMAGE_REF},
         },
-        {"name": "id", "type": "Numeric", "isFeature": False, "elementType": {"typeName": "int64", "isNullable": False}},
+        {"name": "id", "type": "Numeric", "isFeature": False,
+         "elementType": {"typeName": "int64", "isNullable": False}},
     ]
     if categories is not None:
         columns.append({
@@ -292,5 +351,6 @@ def require_labeled(directory: ImageDirectory, role: str) -> None:
     if not directory.is_labeled:
         raise NotLabeledDatasetError(
             f'There is no label column in {role.lower()} data "{directory.root}" (layout: {directory.layout}). '
-            f"Prepare a labeled image dataset: <class>/<image> folders or an ImageDirectory with categories ({CONVERT_HELP})."
+            "Prepare a labeled image dataset: <class>/<image> folders, a table or MLTable with a label column, "
+            f"or an ImageDirectory with categories ({CONVERT_HELP})."
         )

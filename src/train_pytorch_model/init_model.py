@@ -1,12 +1,15 @@
 """`init-model`: write an untrained model directory, as designer's DenseNet and ResNet modules did
-(spec section 3).
+(spec section 3), for any torchvision classification architecture.
 
 The directory always holds the `model` state dict (1000-way ImageNet head, keys `model.*`):
-- pretrained: torchvision's ImageNet weights, read from `--weights FILE` or the local torch hub
-  cache, so training (here or in Azure ML) never needs the network;
+- pretrained: torchvision's ImageNet weights, from `--weights FILE`, else the local torch hub
+  cache, else downloaded (torchvision's URL, or the `--weights-url` mirror) and checked against
+  the sha256 in the file name. This is the only command that may use the network: training (here
+  or in Azure ML) reads the `model` file;
 - not pretrained: the random initialisation drawn with `--random-seed`, so every training run
   from this directory starts from exactly the same weights. Designer's readers also require the
   file (spec 5.10, defect 4), so the directory works there too.
+`model_info.json` records the weights' source and the architecture's preprocessing defaults.
 """
 
 from __future__ import annotations
@@ -18,13 +21,12 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidParameterError, PretrainedWeightsNotFoundError
-from .model_directory import ModelSpec, write_untrained_model_directory
-from .models import (FAMILIES, MODEL_FAMILY, MODEL_NAMES, Classifier, build_net, find_cached_weights,
-                     imagenet_weights_file, load_legacy_state, load_weights_file)
+from .model_directory import ModelSpec, check_output_folder, release_output, write_untrained_model_directory
+from .models import (DESIGNER_MODEL_NAMES, IMAGENET_CLASSES, MODEL_NAMES, Classifier, build_net, cpu_state_dict,
+                     flag_name_of, load_legacy_state, load_weights_file)
+from .weights import check_weights_url, pretrained_weights
 
 log = logging.getLogger(__name__)
-
-IMAGENET_CLASSES = 1000
 
 
 def parse_bool(text: str) -> bool:
@@ -39,13 +41,18 @@ def parse_bool(text: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", required=True, choices=MODEL_NAMES, metavar="NAME",
-                        help=f"architecture: {', '.join(MODEL_NAMES)}")
+                        help=f"any torchvision classification architecture ({len(MODEL_NAMES)}: "
+                             f"torchvision.models.list_models()); designer's are {', '.join(DESIGNER_MODEL_NAMES)}")
     parser.add_argument("--untrained-model", required=True, type=Path, help="output folder (new or empty)")
     parser.add_argument("--pretrained", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
-                        help="start from torchvision's ImageNet weights (IMAGENET1K_V1), taken from --weights or "
-                             "the torch hub cache; never downloaded (default false)")
+                        help="start from torchvision's DEFAULT ImageNet weights: --weights, else the torch hub "
+                             "cache, else downloaded (default false)")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="torchvision state dict file with the ImageNet weights (implies --pretrained, even --pretrained false)")
+                        help="torchvision state dict file with the ImageNet weights (implies --pretrained)")
+    parser.add_argument("--weights-url", default=None, metavar="URL",
+                        help="download the weights from this mirror instead of torchvision's URL; the file name "
+                             "must be torchvision's (<arch>-<sha256 prefix>.pth), the content is checked against "
+                             "it (implies --pretrained)")
     parser.add_argument("--memory-efficient", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
                         help="DenseNet only: checkpointing, less memory for more compute (default false)")
     parser.add_argument("--zero-init-residual", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
@@ -55,50 +62,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # A weights file means pretrained, whatever --pretrained says: the component always passes
-    # `--pretrained <value>` (default false), and connecting "weights" should be enough there.
-    spec, state = build_untrained(args.model_name, pretrained=bool(args.pretrained) or args.weights is not None,
-                                  weights=args.weights, memory_efficient=args.memory_efficient,
-                                  zero_init_residual=args.zero_init_residual, seed=args.random_seed)
-    write_untrained_model_directory(args.untrained_model, spec, state)
-    source = "ImageNet weights" if spec.pretrained else f"random initialisation (seed {args.random_seed})"
-    print(f"Untrained {spec.model_name} ({source}) written to {args.untrained_model}")
+    # A weights file or URL means pretrained, whatever --pretrained says: the component always passes
+    # `--pretrained <value>`, and connecting "weights" should be enough there.
+    out = args.untrained_model
+    check_output_folder(out)  # before any download; held until written
+    try:
+        spec, state, source = build_untrained(
+            args.model_name, pretrained=bool(args.pretrained) or args.weights is not None or bool(args.weights_url),
+            weights=args.weights, weights_url=args.weights_url, memory_efficient=args.memory_efficient,
+            zero_init_residual=args.zero_init_residual, seed=args.random_seed)
+        write_untrained_model_directory(out, spec, state, source)
+    finally:
+        release_output(out)
+    print(f"Untrained {spec.model_name} ({source}) written to {out}")
     return 0
 
 
-def build_untrained(model_name: str, *, pretrained: bool, weights: Path | None = None, memory_efficient: bool = False,
-                    zero_init_residual: bool = False, seed: int = 1) -> tuple[ModelSpec, dict]:
-    """The spec and the `model` state dict of an untrained directory."""
-    family = MODEL_FAMILY[model_name]
-    flag_name = FAMILIES[family][3]
+def build_untrained(model_name: str, *, pretrained: bool, weights: Path | None = None, weights_url: str | None = None,
+                    memory_efficient: bool = False, zero_init_residual: bool = False,
+                    seed: int = 1) -> tuple[ModelSpec, dict, str]:
+    """The spec, the `model` state dict of an untrained directory, and where the weights came from."""
+    flag_name = flag_name_of(model_name)
     flags = {"memory_efficient": memory_efficient, "zero_init_residual": zero_init_residual}
     for name, value in flags.items():
         if value and name != flag_name:
+            family = "DenseNet" if name == "memory_efficient" else "ResNet"
             raise InvalidParameterError(name.replace("_", " ").capitalize(), value,
-                                        f"only applies to {'DenseNet' if name == 'memory_efficient' else 'ResNet'} models, "
-                                        f"not {model_name}")
-    flag_value = flags[flag_name]
+                                        f"only applies to {family} models, not {model_name}")
+    flag_value = bool(flags.get(flag_name, False))
+    if weights is not None and weights_url:
+        raise InvalidParameterError("Weights url", weights_url, "give either --weights or --weights-url, not both")
     spec = ModelSpec(model_name, pretrained, flag_value)
-    if pretrained:
-        path = weights if weights is not None else find_cached_weights(model_name)
-        if path is None:
-            raise weights_missing_error(model_name)
-        if not Path(path).is_file():
-            raise PretrainedWeightsNotFoundError(f"Weights file '{path}' does not exist.")
-        # load_legacy_state checks the file really is this architecture (keys and shapes).
-        model = load_legacy_state(model_name, flag_value, load_weights_file(path), str(path))
-        log.info("Pretrained %s weights from %s", model_name, path)
-    else:
+    if not pretrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = Classifier(build_net(model_name, IMAGENET_CLASSES, flag_value))
-    return spec, {k: v.contiguous() for k, v in model.state_dict().items()}
-
-
-def weights_missing_error(model_name: str) -> PretrainedWeightsNotFoundError:
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / imagenet_weights_file(model_name)
-    return PretrainedWeightsNotFoundError(
-        f"Pretrained {model_name} weights are not available offline: '{cache}' does not exist and no --weights "
-        f"file was given (nothing is downloaded at run time). Download torchvision's {imagenet_weights_file(model_name)} "
-        f"once, then pass it with --weights FILE or copy it to '{cache}'; or leave out --pretrained."
-    )
+        return spec, cpu_state_dict(model), f"random initialisation (seed {seed})"
+    if weights is not None:
+        if not Path(weights).exists():
+            raise PretrainedWeightsNotFoundError(f"Weights file '{weights}' does not exist.")
+        path = Path(weights)
+    else:
+        path = pretrained_weights(model_name, [check_weights_url(weights_url)] if weights_url else None)
+    # load_legacy_state checks the file really is this architecture (keys and shapes) before building it.
+    model = load_legacy_state(model_name, flag_value, load_weights_file(path, model_name, flag_value), str(path))
+    log.info("Pretrained %s weights from %s", model_name, path)
+    return spec, cpu_state_dict(model), f"ImageNet weights from {weights_url or path}"

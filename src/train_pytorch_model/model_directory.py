@@ -9,9 +9,13 @@ so reading it back never depends on pandas' CSV type guessing.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import csv
+import errno
+import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,17 +26,24 @@ from pathlib import Path
 
 import torch
 
-from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, OutputDirectoryError
-from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, write_text
-from .models import (FAMILIES, MODEL_FAMILY, Classifier, find_cached_weights, load_legacy_state,
-                     load_weights_file, pretrained_missing_error)
+from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, OutputDirectoryError, quote
+from .legacy_format import (META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside,
+                            write_text)
+from .models import (FAMILIES, MODEL_FAMILY, MODEL_NAMES, READERS_NOTE, TORCHVISION_FAMILY, Classifier,
+                     cpu_state_dict, family_of, find_cached_weights, flag_name_of, load_legacy_state,
+                     load_weights_file, preprocessing_defaults, pretrained_missing_error)
 from .preprocessing import AUGMENTATIONS, Preprocessing
+
+log = logging.getLogger(__name__)
 
 SPEC_FILE = "model_spec.yaml"
 WEIGHTS_FILE = "model"
 LABEL_MAP_FILE = "index_to_label.csv"
 INFO_FILE = "training_info.json"
+MODEL_INFO_FILE = "model_info.json"  # untrained directory: architecture, weights source, preprocessing defaults
+README_FILE = "README.txt"  # architectures beyond designer's 13: who can read the directory
 TASK_TYPE = "MultiClassification"
+MAX_CLASSES = 100_000  # a tampered num_classes must not build a gigantic head
 
 
 @dataclass
@@ -49,12 +60,24 @@ class ModelSpec:
         return MODEL_FAMILY[self.model_name]
 
     @property
-    def flag_name(self) -> str:
-        return FAMILIES[self.family][3]
+    def flag_name(self) -> str | None:
+        return flag_name_of(self.model_name)
 
-    def to_yaml_dict(self, *, is_cuda: bool = False, trained: bool = False) -> dict:
+    @property
+    def is_designer(self) -> bool:
+        """Designer's 13 architectures: the original reads the directory too."""
+        return self.family != TORCHVISION_FAMILY
+
+    @property
+    def preprocessing_defaults(self) -> dict:
+        """The architecture's ImageNet preprocessing (models.preprocessing_defaults), as model_info.json records."""
+        return preprocessing_defaults(self.model_name)
+
+    def to_yaml_dict(self, *, is_cuda: bool = False) -> dict:
         module, cls, _, _ = FAMILIES[self.family]
-        init_params = {"model_name": self.model_name, "pretrained": self.pretrained, self.flag_name: self.flag_value}
+        init_params = {"model_name": self.model_name, "pretrained": self.pretrained}
+        if self.flag_name:
+            init_params[self.flag_name] = self.flag_value
         if self.num_classes is not None:
             init_params["num_classes"] = self.num_classes
         spec = {
@@ -64,6 +87,8 @@ class ModelSpec:
             "flavor_extras": {"module": module, "class": cls, "is_cuda": is_cuda, "init_params": init_params},
             "task_type": TASK_TYPE,
         }
+        if not self.is_designer:
+            spec["readable_by"] = READERS_NOTE
         return spec
 
 
@@ -100,7 +125,8 @@ def read_model_spec(path: Path) -> ModelSpec:
     if spec.get("file_name"):
         raise invalid("it holds a legacy pickled model, which is never loaded (unsafe). Re-create it.")
     flavor = spec.get("flavor") or {}
-    if not isinstance(flavor, dict) or flavor.get("name") != "pytorch" or flavor.get("serialization_method", "state_dict") != "state_dict":
+    if not isinstance(flavor, dict) or flavor.get("name") != "pytorch" \
+            or flavor.get("serialization_method", "state_dict") != "state_dict":
         raise invalid(f"{SPEC_FILE} flavor must be pytorch / state_dict, got {flavor!r}.")
     task = spec.get("task_type", TASK_TYPE)
     if task != TASK_TYPE:
@@ -110,23 +136,27 @@ def read_model_spec(path: Path) -> ModelSpec:
     extras = spec.get("flavor_extras")
     if not isinstance(extras, dict) or not isinstance(extras.get("init_params"), dict):
         raise invalid(f"{SPEC_FILE} needs flavor_extras with module, class and init_params.")
-    from .models import family_of
     family = family_of(str(extras.get("module", "")), str(extras.get("class", "")))
     params = extras["init_params"]
-    name = params.get("model_name", {"densenet": "densenet201", "resnet": "resnext101_32x8d"}[family])
-    if name not in FAMILIES[family][2]:
-        raise invalid(f"'{name}' is not a supported {family}; supported: {', '.join(FAMILIES[family][2])}.")
+    # The original's defaults when a legacy spec names no model; ours always names one.
+    name = params.get("model_name", {"densenet": "densenet201", "resnet": "resnext101_32x8d"}.get(family))
+    allowed = FAMILIES[family][2] or MODEL_NAMES
+    if name not in allowed:
+        raise invalid(f"{quote(name)} is not a supported {family} architecture; supported: "
+                      f"{', '.join(allowed[:13])}{', ...' if len(allowed) > 13 else ''}.")
     flag_name = FAMILIES[family][3]
     unknown = set(params) - {"model_name", "pretrained", flag_name, "num_classes"}
     if unknown:
-        raise invalid(f"init_params has unknown keys {sorted(map(str, unknown))} for {name}.")
+        raise invalid(f"init_params has unknown keys {quote(sorted(map(str, unknown)))} for {name}.")
     for key in ("pretrained", flag_name):
-        if not isinstance(params.get(key, False), bool):
-            raise invalid(f"init_params.{key} must be true or false, got {params[key]!r}.")
+        if key and not isinstance(params.get(key, False), bool):
+            raise invalid(f"init_params.{key} must be true or false, got {quote(params[key])}.")
     num_classes = params.get("num_classes")
-    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1):
-        raise invalid(f"init_params.num_classes must be a positive integer, got {num_classes!r}.")
-    return ModelSpec(name, params.get("pretrained", True), params.get(flag_name, False), num_classes)
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)
+                                    or not 1 <= num_classes <= MAX_CLASSES):
+        raise invalid(f"init_params.num_classes must be an integer from 1 to {MAX_CLASSES}, got {quote(num_classes)}.")
+    return ModelSpec(name, params.get("pretrained", True), params.get(flag_name, False) if flag_name else False,
+                     num_classes)
 
 
 def read_untrained_model_directory(path: str | os.PathLike) -> tuple[ModelSpec, Classifier | None]:
@@ -139,16 +169,33 @@ def read_untrained_model_directory(path: str | os.PathLike) -> tuple[ModelSpec, 
     path = Path(path)
     _check_folder(path, "Untrained model")
     spec = read_model_spec(path)
-    weights = path / WEIGHTS_FILE
-    if weights.is_file():
-        state = load_weights_file(weights)
-        return spec, load_legacy_state(spec.model_name, spec.flag_value, state, str(weights))
+    weights = _weights_path(path)
+    if weights is not None:
+        return spec, _load_model(weights, spec)
     if spec.pretrained:
         cached = find_cached_weights(spec.model_name)
         if cached is None:
-            raise pretrained_missing_error(spec.model_name, path)
-        return spec, load_legacy_state(spec.model_name, spec.flag_value, load_weights_file(cached), str(cached))
+            raise pretrained_missing_error(spec.model_name, f"Model directory '{path}'")
+        return spec, _load_model(cached, spec)
     return spec, None
+
+
+def _weights_path(directory: Path) -> Path | None:
+    """The directory's `model` entry whatever it is (load_weights_file refuses folders, FIFOs...), None if absent."""
+    weights = directory / WEIGHTS_FILE
+    if not os.path.lexists(weights):
+        return None
+    if not resolves_inside(directory, weights):
+        raise InvalidModelDirectoryError(
+            f"'{weights}' is a link to a file outside the model directory, which is never followed. "
+            "Copy the weights file into the directory."
+        )
+    return weights
+
+
+def _load_model(weights: Path, spec: ModelSpec) -> Classifier:
+    state = load_weights_file(weights, spec.model_name, spec.flag_value)
+    return load_legacy_state(spec.model_name, spec.flag_value, state, str(weights))
 
 
 @dataclass
@@ -164,10 +211,10 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
     path = Path(path)
     _check_folder(path, "Trained model")
     spec = read_model_spec(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
+    weights = _weights_path(path)
+    if weights is None:
         raise InvalidModelDirectoryError(f'ModelDirectory "{path}" has no weights file \'{WEIGHTS_FILE}\'.')
-    model = load_legacy_state(spec.model_name, spec.flag_value, load_weights_file(weights), str(weights))
+    model = _load_model(weights, spec)
     info_path = path / INFO_FILE
     if info_path.is_file():
         info = read_json(info_path, InvalidModelDirectoryError)
@@ -247,31 +294,43 @@ def _is_valid(p: Preprocessing) -> bool:
 # --- writing -----------------------------------------------------------------------------------------------
 
 
-def write_untrained_model_directory(out: Path, spec: ModelSpec, state_dict: dict | None) -> None:
-    """What designer's DenseNet/ResNet modules write; `state_dict` None writes no `model` file."""
-    with staged_output(out) as stage:
+def write_untrained_model_directory(out: Path, spec: ModelSpec, state_dict: dict | None, weights_source: str = "",
+                                    inputs: tuple = ()) -> None:
+    """What designer's DenseNet/ResNet modules write, plus `model_info.json` (and README.txt beyond designer's
+    13); `state_dict` None writes no `model` file."""
+    with staged_output(out, inputs=inputs) as stage:
         if state_dict is not None:
             torch.save(state_dict, stage / WEIGHTS_FILE)
         write_text(stage / SPEC_FILE, dump_yaml(spec.to_yaml_dict()))
+        readers = "Azure ML designer, train-pytorch-model and MLflow" if spec.is_designer else READERS_NOTE
+        info = {"format_version": 1, "model_name": spec.model_name, "pretrained": spec.pretrained,
+                "weights": weights_source, "preprocessing": spec.preprocessing_defaults, "readable_by": readers}
+        write_text(stage / MODEL_INFO_FILE, json.dumps(info, indent=2, allow_nan=False) + "\n")
+        _write_readers_note(stage, spec)
         write_text(stage / META_FILE, dump_yaml({"type": "ModelDirectory", "extension": {}, "model": SPEC_FILE}))
+
+
+def _write_readers_note(stage: Path, spec: ModelSpec) -> None:
+    if not spec.is_designer:
+        write_text(stage / README_FILE, f"{spec.model_name} model directory. {READERS_NOTE}\n")
 
 
 def write_legacy_trained_files(stage: Path, *, model: Classifier, spec: ModelSpec, classes: list[str],
                                preprocessing: Preprocessing, is_cuda: bool, training_schema: dict,
-                               training_samples: list[dict], extra_info: dict) -> None:
+                               training_samples: list[dict], extra_info: dict, run_identity: str | None = None) -> None:
     """The legacy ModelDirectory part of a trained model directory, in the original's write order.
 
     The spec says `pretrained: false` + `num_classes`: the head already fits the classes, so the
-    original's scorer rebuilds the same net and needs no network (its defect 15).
+    original's scorer rebuilds the same net and needs no network (its defect 15). `run_identity`
+    goes to `training_info.json` `training.run_identity`, which `finished_output` compares.
     """
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, stage / WEIGHTS_FILE)
+    torch.save(cpu_state_dict(model), stage / WEIGHTS_FILE)
     with open(stage / LABEL_MAP_FILE, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["", "label"])
         writer.writerows(enumerate(classes))
     trained_spec = ModelSpec(spec.model_name, False, spec.flag_value, len(classes))
-    spec_dict = trained_spec.to_yaml_dict(is_cuda=is_cuda, trained=True)
+    spec_dict = trained_spec.to_yaml_dict(is_cuda=is_cuda)
     spec_dict["label_map_file"] = LABEL_MAP_FILE
     spec_dict["inputs"] = [{
         "name": "image",
@@ -286,11 +345,31 @@ def write_legacy_trained_files(stage: Path, *, model: Classifier, spec: ModelSpe
     write_text(stage / "_samples.json", dump_json(training_samples))
     info = {"format_version": 1, "model_name": spec.model_name, "classes": classes,
             "preprocessing": preprocessing.to_dict(), **extra_info}
+    if run_identity is not None:
+        info["training"] = {**info.get("training", {}), "run_identity": run_identity}
     write_text(stage / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    _write_readers_note(stage, trained_spec)
     write_text(stage / META_FILE, dump_yaml({
         "type": "ModelDirectory", "extension": {}, "model": SPEC_FILE,
         "registerModel": True, "modelOutputPath": "trained_model_outputs",
     }))
+
+
+COMPLETE_TRAINED_FILES = (META_FILE, SPEC_FILE, WEIGHTS_FILE, INFO_FILE, "MLmodel")
+
+
+def finished_output(out: str | os.PathLike, run_identity: str) -> bool:
+    """True when `out` already holds the complete trained model directory of this very run (same
+    `run_identity` in training_info.json): a restarted job (Azure ML preemption after the write) is done."""
+    out = Path(os.path.realpath(out))
+    if not out.is_dir() or not all((out / name).is_file() for name in COMPLETE_TRAINED_FILES):
+        return False
+    try:
+        info = read_json(out / INFO_FILE, InvalidModelDirectoryError)
+    except InvalidModelDirectoryError:
+        return False
+    training = info.get("training") if isinstance(info, dict) else None
+    return isinstance(training, dict) and training.get("run_identity") == run_identity
 
 
 def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
@@ -313,40 +392,77 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
     return samples
 
 
+
+# --- output folders ----------------------------------------------------------------------------------------
+
 STAGE_PREFIX = ".partial-"  # staging folders made inside a mounted output folder
+# Write failures that are the file system's answer, not a bug: a named error, not UnexpectedError.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO, errno.EACCES, errno.EPERM}
 
 
-def check_output_folder(out: str | os.PathLike) -> None:
-    """Refuse, before any work is done, an output that is a file, a non-empty folder, or not writable.
+def check_output_folder(out: str | os.PathLike, inputs: tuple = ()) -> None:
+    """Refuse, before any work is done, an output that is a file, a non-empty folder, not writable, inside
+    (or holding, or equal to) one of the `inputs` folders, or being written by another run; then hold the
+    output's lock until `staged_output` has written it (or the process ends).
 
     The rule: the output folder must be new or empty (our own leftover staging folders aside),
     so a result is never mixed with an earlier one and nothing a user had there is overwritten.
+    Paths are compared after resolving `..` and links: `out/existing/new/..` is `out/existing`.
     """
-    out = Path(out)
+    given, out = out, _real(out)
+    for folder in inputs:
+        if folder is None:
+            continue
+        real = _real(folder)
+        if out == real or real in out.parents or out in real.parents:
+            where = "is" if out == real else "is inside" if real in out.parents else "holds"
+            raise OutputDirectoryError(
+                f"Output folder '{given}' {where} the input folder '{folder}': the result would mix with (or become "
+                "part of) the input. Give an output folder outside every input."
+            )
+    _check_new_or_empty(out, given)
+    if out not in _LOCKS:
+        _LOCKS[out] = _OutputLock(out, given)
+        _check_new_or_empty(out, given)  # again: another run may have finished just before we got the lock
+
+
+def release_output(out: str | os.PathLike) -> None:
+    """Give up the output's lock (staged_output does it when done; a command that stops early may call it)."""
+    lock = _LOCKS.pop(_real(out), None)
+    if lock is not None:
+        lock.release()
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def _check_new_or_empty(out: Path, given) -> None:
     if out.exists():
         if not out.is_dir():
-            raise OutputDirectoryError(f"Output path '{out}' is a file; give a folder (new or empty).")
+            raise OutputDirectoryError(f"Output path '{given}' is a file; give a folder (new or empty).")
         try:
             names = [entry.name for entry in out.iterdir()]
         except OSError as exc:
-            raise OutputDirectoryError(f"Output folder '{out}' cannot be read: {exc.strerror or exc}.") from None
+            raise OutputDirectoryError(f"Output folder '{given}' cannot be read: {exc.strerror or exc}.") from None
         if any(not name.startswith(STAGE_PREFIX) for name in names):
             raise OutputDirectoryError(
-                f"Output folder '{out}' is not empty; give a new or empty folder so no earlier result is mixed in."
+                f"Output folder '{given}' is not empty; give a new or empty folder so no earlier result is mixed in."
             )
         problem = _write_problem(out)
         if problem:
-            raise OutputDirectoryError(f"Output folder '{out}' is not writable ({problem}). Give a folder you can write to.")
+            raise OutputDirectoryError(
+                f"Output folder '{given}' is not writable ({problem}). Give a folder you can write to.")
         return
-    ancestor = out.absolute().parent
+    ancestor = out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise OutputDirectoryError(f"Output folder '{out}' cannot be created: '{ancestor}' is a file, not a folder.")
+        raise OutputDirectoryError(f"Output folder '{given}' cannot be created: '{ancestor}' is a file, not a folder.")
     problem = _write_problem(ancestor)
     if problem:
         raise OutputDirectoryError(
-            f"Output folder '{out}' cannot be created: '{ancestor}' is not writable ({problem}). "
+            f"Output folder '{given}' cannot be created: '{ancestor}' is not writable ({problem}). "
             "Give a folder you can write to."
         )
 
@@ -360,23 +476,64 @@ def _write_problem(folder: Path) -> str | None:
     return None
 
 
+class _OutputLock:
+    """An exclusive flock: on the output folder itself when it exists (an Azure ML mount point), else on a
+    hidden `.<name>.lock` file beside it, removed on release. Held by this process only."""
+
+    def __init__(self, out: Path, given):
+        self.lock_file = None
+        try:
+            if out.is_dir():
+                self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+            else:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                self.lock_file = out.parent / f".{out.name}.lock"
+                self.fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputDirectoryError(f"Output folder '{given}' cannot be locked: {exc.strerror or exc}.") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise OutputDirectoryError(
+                f"Output folder '{given}' is being written by another run right now. Give each run its own "
+                "output folder."
+            ) from None
+        except OSError as exc:  # a file system without locks (some network mounts): the final rename still guards
+            log.warning("Output folder %s cannot be locked (%s); make sure no other run writes it.",
+                        given, exc.strerror or exc)
+
+    def release(self) -> None:
+        if self.lock_file is not None:
+            try:
+                self.lock_file.unlink(missing_ok=True)
+            except OSError:
+                pass
+        os.close(self.fd)
+
+
+_LOCKS: dict[Path, _OutputLock] = {}
+atexit.register(lambda: [release_output(out) for out in list(_LOCKS)])
+
+
 class staged_output:
     """Write a whole output folder or nothing.
 
     Files go to a hidden sibling staging folder, which is renamed onto `out` at the end
     (rename over an empty folder is atomic on POSIX). Where that is impossible (`out` is a mount
     point, as in Azure ML), entries are moved in one by one with `_meta.yaml`/`MLmodel` last, so a
-    reader never sees them without the rest. On error the staging folder is removed.
+    reader never sees them without the rest. On error (a full disk included: OutputDirectoryError)
+    the staging folder is removed. The output's lock is held throughout and released at the end.
     """
 
     MARKERS = (META_FILE, "MLmodel")
 
-    def __init__(self, out: str | os.PathLike):
-        self.out = Path(out)
+    def __init__(self, out: str | os.PathLike, inputs: tuple = ()):
+        self.given, self.out, self.inputs = out, _real(out), inputs
 
     def __enter__(self) -> Path:
         out = self.out
-        check_output_folder(out)
+        check_output_folder(out, self.inputs)
         if out.is_dir():
             for stale in out.glob(f"{STAGE_PREFIX}*"):  # left inside by a killed run (mounted output)
                 shutil.rmtree(stale, ignore_errors=True)
@@ -391,28 +548,67 @@ class staged_output:
                 self.stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=out))
                 _chmod_like_mkdir(self.stage)
             except OSError as exc:
-                raise OutputDirectoryError(f"Output folder '{out}' is not writable: {exc.strerror or exc}.") from None
+                release_output(out)
+                raise OutputDirectoryError(
+                    f"Output folder '{self.given}' is not writable: {exc.strerror or exc}.") from None
         return self.stage
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.stage, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.stage, ignore_errors=True)
+                reason = _write_failure(exc)
+                if reason:
+                    raise OutputDirectoryError(
+                        f"Writing output folder '{self.given}' failed: {reason}. Nothing was written; free space (or "
+                        "quota) or choose a writable location, then run again."
+                    ) from None
+                return False
+            self._publish()
             return False
+        finally:
+            release_output(self.out)
+
+    def _publish(self) -> None:
         try:
             if self.stage.parent != self.out:
                 try:
                     os.replace(self.stage, self.out)  # atomic when `out` is absent or an empty folder
-                    return False
-                except OSError:
-                    self.out.mkdir(parents=True, exist_ok=True)
+                    return
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and any(
+                            not p.name.startswith(STAGE_PREFIX) for p in self.out.iterdir()):
+                        raise OutputDirectoryError(
+                            f"Output folder '{self.given}' was written by someone else meanwhile; nothing of this "
+                            "run was added to it. Give each run its own output folder."
+                        ) from None
+                    self.out.mkdir(parents=True, exist_ok=True)  # a mount point: cannot be replaced
             entries = sorted(self.stage.iterdir(), key=lambda p: p.name in self.MARKERS)
+            taken = [p.name for p in entries if os.path.lexists(self.out / p.name)]
+            if taken:  # never merge into, or overwrite, what is there
+                raise OutputDirectoryError(
+                    f"Output folder '{self.given}' already has {quote(taken[:3])} from someone else; nothing of this "
+                    "run was added. Give each run its own output folder."
+                )
             for entry in entries:
                 shutil.move(entry, self.out / entry.name)  # a rename, or a copy across file systems
             self.stage.rmdir()
         except OSError as exc:
+            raise OutputDirectoryError(
+                f"Failed to write output folder '{self.given}': {exc.strerror or exc}.") from None
+        finally:
             shutil.rmtree(self.stage, ignore_errors=True)
-            raise OutputDirectoryError(f"Failed to write output folder '{self.out}': {exc.strerror or exc}.") from None
-        return False
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """What a failed write means to the user (disk full, quota, read-only...), or None if it is no write failure."""
+    if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+        return exc.strerror or str(exc)
+    # torch.save reports the C++ writer's failure as a RuntimeError without the errno.
+    if isinstance(exc, RuntimeError) and any(m in str(exc) for m in ("PytorchStreamWriter", "inline_container",
+                                                                       "file write failed")):
+        return "the file system refused a write (disk full, quota exceeded, file too large or read-only)"
+    return None
 
 
 def _chmod_like_mkdir(path: Path) -> None:

@@ -1,8 +1,11 @@
-"""The 13 DenseNet/ResNet architectures of designer, built with torchvision.
+"""Every torchvision classification architecture, allow-listed by name and built with torchvision.
 
 A legacy `model_spec.yaml` names a Python module and class (`flavor_extras`) that the original
 imported. We never import anything a file names: the (module, class) pair is looked up in an
-allow-list and mapped to a torchvision builder.
+allow-list, the model name in torchvision's own list of classification models.
+
+Designer's 13 DenseNet/ResNet names keep the legacy layout the original reads. Every other name
+is ours only (and MLflow's): the directory says so.
 
 `Classifier` reproduces the legacy state-dict layout (`model.<torchvision key>`), so a trained
 model directory loads in the original's scorer with `pretrained: false` + `num_classes`.
@@ -12,15 +15,20 @@ stacked `Linear(1000, C)` after the ImageNet logits, which we read but never wri
 
 from __future__ import annotations
 
+import functools
+import math
+from collections import OrderedDict
 import os
 import re
+import stat
+import zipfile
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from .errors import InvalidModelDirectoryError, PretrainedWeightsNotFoundError
+from .errors import InvalidModelDirectoryError, PretrainedWeightsNotFoundError, quote
 
 LEGACY_PACKAGE = "azureml.designer.modules.dl.pytorch.initialize_models.vision.classification"
 
@@ -32,9 +40,38 @@ FAMILIES = {
                ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                 "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2"), "zero_init_residual"),
 }
-MODEL_FAMILY = {name: family for family, (_, _, names, _) in FAMILIES.items() for name in names}
-MODEL_NAMES = tuple(MODEL_FAMILY)
-DEFAULT_MODEL = {"densenet": "densenet201", "resnet": "resnext101_32x8d"}
+# The other architectures: recorded under our own (module, class), which only this project reads.
+TORCHVISION_FAMILY = "torchvision"
+FAMILIES[TORCHVISION_FAMILY] = ("train_pytorch_model.models", "TorchvisionClassifier", (), None)
+
+DESIGNER_MODEL_NAMES = tuple(name for _, _, names, _ in FAMILIES.values() for name in names)
+# Classification only: detection, segmentation, video, optical flow and quantized models live in submodules.
+MODEL_NAMES = tuple(torchvision.models.list_models(module=torchvision.models))
+MODEL_FAMILY = {name: TORCHVISION_FAMILY for name in MODEL_NAMES} | {
+    name: family for family, (_, _, names, _) in FAMILIES.items() for name in names}
+READERS_NOTE = ("Only train-pytorch-model and MLflow read this model directory: Azure ML designer's modules know "
+                "designer's 13 DenseNet/ResNet architectures only.")
+IMAGENET_CLASSES = 1000
+
+
+def check_model_name(name) -> str:
+    """`name` if it is a torchvision classification architecture, else InvalidModelDirectoryError."""
+    if name not in MODEL_NAMES:
+        raise InvalidModelDirectoryError(
+            f"Model name {quote(name)} is not a torchvision classification architecture. Supported: "
+            f"{', '.join(MODEL_NAMES[:12])}, ... ({len(MODEL_NAMES)} names, torchvision.models.list_models())."
+        )
+    return name
+
+
+def is_designer_model(name: str) -> bool:
+    """True for designer's 13 architectures, whose directories the original reads too."""
+    return MODEL_FAMILY.get(name) in ("densenet", "resnet")
+
+
+def flag_name_of(model_name: str) -> str | None:
+    """The legacy init_params flag (memory_efficient / zero_init_residual) of a designer model, else None."""
+    return FAMILIES[MODEL_FAMILY[model_name]][3]
 
 
 def family_of(module: str, cls: str) -> str:
@@ -45,7 +82,7 @@ def family_of(module: str, cls: str) -> str:
             return family
     allowed = ", ".join(f"{m}.{c}" for m, c, _, _ in FAMILIES.values())
     raise InvalidModelDirectoryError(
-        f"model_spec.yaml names model class '{module}.{cls}', which is not supported "
+        f"model_spec.yaml names model class {quote(f'{module}.{cls}')}, which is not supported "
         f"(nothing named by a file is imported). Supported: {allowed}."
     )
 
@@ -70,105 +107,214 @@ class Classifier(nn.Module):
     def num_classes(self) -> int:
         if hasattr(self, "out_linear_model"):
             return self.out_linear_model.out_features
-        return _head(self.model).out_features
+        return _outputs(head_of(self.model)[1])
+
+
+def _build_kwargs(model_name: str, flag_value: bool) -> dict:
+    """What torchvision's builder would set itself when given the DEFAULT weights (we pass weights=None)."""
+    flag = flag_name_of(model_name)
+    kwargs = {flag: bool(flag_value)} if flag else {}
+    if model_name in ("googlenet", "inception_v3"):
+        # Without the auxiliary heads the net returns a tensor in training too; the ported weights
+        # expect transform_input, as torchvision sets it for them.
+        kwargs.update(aux_logits=False, init_weights=True, transform_input=True)
+    elif model_name.startswith("vit_"):
+        kwargs["image_size"] = default_weights(model_name).meta["min_size"][0]  # the position embedding's size
+    return kwargs
 
 
 def build_net(model_name: str, num_classes: int, flag_value: bool = False) -> nn.Module:
     """A randomly initialised torchvision net (never downloads: weights=None)."""
-    family = MODEL_FAMILY[model_name]
-    flag = FAMILIES[family][3]
-    builder = getattr(torchvision.models, model_name)
-    return builder(weights=None, num_classes=num_classes, **{flag: bool(flag_value)})
+    check_model_name(model_name)
+    return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes,
+                                        **_build_kwargs(model_name, flag_value))
 
 
-def _head(net: nn.Module) -> nn.Linear:
-    return net.fc if hasattr(net, "fc") else net.classifier
+def head_of(net: nn.Module) -> tuple[str, nn.Module]:
+    """(qualified name, module) of the classification head: the last Linear or Conv2d, which is where
+    every torchvision classifier ends (fc, classifier[-1], heads.head, head, SqueezeNet's final conv)."""
+    layers = [(name, m) for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return layers[-1]
+
+
+def _outputs(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def replace_head(net: nn.Module, num_classes: int) -> None:
-    """Swap the final Linear for a fresh one with `num_classes` outputs (seeded by the caller)."""
-    old = _head(net)
-    new = nn.Linear(old.in_features, num_classes)
-    if hasattr(net, "fc"):
-        net.fc = new
+    """Swap the head for a fresh one with `num_classes` outputs (seeded by the caller)."""
+    name, old = head_of(net)
+    bias = old.bias is not None  # MaxViT's head has none
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=bias)
     else:
-        net.classifier = new
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding, bias=bias)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(net.get_submodule(parent_name), attr, new)
 
 
-def load_legacy_state(model_name: str, flag_value: bool, state: dict, source: str) -> Classifier:
-    """A Classifier holding `state` (a legacy wrapper state dict), with whatever head it was saved with."""
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise InvalidModelDirectoryError(
-            f"'{source}' is not a PyTorch state dict (a mapping of names to tensors). Re-create the untrained model "
-            "directory with init-model, or save the weights with torch.save(model.state_dict(), path)."
-        )
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    if not any(k.startswith("model.") for k in state):
-        # Also accept a bare torchvision state dict (e.g. a torch hub cache file).
-        state = {f"model.{k}": v for k, v in state.items()}
-    head_key = next((k for k in ("model.fc.weight", "model.classifier.weight") if k in state), None)
-    linear_ok = all(state[k].dim() == 2 and min(state[k].shape) > 0
-                    for k in (head_key, "out_linear_model.weight") if k in state)
-    if head_key is None or not linear_ok:
-        raise InvalidModelDirectoryError(
-            f"'{source}' does not hold a {model_name} state dict (no usable classification head weights found). "
-            "Re-create the untrained model directory with init-model."
-        )
-    out_linear = None
-    if "out_linear_model.weight" in state:
-        w = state["out_linear_model.weight"]
-        out_linear = nn.Linear(w.shape[1], w.shape[0])
-    model = Classifier(build_net(model_name, state[head_key].shape[0], flag_value), out_linear)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [f"{k} {tuple(v.shape)} instead of {tuple(expected[k].shape)}"
-                for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or reshaped:
-        raise InvalidModelDirectoryError(
-            f"'{source}' does not match architecture {model_name}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}), "
-            f"{len(reshaped)} of another shape (e.g. {reshaped[:2]}). "
-            "Was it saved from another model? Re-create the untrained model directory with init-model."
-        )
-    model.load_state_dict(state)
-    return model
+@functools.lru_cache(maxsize=8)
+def _reference_shapes(model_name: str, flag_value: bool) -> tuple[dict, str]:
+    """The state-dict shapes of the net with a 1000-way head, and the head's key prefix: built on the meta
+    device (no memory), or for real where an architecture cannot be (RegNet), without touching the RNG."""
+    try:
+        with torch.device("meta"):
+            net = build_net(model_name, IMAGENET_CLASSES, flag_value)
+    except NotImplementedError:
+        with torch.random.fork_rng(devices=[]):
+            net = build_net(model_name, IMAGENET_CLASSES, flag_value)
+    shapes = {f"model.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
+    return shapes, f"model.{head_of(net)[0]}."
 
 
-def adapt_to_classes(model: Classifier, num_classes: int) -> Classifier:
-    """Give the model a head for `num_classes`, keeping an existing head that already fits."""
-    if model.num_classes == num_classes and not hasattr(model, "out_linear_model"):
-        return model
-    if hasattr(model, "out_linear_model"):
-        # Legacy layout: fold back to a plain net with a fresh head; the 1000-way ImageNet head goes.
-        del model.out_linear_model
-    replace_head(model.model, num_classes)
-    return model
+def expected_weights_bytes(model_name: str, flag_value: bool = False) -> int:
+    """Bytes of a float32 state dict of `model_name` with a 1000-way head."""
+    return 4 * sum(max(1, math.prod(s)) for s in _reference_shapes(model_name, flag_value)[0].values())
+
+
+def preprocessing_defaults(model_name: str) -> dict:
+    """The preprocessing torchvision's DEFAULT ImageNet weights of `model_name` were trained with.
+
+    `image_size` is the crop fed to the net, `resize_size` the shorter side before the centre crop.
+    `fixed_size` True: the architecture only takes `image_size` (ViT's position embedding, Swin's
+    and MaxViT's windows); other nets take any size from `min_size` up.
+    """
+    weights = default_weights(check_model_name(model_name))
+    transforms = weights.transforms()
+    crop, resize = transforms.crop_size[0], transforms.resize_size[0]
+    min_size = weights.meta["min_size"][0]
+    return {"image_size": crop, "resize_size": resize, "interpolation": transforms.interpolation.value,
+            "mean": list(transforms.mean), "std": list(transforms.std), "min_size": min_size,
+            "fixed_size": min_size == crop}
+
+
+def default_weights(model_name: str):
+    """torchvision's DEFAULT ImageNet weights entry (URL, sha256 prefix in the file name, transforms)."""
+    return torchvision.models.get_model_weights(model_name).DEFAULT
 
 
 def imagenet_weights_file(model_name: str) -> str:
-    """The file name torchvision's IMAGENET1K_V1 weights have in the torch hub cache."""
-    weights_enum = torchvision.models.get_model_weights(model_name)
-    return os.path.basename(weights_enum.IMAGENET1K_V1.url)
+    """The file name torchvision's DEFAULT weights have in the torch hub cache (and on download.pytorch.org)."""
+    return os.path.basename(default_weights(model_name).url)
+
+
+def hub_cache_path(file_name: str) -> Path:
+    """Where torch.hub keeps a downloaded weights file (TORCH_HOME/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
 def find_cached_weights(model_name: str) -> Path | None:
-    """ImageNet weights for `model_name` in the local torch hub cache, if someone put them there."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / imagenet_weights_file(model_name)
-    return path if path.is_file() else None
+    """ImageNet weights for `model_name` in the local torch hub cache, if they were downloaded or put there:
+    the DEFAULT file, else the IMAGENET1K_V1 file (what designer's modules used, e.g. resnet50-0676ba61.pth)."""
+    weights = torchvision.models.get_model_weights(model_name)
+    for entry in dict.fromkeys((weights.DEFAULT, getattr(weights, "IMAGENET1K_V1", weights.DEFAULT))):
+        path = hub_cache_path(os.path.basename(entry.url))
+        if path.is_file():
+            return path
+    return None
 
 
-def load_weights_file(path: Path) -> dict:
-    """Tensors only: weights_only=True refuses pickles that would run code."""
+def pretrained_missing_error(model_name: str, where: str) -> PretrainedWeightsNotFoundError:
+    """The one "ImageNet weights are not here" error: `where` says what asked for them."""
+    cache = hub_cache_path(imagenet_weights_file(model_name))
+    return PretrainedWeightsNotFoundError(
+        f"{where} asks for pretrained {model_name} weights, but there is no 'model' weights file and '{cache}' "
+        f"does not exist (only init-model downloads). Re-create the directory with `python -m train_pytorch_model "
+        f"init-model --model-name {model_name} --pretrained true` (downloads them), add `--weights FILE` or "
+        f"`--weights-url URL` (a mirror) to it, copy torchvision's {imagenet_weights_file(model_name)} to "
+        f"'{cache}', or set pretrained: false."
+    )
+
+
+def cpu_state_dict(model: nn.Module) -> OrderedDict:
+    """Detached CPU copies of the model's state: later training steps never change them. The modules'
+    version metadata goes along (torch.save keeps it; MNASNet and BatchNorm read it when loading)."""
+    state = model.state_dict()
+    return _rekey(state, lambda k: k, {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()})
+
+
+def _rekey(state: dict, rename, values: dict | None = None) -> OrderedDict:
+    """`state` with every key (and its `_metadata` module prefix) renamed by `rename`; `values` replaces tensors."""
+    values = state if values is None else values
+    out = OrderedDict((rename(k), values[k]) for k in state)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = OrderedDict((rename(f"{k}." if k else "").removesuffix("."), v) for k, v in metadata.items())
+    return out
+
+
+# --- reading weights files ----------------------------------------------------------------------------------
+
+def weights_bytes_limit(model_name: str, flag_value: bool = False) -> int:
+    """The most bytes a `model` file of this architecture may hold: the net plus room for a large head."""
+    expected = expected_weights_bytes(model_name, flag_value)
+    return expected + max(expected, 256 * 2**20)
+
+
+def load_weights_file(path: Path, model_name: str, flag_value: bool = False) -> dict:
+    """Plain tensors only, checked before they are inflated or used.
+
+    weights_only=True refuses pickles that would run code. Before loading: a regular file, and for
+    torch's zip format uncompressed members (torch.save never compresses) whose sizes, read from the
+    archive's directory, stay within what the architecture can hold.
+    """
+    path = Path(path)
+    limit = weights_bytes_limit(model_name, flag_value)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure means the same thing to the user
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise InvalidModelDirectoryError(f"Weights file '{path}' cannot be read: {exc.strerror or exc}.") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
         raise InvalidModelDirectoryError(
-            f"'{path}' cannot be loaded as PyTorch weights ({type(exc).__name__}: {_load_failure_reason(exc)}). "
-            "Only plain state dicts (tensors) are accepted, never pickled code: re-create the directory with "
-            "init-model, or save the weights with torch.save(model.state_dict(), path)."
-        ) from None
+            f"Weights file '{path}' is {kind}. It must be the state dict file written by torch.save: re-create the "
+            "model directory with init-model."
+        )
+    members = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                members = archive.infolist()
+    except Exception as exc:  # a damaged archive directory fails in many ways (BadZipFile, struct.error, ...)
+        raise _weights_error(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    size = sum(m.file_size for m in members) if members else os.path.getsize(path)
+    compressed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise _weights_error(path, f"it has compressed members (e.g. {quote(compressed[0])}), which torch.save "
+                                   "never writes")
+    if size > limit:
+        raise _weights_error(path, f"it holds {size / 2**20:.0f} MiB, more than a {model_name} state dict can "
+                                   f"({limit / 2**20:.0f} MiB)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # every failure means the same thing to the user
+        raise _weights_error(path, f"{type(exc).__name__}: {_load_failure_reason(exc)}") from None
+    return state  # load_legacy_state checks the tensors
+
+
+def _weights_error(path: Path, reason: str) -> InvalidModelDirectoryError:
+    return InvalidModelDirectoryError(
+        f"'{path}' cannot be loaded as PyTorch weights ({reason}). Only plain state dicts (tensors) are accepted, "
+        "never pickled code: re-create the directory with init-model, or save the weights with "
+        "torch.save(model.state_dict(), path)."
+    )
+
+
+def _check_tensors(state, path: Path) -> None:
+    """A mapping of names to dense, real-valued, finite CPU tensors."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise _weights_error(path, "it is not a PyTorch state dict, a mapping of names to tensors")
+    for key, tensor in state.items():
+        if tensor.layout != torch.strided or tensor.is_meta or tensor.is_quantized or tensor.is_complex():
+            kind = ("sparse" if tensor.layout != torch.strided else "meta" if tensor.is_meta
+                    else "quantized" if tensor.is_quantized else "complex")
+            raise _weights_error(path, f"tensor {quote(key)} is {kind}; weights must be dense real tensors")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidModelDirectoryError(
+                f"'{path}': tensor {quote(key)} holds NaN or infinite values, so the model cannot learn or "
+                "predict. Re-create the model directory with init-model, or train again."
+            )
 
 
 def _load_failure_reason(exc: Exception) -> str:
@@ -180,11 +326,67 @@ def _load_failure_reason(exc: Exception) -> str:
     return (text.splitlines() or [""])[0][:200]
 
 
-def pretrained_missing_error(model_name: str, directory: Path) -> PretrainedWeightsNotFoundError:
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / imagenet_weights_file(model_name)
-    return PretrainedWeightsNotFoundError(
-        f"'{directory}' asks for pretrained {model_name} weights, but it has no 'model' weights file and "
-        f"'{cache}' does not exist (nothing is downloaded at run time). Either re-create the directory with "
-        f"`python -m train_pytorch_model init-model --model-name {model_name} --pretrained --weights FILE`, "
-        f"copy torchvision's {imagenet_weights_file(model_name)} to '{cache}', or set pretrained: false."
-    )
+def load_legacy_state(model_name: str, flag_value: bool, state: dict, source: str) -> Classifier:
+    """A Classifier holding `state` (a legacy wrapper state dict), with whatever head it was saved with.
+
+    Keys and shapes are compared with the architecture's (meta-device) shapes before any net of the
+    file's head size is built, so a huge head costs nothing.
+    """
+    _check_tensors(state, Path(source))
+    # Our own copy (keys renamed and filtered below). Saved from DataParallel/DDP: drop their prefix.
+    state = _rekey(state, lambda k: k.removeprefix("module.") if k.startswith("module.") else k)
+    if not any(k.startswith("model.") for k in state):
+        # Also accept a bare torchvision state dict (e.g. a torch hub cache file).
+        state = _rekey(state, lambda k: f"model.{k}")
+    reference, head = _reference_shapes(model_name, bool(flag_value))
+    # Auxiliary heads (GoogLeNet, Inception) are in torchvision's files, not in the nets we build.
+    for key in [k for k in state if k not in reference and _is_aux_head(model_name, k)]:
+        del state[key]
+    head_weight = state.get(f"{head}weight")
+    linear = state.get("out_linear_model.weight")
+    # No head at all: another architecture, reported below with the other missing keys.
+    classes = head_weight.shape[0] if head_weight is not None and head_weight.dim() >= 2 else IMAGENET_CLASSES
+    if classes == 0 or (linear is not None and (linear.dim() != 2 or min(linear.shape) == 0)):
+        raise InvalidModelDirectoryError(
+            f"'{source}' does not hold a {model_name} state dict (no usable classification head weights found). "
+            "Re-create the untrained model directory with init-model."
+        )
+    expected = {k: ((classes,) + s[1:] if k.startswith(head) else s) for k, s in reference.items()}
+    if linear is not None:
+        expected |= {"out_linear_model.weight": tuple(linear.shape), "out_linear_model.bias": (linear.shape[0],)}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(v.shape)} instead of {expected[k]}"
+                for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]]
+    if missing or unexpected or reshaped:
+        raise InvalidModelDirectoryError(
+            f"'{source}' does not match architecture {model_name}: {len(missing)} missing keys (e.g. "
+            f"{quote(missing[:3])}), {len(unexpected)} unexpected keys (e.g. {quote(unexpected[:3])}), "
+            f"{len(reshaped)} of another shape (e.g. {quote(reshaped[:2], 240)}). "
+            "Was it saved from another model? Re-create the untrained model directory with init-model."
+        )
+    out_linear = nn.Linear(linear.shape[1], linear.shape[0]) if linear is not None else None
+    model = Classifier(build_net(model_name, classes, flag_value), out_linear)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as exc:  # e.g. MNASNet needs the version metadata torch.save keeps
+        raise InvalidModelDirectoryError(
+            f"'{source}' cannot be loaded into {model_name}: {str(exc)[:200]}. Save it with "
+            "torch.save(model.state_dict(), path) (the state dict itself, with its metadata)."
+        ) from None
+    return model
+
+
+def _is_aux_head(model_name: str, key: str) -> bool:
+    return model_name in ("googlenet", "inception_v3") and key.split(".")[1] in ("aux1", "aux2", "AuxLogits")
+
+
+def adapt_to_classes(model: Classifier, num_classes: int) -> Classifier:
+    """Give the model a head for `num_classes`, keeping an existing head that already fits."""
+    if model.num_classes == num_classes and not hasattr(model, "out_linear_model"):
+        return model
+    if hasattr(model, "out_linear_model"):
+        # Legacy layout: fold back to a plain net with a fresh head; the 1000-way ImageNet head goes.
+        del model.out_linear_model
+    replace_head(model.model, num_classes)
+    return model

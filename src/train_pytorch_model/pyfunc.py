@@ -4,31 +4,73 @@
 `_load_pyfunc(model_dir)`), with a copy of this package under `code/`, so serving needs no
 pickle and no install of our package: `mlflow.pyfunc.load_model(dir).predict(df)`.
 
-Input: a DataFrame with column `image` holding raw image bytes or base64 strings.
-Output: column `label` (the category name) and `probability_<category>` per class.
+Input: a DataFrame with column `image` holding raw image bytes or base64 (text or bytes), which is
+what every request format of `mlflow models serve` becomes (`dataframe_split`, `dataframe_records`,
+`inputs`, `instances`, CSV), and what Azure ML's `{"input_data": {"columns": [...], "data": [...]}}`
+becomes on a managed online endpoint. The MLmodel carries a signature and an input example (one
+small image), so `mlflow.models.get_serving_input` and Azure ML's test tab have a request to show.
+Output: the predictions table of `predictions.py`: `Scored Labels` and `Scored Probabilities_<class>`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import platform
+import re
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .errors import InvalidDatasetError
+from .errors import InvalidDatasetError, quote
 from .model_directory import TrainedModel, read_trained_model_directory
+from .predictions import SCORED_LABELS, probability_column
 from .preprocessing import ImageDecodeError, decode_image
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PREDICT_BATCH = 64
+MAX_IMAGE_BYTES = 32 * 2**20  # per image in a request; decode_image bounds the pixels
+EXAMPLE_SIDE = 32  # pixels of the input example's longer side: a request body of a few hundred bytes
+IMAGE_COLUMN = "image"
+_BASE64 = re.compile(rb"[A-Za-z0-9+/\s]*={0,2}\s*")
+_DATA_URL = re.compile(rb"data:[\w/+.-]*;base64,")
 
 
-def probability_column(label: str) -> str:
-    return f"probability_{label}"
+def image_bytes(value, row: int) -> bytes:
+    """The encoded image in one request cell: raw bytes, base64 text or base64 bytes.
+
+    MLflow hands base64 *text* over as bytes on the `inputs`/`instances` path, so bytes that are
+    valid base64 are decoded first; no PNG/JPEG/... file is valid base64 (their magic bytes are not)."""
+    is_text = isinstance(value, str)
+    if is_text:
+        value = value.encode("utf-8", errors="replace")
+    elif isinstance(value, (bytearray, memoryview)):
+        value = bytes(value)
+    elif not isinstance(value, bytes):
+        raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' must be image bytes or a base64 string, "
+                                  f"got {type(value).__name__} {quote(value, 60)}.")
+    too_big = InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is over the {MAX_IMAGE_BYTES // 2**20} MiB limit "
+                                  "per image; send a smaller image.")
+    if len(value) > 2 * MAX_IMAGE_BYTES:  # base64 of the largest allowed image, line breaks included, is smaller
+        raise too_big
+    text = _DATA_URL.sub(b"", value[:64], count=1) + value[64:] if value.startswith(b"data:") else value
+    data = None
+    if _BASE64.fullmatch(text):
+        try:
+            data = base64.b64decode(text)
+        except (binascii.Error, ValueError):
+            pass
+    if data is None and is_text:
+        raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is a string but not valid base64 "
+                                  f"({quote(value[:40].decode(errors='replace'), 60)}); send the image file "
+                                  "base64-encoded.")
+    data = value if data is None else data
+    if len(data) > MAX_IMAGE_BYTES:
+        raise too_big
+    return data
 
 
 class ImageClassifierPyfunc:
@@ -37,16 +79,6 @@ class ImageClassifierPyfunc:
     def __init__(self, trained: TrainedModel):
         self.trained = trained
         self.transform = trained.preprocessing.eval_transform()
-
-    def _image_bytes(self, value, row: int) -> bytes:
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            return bytes(value)
-        if isinstance(value, str):
-            try:
-                return base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidDatasetError(f"Row {row}: 'image' is a string but not valid base64.") from None
-        raise InvalidDatasetError(f"Row {row}: 'image' must be bytes or a base64 string, got {type(value).__name__}.")
 
     @torch.inference_mode()
     def predict_tensors(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -57,26 +89,42 @@ class ImageClassifierPyfunc:
         return torch.cat([model(prep.normalize(batch)).softmax(dim=1) for batch in groups])
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "image" not in frame.columns:
-            raise InvalidDatasetError(f"Input needs a column 'image' (bytes or base64); got columns {list(frame.columns)}.")
+        frame = _as_frame(model_input)
+        if IMAGE_COLUMN not in frame.columns:
+            raise InvalidDatasetError(f"Input needs a column '{IMAGE_COLUMN}' (image bytes or base64); "
+                                      f"got columns {quote(list(frame.columns))}.")
         size_hint = self.trained.preprocessing.resize_size
         probabilities = []
-        values = list(frame["image"])
+        values = list(frame[IMAGE_COLUMN])
         for start in range(0, len(values), PREDICT_BATCH):
             tensors = []
             for row, value in enumerate(values[start:start + PREDICT_BATCH], start=start):
                 try:
-                    tensors.append(self.transform(decode_image(self._image_bytes(value, row), size_hint)))
+                    tensors.append(self.transform(decode_image(image_bytes(value, row), size_hint)))
                 except ImageDecodeError as exc:
-                    raise InvalidDatasetError(f"Row {row}: 'image' is not a readable image ({exc}).") from None
+                    raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is not a readable image ({exc}).") from None
             probabilities.append(self.predict_tensors(tensors))
         classes = self.trained.classes
         probs = torch.cat(probabilities).numpy() if probabilities else torch.empty(0, len(classes)).numpy()
-        result = pd.DataFrame({"label": [classes[i] for i in probs.argmax(axis=1)] if len(probs) else []})
+        result = pd.DataFrame({SCORED_LABELS: [classes[i] for i in probs.argmax(axis=1)] if len(probs) else []})
         for index, label in enumerate(classes):
-            result[probability_column(label)] = probs[:, index] if len(probs) else []
+            result[probability_column(label)] = probs[:, index].astype("float64") if len(probs) else []
         return result
+
+
+def _as_frame(model_input) -> pd.DataFrame:
+    """A DataFrame from what predict is given; Azure ML's `{"input_data": {"columns", "data"}}` too."""
+    if isinstance(model_input, pd.DataFrame):
+        return model_input
+    if isinstance(model_input, dict) and set(model_input) == {"input_data"}:
+        body = model_input["input_data"]
+        if isinstance(body, dict) and "data" in body:
+            return pd.DataFrame(body["data"], columns=body.get("columns"), index=body.get("index"))
+        model_input = body
+    try:
+        return pd.DataFrame(model_input)
+    except (ValueError, TypeError) as exc:
+        raise InvalidDatasetError(f"Input cannot be read as a table with an '{IMAGE_COLUMN}' column: {exc}.") from None
 
 
 def _load_pyfunc(data_path: str) -> ImageClassifierPyfunc:
@@ -84,10 +132,13 @@ def _load_pyfunc(data_path: str) -> ImageClassifierPyfunc:
     return ImageClassifierPyfunc(read_trained_model_directory(data_path))
 
 
-def save_mlflow_model(stage: Path, classes: list[str], metadata: dict) -> None:
-    """Add MLmodel, environment files and a copy of this package to `stage` (the legacy files stay)."""
+def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *, example_image: Path | None = None) -> None:
+    """Add MLmodel, environment files, an input example and a copy of this package to `stage` (the
+    legacy files stay). `example_image`: an image the example is made from (a training image), shrunk
+    to a thumbnail; without it the example is a grey square."""
     import mlflow
     from mlflow.models import Model, ModelSignature
+    from mlflow.models.utils import _save_example  # what MLflow's own flavors call: example + serving example
     from mlflow.types import ColSpec, Schema
 
     code_dir = stage / "code"
@@ -104,13 +155,32 @@ def save_mlflow_model(stage: Path, classes: list[str], metadata: dict) -> None:
     )
     (stage / "conda.yaml").write_text(
         "channels:\n- conda-forge\ndependencies:\n"
-        f"- python={python_version}\n- pip\n- pip:\n" + "".join(f"  - {r}\n" for r in requirements) + "name: mlflow-env\n"
+        f"- python={python_version}\n- pip\n- pip:\n" + "".join(f"  - {r}\n" for r in requirements)
+        + "name: mlflow-env\n"
     )
     signature = ModelSignature(
-        inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema([ColSpec("string", "label")] + [ColSpec("double", probability_column(c)) for c in classes]),
+        inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
+        outputs=Schema([ColSpec("string", SCORED_LABELS)]
+                       + [ColSpec("double", probability_column(c)) for c in classes]),
     )
     model = Model(signature=signature, metadata=metadata)
+    _save_example(model, pd.DataFrame({IMAGE_COLUMN: [example_png(example_image)]}), str(stage))
     mlflow.pyfunc.add_to_model(model, loader_module=__name__, code="code",
                                conda_env="conda.yaml", python_env="python_env.yaml")
     model.save(str(stage / "MLmodel"))
+
+
+def example_png(source: Path | None) -> bytes:
+    """A PNG thumbnail (longer side EXAMPLE_SIDE) of `source`, or a grey square: the input example."""
+    from PIL import Image
+
+    image = Image.new("RGB", (EXAMPLE_SIDE, EXAMPLE_SIDE), (128, 128, 128))
+    if source is not None:
+        try:
+            image = decode_image(source, EXAMPLE_SIDE)
+            image.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
+        except ImageDecodeError:
+            pass  # the example only illustrates the request: a grey square does as well
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

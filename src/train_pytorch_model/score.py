@@ -1,5 +1,8 @@
-"""`score`: a trained model directory + an ImageDirectory -> a table of predictions (designer's
+"""`score`: a trained model directory + images -> a table of predictions (designer's
 "Score Image Model", spec section 4).
+
+Images: an ImageDirectory (or `<class>/<image>` tree or flat folder), a zip/tar of one, a single
+image file, or several image files (`--image-directory a.jpg b.png`).
 
 Output folder:
 - `scored.parquet` and `scored.csv`, the same table, one row per image in the directory's row
@@ -7,7 +10,9 @@ Output folder:
   directory is labeled), `Scored Labels` (the most probable class), one
   `Scored Probabilities_<class>` column per class in the model's class order (designer's column
   names), and `error`: empty, or why the image could not be read. Such a row is kept, with no
-  label and empty probabilities, so the table still lists every image.
+  label and empty probabilities, so the table still lists every image. The parquet file's metadata
+  names the MLflow run that trained the model (`evaluate` tags its run with it); the CSV escapes
+  text that a spreadsheet would run as a formula (`predictions.csv_safe`).
 
 Images are decoded and resized in DataLoader workers with the model's own evaluation recipe
 (`training_info.json`), batched, and run under `torch.inference_mode` on the GPU when present.
@@ -19,8 +24,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import tarfile
+import tempfile
 import time
+import zipfile
 from array import array
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,49 +39,50 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from .config import auto_or_int
+from .convert import extract_archive
 from .data import ImageDataset, default_num_workers
 from .distributed import pick_device
-from .errors import InvalidDatasetError, InvalidParameterError
-from .image_directory import ImageDirectory, load_image_directory
-from .model_directory import TrainedModel, read_trained_model_directory, staged_output
+from .errors import DirectoryNotFoundError, InvalidDatasetError, InvalidModelDirectoryError, InvalidParameterError
+from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
+from .legacy_format import read_json
+from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory, staged_output
+from .predictions import (ERROR_COLUMN, LABEL_COLUMN, SCORED_CSV, SCORED_LABELS, SCORED_PARQUET, TRAINING_RUN_ATTR,
+                          csv_safe, probability_column)
 
 log = logging.getLogger(__name__)
 
-SCORED_PARQUET = "scored.parquet"
-SCORED_CSV = "scored.csv"
-LABEL_COLUMN = "category"
-SCORED_LABELS = "Scored Labels"
-PROBABILITY_PREFIX = "Scored Probabilities_"
-ERROR_COLUMN = "error"
-
-
-def probability_column(label: str) -> str:
-    return f"{PROBABILITY_PREFIX}{label}"
+RUN_ID = re.compile(r"[\w-]{1,64}", re.ASCII)  # MLflow's hex ids and Azure ML's job names
+MAX_EXTRACTED_BYTES = 32 * 2**30  # an archive given to score is unpacked to a temporary folder, at most this much
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trained-model", required=True, type=Path, help="trained model directory (output of train)")
-    parser.add_argument("--image-directory", required=True, type=Path,
-                        help="images to score: ImageDirectory, <class>/<image> tree or flat folder")
+    parser.add_argument("--image-directory", required=True, type=Path, nargs="+", metavar="PATH",
+                        help="images to score: an ImageDirectory, <class>/<image> tree or flat folder, a zip/tar "
+                             "of one, or one or more image files")
     parser.add_argument("--scored-data", required=True, type=Path,
                         help=f"output folder (new or empty) for {SCORED_PARQUET} and {SCORED_CSV}")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--num-workers", default="auto", help="image decoding processes (default auto)")
+    parser.add_argument("--num-workers", default=None, type=auto_or_int, metavar="auto|N",
+                        help="image decoding processes (default auto)")
+    parser.add_argument("--image-column", default=None, metavar="NAME", help="image path column of a table input")
+    parser.add_argument("--label-column", default=None, metavar="NAME", help="label column of a table input")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidParameterError("Batch size", args.batch_size, "must be an integer >= 1")
-    if args.num_workers != "auto" and not str(args.num_workers).isdigit():
-        raise InvalidParameterError("Num workers", args.num_workers, "must be 'auto' or an integer >= 0")
     device = pick_device(args.device)
     trained = read_trained_model_directory(args.trained_model)
-    directory = load_image_directory(args.image_directory, "Scoring", keep_unlabeled=True)
-    workers = default_num_workers(device) if args.num_workers == "auto" else int(args.num_workers)
+    workers = default_num_workers(device) if args.num_workers is None else args.num_workers
     started = time.perf_counter()
-    table = score_directory(trained, directory, device=device, batch_size=args.batch_size, num_workers=workers)
+    columns = dict(image_column=args.image_column, label_column=args.label_column)
+    with images_to_score(args.image_directory, **columns) as directory:
+        table = score_directory(trained, directory, device=device, batch_size=args.batch_size, num_workers=workers)
     seconds = time.perf_counter() - started
+    table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
     write_scored(args.scored_data, table)
     failed = int((table[ERROR_COLUMN] != "").sum())
     print(f"Scored {len(table) - failed} of {len(table)} images on {device} in {seconds:.1f}s "
@@ -79,6 +91,52 @@ def run(args: argparse.Namespace) -> int:
         print(f"{failed} images could not be read: their rows have an empty '{SCORED_LABELS}' and a reason in "
               f"'{ERROR_COLUMN}'.")
     return 0
+
+
+@contextmanager
+def images_to_score(paths: list[Path], **columns):
+    """The ImageDirectory for `--image-directory`: a folder, an archive (unpacked to a temporary folder
+    for the duration), or image files."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.exists():
+            raise DirectoryNotFoundError(f"Scoring data '{path}' does not exist.")
+    single = paths[0] if len(paths) == 1 else None
+    if single is not None and single.is_file() and (zipfile.is_zipfile(single) or tarfile.is_tarfile(single)):
+        with tempfile.TemporaryDirectory(prefix="score-") as temporary:
+            skipped: list[tuple[str, str]] = []
+            root = extract_archive(single, Path(temporary) / "images", MAX_EXTRACTED_BYTES, skipped)
+            if skipped:
+                log.warning("%d archive members were not extracted, e.g. '%s': %s", len(skipped), *skipped[0])
+            yield load_image_directory(root, "Scoring", keep_unlabeled=True, **columns)
+    elif single is not None and single.suffix.lower() not in IMAGE_SUFFIXES:  # a folder (or what else it reads)
+        yield load_image_directory(single, "Scoring", keep_unlabeled=True, **columns)
+    else:
+        yield image_files_directory(paths)
+
+
+def image_files_directory(paths: list[Path]) -> ImageDirectory:
+    """An unlabeled ImageDirectory of image files, rooted at their common folder."""
+    for path in paths:
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            kind = "a folder" if path.is_dir() else "not an image file"
+            raise InvalidDatasetError(
+                f"Scoring data '{path}' is {kind}: give one folder or archive, or image files with one of the "
+                f"extensions {sorted(IMAGE_SUFFIXES)}.")
+    real = [Path(os.path.realpath(p)) for p in paths]
+    root = Path(os.path.commonpath([p.parent for p in real]))
+    files = [p.relative_to(root).as_posix() for p in real]
+    return ImageDirectory(root, "flat", files, array("q", range(len(files))), array("l", [-1] * len(files)), None,
+                          default_schema(None), None)
+
+
+def training_run_id(model_dir: Path) -> str | None:
+    """The MLflow run that trained the model (`training_info.json` -> training.mlflow_run_id), if recorded."""
+    path = Path(model_dir) / INFO_FILE
+    info = read_json(path, InvalidModelDirectoryError) if path.is_file() else None
+    training = info.get("training") if isinstance(info, dict) else None
+    run_id = training.get("mlflow_run_id") if isinstance(training, dict) else None
+    return run_id if isinstance(run_id, str) and RUN_ID.fullmatch(run_id) else None
 
 
 def _keep_items(items):
@@ -131,5 +189,5 @@ def scored_table(directory: ImageDirectory, classes: list[str], probabilities: n
 
 def write_scored(out: Path, table: pd.DataFrame) -> None:
     with staged_output(out) as stage:
-        table.to_parquet(stage / SCORED_PARQUET, index=False)
-        table.to_csv(stage / SCORED_CSV, index=False)
+        table.to_parquet(stage / SCORED_PARQUET, index=False)  # pandas keeps `table.attrs` in the metadata
+        csv_safe(table).to_csv(stage / SCORED_CSV, index=False)

@@ -33,6 +33,7 @@ from .config import TrainConfig
 from .data import BadImageTracker, Batch
 from .distributed import Context
 from .errors import TrainingDivergedError
+from .models import cpu_state_dict, head_of
 from .preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -84,23 +85,12 @@ class EarlyStopping:
 
 # --- what a run is built from ------------------------------------------------------------------------------
 
-def head_parameters(model: nn.Module, num_classes: int) -> list[nn.Parameter]:
-    """The classification head's parameters: every Linear (or the last 1x1 Conv, SqueezeNet's) that outputs
-    one value per class — the main head, auxiliary heads and the legacy stacked Linear."""
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if convs and convs[-1].out_channels == num_classes and convs[-1].kernel_size == (1, 1):
-        heads.append(convs[-1])
-    return [p for m in heads for p in m.parameters()]
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig, lr: float, num_classes: int,
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """One parameter group, or two (backbone, head) when the backbone is frozen for the first epochs."""
     decay = DEFAULT_WEIGHT_DECAY[config.optimizer] if config.weight_decay is None else config.weight_decay
     params: list = list(model.parameters())
     if config.freeze_backbone_epochs:
-        head = {id(p) for p in head_parameters(model, num_classes)}
+        head = {id(p) for p in head_of(getattr(model, "module", model))[1].parameters()}
         params = [{"params": [p for p in params if id(p) not in head]},
                   {"params": [p for p in params if id(p) in head]}]
     fused = True if device.type == "cuda" else None  # one kernel for all parameters (and no sync under fp16)
@@ -446,17 +436,15 @@ class Trainer:
         return state
 
 
-def cpu_state_dict(model: nn.Module) -> dict:
-    """A detached CPU copy of the state dict (the live tensors keep changing)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
 def cpu_copy(obj):
     """`obj` with every tensor copied to the CPU (for a checkpoint written while training goes on)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
+        copied = type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state dict's module versions (load_state_dict reads them)
+            copied._metadata = copy.deepcopy(obj._metadata)
+        return copied
     if isinstance(obj, (list, tuple)):
         return type(obj)(cpu_copy(v) for v in obj)
     return copy.deepcopy(obj)

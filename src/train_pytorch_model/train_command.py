@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import logging
 import random
 import sys
@@ -28,9 +30,9 @@ from .data import (BadImageTracker, build_dataset, cpus_per_process, default_num
 from .errors import (InvalidDatasetError, InvalidParameterError, ModuleOutOfMemoryError, TrainingDivergedError,
                      TrainingFailedError, TrainingInterruptedError, TrainPyTorchModelError)
 from .image_directory import ImageDirectory, load_image_directory, require_labeled
-from .model_directory import (ModelSpec, check_output_folder, read_untrained_model_directory, staged_output,
-                              training_samples, write_legacy_trained_files)
-from .models import Classifier, adapt_to_classes, build_net
+from .model_directory import (INFO_FILE, ModelSpec, check_output_folder, finished_output, read_untrained_model_directory,
+                              release_output, staged_output, training_samples, write_legacy_trained_files)
+from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
 from .preprocessing import Preprocessing
 from .tracking import Tracker, redact
 from .train import (EarlyStopping, EpochMetrics, Interrupted, Trainer, TrainingState, can_compile, make_ema,
@@ -62,25 +64,31 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
     writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None)
     with checkpoint.StopOnSigterm(lambda: interrupted_error(config, writer)) as stop_requested:
         config = resolve(config, ctx)
-        if ctx.is_main:
-            check_output_folder(config.trained_model)  # now, not after hours of training
         configure_torch(config, ctx)
 
         data = read_data(config, ctx)
         model, spec = build_model(config.untrained_model, len(data.classes))
-        config = config.replace(batch_size=trainable_batch_size(config.batch_size, data.train, ctx.world_size, model))
-        preprocessing = Preprocessing(image_size=config.image_size, augmentation=config.augmentation)
+        config = settle_for_model(config, spec, data, ctx, model)
+        identity = checkpoint.run_identity(
+            model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
+            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
+        if already_written(config, ctx, identity):
+            return json.loads((config.trained_model / INFO_FILE).read_text())["training"]
+        if ctx.is_main:  # now, not after hours of training
+            check_output_folder(config.trained_model, inputs=tuple(
+                path for path in (config.untrained_model, config.training_data, config.validation_data,
+                                  config.checkpoint_dir) if path))
+        preprocessing = preprocessing_for(config, spec)
         trainer = make_trainer(config, ctx, data, preprocessing)
-        state = make_training_state(model, config, ctx, len(data.classes), steps_per_epoch=len(trainer.train_loader))
+        state = make_training_state(model, config, ctx, steps_per_epoch=len(trainer.train_loader))
 
         params = {**config.as_dict(), "mlflow_tracking_uri": redact(config.mlflow_tracking_uri),
                   "model_name": spec.model_name, "pretrained": spec.pretrained, "num_classes": len(data.classes),
                   "cpu_threads": torch.get_num_threads(), "world_size": ctx.world_size,
-                  "training_images": len(data.train), "validation_images": len(data.valid)}
-        identity = checkpoint.run_identity(
-            model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
-            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
-        tracker = Tracker(ctx.is_main, config.mlflow_tracking_uri)
+                  "training_images": len(data.train), "validation_images": len(data.valid),
+                  "run_identity": identity_digest(identity)}
+        tracker = Tracker(ctx.is_main, config.mlflow_tracking_uri,
+                          run_name=f"train {spec.model_name} {len(data.classes)} classes {config.epochs} epochs")
         failed = True
         try:
             tracker.log_params(params)
@@ -94,6 +102,8 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
             return summary
         finally:
             tracker.close(failed=failed)
+            if ctx.is_main:
+                release_output(config.trained_model)
 
 
 # --- 1. settle the configuration ------------------------------------------------------------------------------
@@ -162,8 +172,9 @@ class Data:
 
 
 def read_data(config: TrainConfig, ctx: distributed.Context) -> Data:
-    train = load_image_directory(config.training_data, "Training")
-    valid = load_image_directory(config.validation_data, "Validation")
+    columns = dict(image_column=config.image_column, label_column=config.label_column)
+    train = load_image_directory(config.training_data, "Training", **columns)
+    valid = load_image_directory(config.validation_data, "Validation", **columns)
     require_labeled(train, "Training")
     require_labeled(valid, "Validation")
     return Data(train, valid, check_classes(train, valid))
@@ -211,6 +222,45 @@ def trainable_batch_size(batch_size: int, train: ImageDirectory, world_size: int
     return per_rank
 
 
+def settle_for_model(config: TrainConfig, spec: ModelSpec, data: Data, ctx: distributed.Context,
+                     model: torch.nn.Module) -> TrainConfig:
+    """What depends on the architecture: its image size (auto, or the one it must have) and a trainable batch."""
+    defaults = preprocessing_defaults(spec.model_name)
+    image_size = config.image_size or defaults["image_size"]
+    if defaults["fixed_size"] and image_size != defaults["image_size"]:
+        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} only takes "
+                                    f"{defaults['image_size']} pixels (leave --image-size at auto)")
+    if image_size < defaults["min_size"]:
+        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} needs at least "
+                                    f"{defaults['min_size']} pixels")
+    return config.replace(image_size=image_size,
+                          batch_size=trainable_batch_size(config.batch_size, data.train, ctx.world_size, model))
+
+
+def preprocessing_for(config: TrainConfig, spec: ModelSpec) -> Preprocessing:
+    """The architecture's normalisation and resize-to-crop ratio (torchvision's weights), at the run's size."""
+    defaults = preprocessing_defaults(spec.model_name)
+    return Preprocessing(image_size=config.image_size, mean=tuple(defaults["mean"]), std=tuple(defaults["std"]),
+                         crop_fraction=defaults["image_size"] / defaults["resize_size"],
+                         augmentation=config.augmentation)
+
+
+def identity_digest(identity: dict) -> str:
+    """A short fingerprint of the run identity, recorded with the trained model (training.run_identity)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def already_written(config: TrainConfig, ctx: distributed.Context, identity: dict) -> bool:
+    """A restarted job (an Azure ML preemption after the model was written) whose own complete output is there:
+    nothing to do. Rank 0 looks; every rank gets the answer."""
+    done = ctx.is_main and finished_output(config.trained_model, identity_digest(identity))
+    done = ctx.broadcast_object(done)
+    if done and ctx.is_main:
+        log.info("The trained model in %s was written by this same run (same inputs and parameters) before a "
+                 "restart: nothing to do.", config.trained_model)
+    return done
+
+
 # --- 3. build the model, the loaders and the optimizer ------------------------------------------------------
 
 def build_model(untrained_model: Path, num_classes: int) -> tuple[Classifier, ModelSpec]:
@@ -250,7 +300,7 @@ def balanced_class_weights(targets, num_classes: int) -> torch.Tensor:
     return torch.where(counts > 0, weights, torch.ones_like(weights)).float()
 
 
-def make_training_state(model: Classifier, config: TrainConfig, ctx: distributed.Context, num_classes: int,
+def make_training_state(model: Classifier, config: TrainConfig, ctx: distributed.Context,
                         steps_per_epoch: int) -> TrainingState:
     model = model.to(ctx.device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
     if config.compile:
@@ -263,7 +313,7 @@ def make_training_state(model: Classifier, config: TrainConfig, ctx: distributed
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
             broadcast_buffers=False, gradient_as_bucket_view=True)
     lr = config.learning_rate * ctx.world_size  # linear scaling: batch_size is per process
-    optimizer = make_optimizer(wrapped, config, lr, num_classes, ctx.device)
+    optimizer = make_optimizer(wrapped, config, lr, ctx.device)
     return TrainingState(wrapped, optimizer, make_scheduler(optimizer, config, steps_per_epoch),
                          make_scaler(ctx.device, config.precision),
                          EarlyStopping(config.patience, config.early_stopping_metric, config.early_stopping_min_epochs),
@@ -301,12 +351,10 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
                  len(trainer.valid_bad.directory), trainer.num_classes, config.batch_size, config.precision,
                  config.num_workers)
 
-    def log_progress(epoch: int, step: int, steps: int, loss: float, images_per_second: float) -> None:
-        if ctx.is_main:
-            log.info("  epoch %d/%d  step %d/%d  loss %.4f  %.1f img/s", epoch + 1, config.epochs, step, steps, loss,
-                     images_per_second)
+    progress = Progress(config.epochs, config.batch_size, enabled=ctx.is_main)
 
     def on_epoch_end(state: TrainingState, m: EpochMetrics, stopping: bool) -> None:
+        progress.close()
         if not ctx.is_main:
             return
         best = state.early_stopping.best_epoch + 1 == m.epoch
@@ -319,7 +367,7 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
         writer.save(state, identity)
 
     try:
-        state = trainer.fit(state, on_epoch_end, log_progress, stop_requested=stop_requested)
+        state = trainer.fit(state, on_epoch_end, progress.update, stop_requested=stop_requested)
     except (Interrupted, RuntimeError) as exc:
         # (A SIGTERM to the whole process group also ends the DataLoader workers: a RuntimeError here.)
         if isinstance(exc, RuntimeError) and not stop_requested():
@@ -329,6 +377,42 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
         raise error from None
     writer.join()
     return state
+
+
+class Progress:
+    """Per-step progress of an epoch: a bar with ETA on a terminal (tqdm), plain lines with ETA in logs (an Azure
+    ML job's std_log.txt), at the trainer's print steps."""
+
+    def __init__(self, epochs: int, batch_size: int, enabled: bool):
+        self.epochs, self.batch_size, self.enabled = epochs, batch_size, enabled
+        self.terminal = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def update(self, epoch: int, step: int, steps: int, loss: float, images_per_second: float) -> None:
+        if not self.enabled:
+            return
+        if self.terminal:
+            if self.bar is None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step", leave=False,
+                                dynamic_ncols=True)
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
+            return
+        eta = (steps - step) * self.batch_size / max(images_per_second, 1e-9)
+        log.info("  epoch %d/%d  step %d/%d  loss %.4f  %.1f img/s  eta %s", epoch + 1, self.epochs, step, steps,
+                 loss, images_per_second, format_seconds(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def interrupted_error(config: TrainConfig, writer: checkpoint.CheckpointWriter) -> TrainingInterruptedError:
@@ -364,7 +448,7 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
                   ctx: distributed.Context) -> None:
     write_trained_model(config.trained_model, state.raw_model, spec, data.classes, preprocessing, data.train,
                         is_cuda=ctx.device.type == "cuda", history=state.history, summary=summary, params=params,
-                        run_id=tracker.run_id)
+                        run_id=tracker.run_id)  # params carry run_identity: a restart finds its own output
     log.info("Best epoch %d (validation loss %.4f, top-1 %.1f%%). Trained model written to %s",
              summary["best_epoch"], summary["best_valid_loss"], 100 * (summary["best_valid_top1"] or 0),
              config.trained_model)
@@ -391,10 +475,12 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
             stage, model=model, spec=spec, classes=classes, preprocessing=preprocessing, is_cuda=is_cuda,
             training_schema=schema, training_samples=training_samples(train_dir, schema),
             extra_info={"training": {**params, **summary, "mlflow_run_id": run_id}},
+            run_identity=params.get("run_identity"),
         )
         write_metrics_csv(stage / "metrics.csv", history)
         plot_training_curves(stage / "training_curves.png", history)
-        save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes})
+        save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes},
+                          example_image=train_dir.path(0))
 
 
 def translate_runtime_error(exc: RuntimeError, batch_size: int) -> TrainPyTorchModelError | RuntimeError:

@@ -1,0 +1,55 @@
+"""The predictions table that `score` writes, `evaluate` reads and the MLflow model returns.
+
+One shape everywhere, with designer's column names: `Scored Labels` (the most probable class) and
+one `Scored Probabilities_<class>` column per class, in the model's class order. Torch-free, so
+`evaluate` and the CLI's argument parsing do not pay for importing it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SCORED_PARQUET = "scored.parquet"
+SCORED_CSV = "scored.csv"
+LABEL_COLUMN = "category"
+SCORED_LABELS = "Scored Labels"
+PROBABILITY_PREFIX = "Scored Probabilities_"
+ERROR_COLUMN = "error"
+# In `DataFrame.attrs`, which pandas keeps in the parquet file's metadata: the MLflow run that trained the model.
+TRAINING_RUN_ATTR = "train_pytorch_model.training_run_id"
+
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection); a leading `'`
+# itself is escaped too, so that reading the CSV back can strip exactly one.
+_ESCAPED_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def probability_column(label: str) -> str:
+    """The column holding the probability of class `label`."""
+    return f"{PROBABILITY_PREFIX}{label}"
+
+
+def classes_of(columns) -> list[str]:
+    """The class names of a table's probability columns, in column order."""
+    return [c[len(PROBABILITY_PREFIX):] for c in columns if str(c).startswith(PROBABILITY_PREFIX)]
+
+
+def csv_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy for CSV only: text cells that a spreadsheet would run as a formula get a leading `'`
+    (`unescape_csv` undoes it). Parquet keeps the true values."""
+    safe = table.copy()
+    for column in safe.columns:
+        if safe[column].dtype == object:
+            safe[column] = safe[column].map(_escape)
+    return safe
+
+
+def unescape_csv(table: pd.DataFrame) -> pd.DataFrame:
+    """The true values of a table read (as text) from a CSV written through `csv_safe`."""
+    return table.map(lambda v: v[1:] if isinstance(v, str) and v.startswith("'") else v)
+
+
+def _escape(value):
+    return "'" + value if isinstance(value, str) and value.startswith(_ESCAPED_STARTS) else value

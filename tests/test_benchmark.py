@@ -1,0 +1,101 @@
+"""The throughput suite of benchmarks/benchmark_training.py, on the CPU: its measurements run (in this process,
+on tiny generated data) and the script writes its JSON and Markdown. Nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "benchmark_training.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # Imported by name, so the generator's process pool can pickle its worker function.
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        return importlib.import_module("benchmark_training")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+@pytest.fixture
+def photos(bench, tmp_path):
+    train = bench.write_photos(tmp_path / "train", 20, 1, 0.002, 0.004)
+    bench.write_photos(tmp_path / "valid", 10, 2, 0.002, 0.004)
+    return tmp_path, train
+
+
+def test_generated_photos_have_the_recipe(bench, tmp_path):
+    info = bench.write_photos(tmp_path / "p", 12, 5, 0.01, 0.02)
+    from PIL import Image
+
+    sizes = [Image.open(tmp_path / "p" / name).size for name in info["files"]]
+    assert len(sizes) == 12 and all(10_000 * 0.9 <= w * h <= 20_000 * 1.01 for w, h in sizes)
+    assert bench.write_photos(tmp_path / "p", 12, 5, 0.01, 0.02)["files"] == info["files"]  # reused
+
+
+def test_ceiling_and_supply_measure_both_decode_paths(bench, photos):
+    root, _ = photos
+    common = {"image_size": 32, "device": "cpu", "batch_size": 4, "warmup_steps": 1, "steps": 2, "max_seconds": 5}
+    ceiling = bench.measure_ceiling({**common, "model": "resnet18", "timed_epochs": 1, "steps_per_epoch": 2})
+    assert ceiling["images_per_second"] > 0 and ceiling["timed_steps"] >= 1
+    for decode in ("cpu", "gpu"):
+        supply = bench.measure_supply({**common, "train_dir": str(root / "train"), "decode": decode, "workers": "0"})
+        assert supply["decode"] == decode and supply["images"] >= 8 and supply["images_per_second"] > 0
+
+
+def test_end_to_end_runs_train_and_counts_host_syncs(bench, photos, monkeypatch):
+    root, train = photos
+    import torch
+
+    item = torch.Tensor.item
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])  # the measurement sets its own
+    rows = bench.write_image_list(root / "lst", 6 * 4, train["files"], root / "train")
+    untrained = root / "untrained"
+    from train_pytorch_model.model_directory import (
+        ModelSpec,
+        write_untrained_model_directory,
+    )
+
+    write_untrained_model_directory(untrained, ModelSpec("resnet18"), None)
+    result = bench.measure_end_to_end({
+        "model": "resnet18", "image_size": 32, "device": "cpu", "batch_size": 4, "workers": "1",
+        "warmup_steps": 2, "steps": 4, "print_freq": 2, "max_seconds": 60, "decode": "cpu", "patience": 0,
+        "train_dir": str(rows), "valid_dir": str(root / "valid"), "untrained_model": str(untrained)})
+    assert result["timed_steps"] == 4 and not result["stopped_by_time"]
+    # The loop's syncs happen at print steps only (2 in the window): a per-step sync would give >= 4.
+    assert 0 < result["host_syncs"] <= 3 * 2, result
+    assert result["images_per_second"] > 0 and result["num_workers"] == 1
+    assert torch.Tensor.item is item  # the counting patch is undone
+
+
+def test_script_writes_json_and_markdown_and_lists_what_it_skipped(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--suite", "throughput", "--device", "cpu", "--quick",
+                           "--budget-seconds", "0", "--out", str(out)], check=False, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "throughput.json").read_text())
+    assert report["failed"] == [] and report["results"] == []
+    assert any(name.startswith("train resnet18 b4 imagenet") for name, _ in report["skipped"])
+    assert set(report["datasets"]) == {"imagenet", "photos"}
+    assert "| ceiling resnet18 b4 | skipped: budget" in (out / "throughput.md").read_text()
+
+
+def test_gpu_check_finds_the_python_and_refuses_without_a_gpu(tmp_path):
+    """On this CPU-only machine the script gets as far as looking for the GPU, then exits 2 saying why."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": path}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], check=False, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "torch 2." in done.stdout and "no CUDA device visible to torch" in done.stdout

@@ -1,0 +1,187 @@
+"""A trained model served by a real `mlflow models serve` process on 127.0.0.1: every request format."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow.models import Model
+
+from train_pytorch_model.cli import main
+from train_pytorch_model.pyfunc import _load_pyfunc
+
+from conftest import REPO, write_image_folder
+
+REQUESTS = REPO / "deploy" / "requests"
+CLASSES = ["cat", "dog", "fox"]
+START_TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("serving")
+    data = write_image_folder(root / "images", {name: 3 for name in CLASSES})
+    out = root / "trained"
+    assert main(["train", "--untrained-model", str(REPO / "examples" / "legacy_untrained_model" / "resnet18"),
+                 "--training-data", str(data), "--validation-data", str(data), "--trained-model", str(out),
+                 "--image-size", "32", "--epochs", "1", "--batch-size", "9", "--num-workers", "0",
+                 "--mlflow-tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]) == 0
+    # sweep.yml's primary metric is a per-epoch metric this training run really logged.
+    run_id = json.loads((out / "training_info.json").read_text())["training"]["mlflow_run_id"]
+    history = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "valid_top1")
+    assert [m.step for m in history] == [1]
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    """One server for the module: it takes seconds to start. The venv's bin goes first on PATH, where
+    MLflow looks for `uvicorn`."""
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(trained),
+                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"mlflow models serve exited: {Path(log.name).read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no /ping in {START_TIMEOUT_S}s: {Path(log.name).read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, 15)  # the server and its uvicorn worker
+        process.wait(timeout=30)
+        log.close()
+
+
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def images(trained) -> list[bytes]:
+    root = write_image_folder(trained.parent / "requests", {name: 1 for name in CLASSES}, seed=7)
+    return [next((root / name).iterdir()).read_bytes() for name in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def expected(trained, images) -> pd.DataFrame:
+    """The in-process answer for the same images: what the server must return."""
+    return mlflow.pyfunc.load_model(str(trained)).predict(pd.DataFrame({"image": images}))
+
+
+def b64(images: list[bytes]) -> list[str]:
+    return [base64.b64encode(image).decode() for image in images]
+
+
+def check_predictions(answer: dict, expected: pd.DataFrame) -> None:
+    predictions = pd.DataFrame(answer["predictions"])
+    assert list(predictions["Scored Labels"]) == list(expected["Scored Labels"])
+    columns = [f"Scored Probabilities_{c}" for c in CLASSES]
+    assert (predictions[columns] - expected[columns]).abs().to_numpy().max() < 1e-6
+
+
+def test_every_mlflow_request_format_is_answered(server, images, expected):
+    texts = b64(images)
+    bodies = {
+        "dataframe_split": {"dataframe_split": {"columns": ["image"], "data": [[t] for t in texts]}},
+        "dataframe_records": {"dataframe_records": [{"image": t} for t in texts]},
+        "inputs (columns)": {"inputs": {"image": texts}},
+        "inputs (list)": {"inputs": texts},
+        "instances": {"instances": [{"image": t} for t in texts]},
+    }
+    for name, body in bodies.items():
+        status, answer = post(server, body)
+        assert status == 200, (name, answer)
+        check_predictions(answer, expected)
+    status, answer = post(server, ("image\n" + "\n".join(texts) + "\n").encode(), "text/csv")
+    assert status == 200, answer
+    check_predictions(answer, expected)
+
+
+def test_azure_ml_input_data_and_the_sample_requests(server, trained):
+    """deploy/requests/: the MLflow bodies as they are; Azure ML's `input_data` is a split DataFrame, which
+    its MLflow server hands over as such: posted here as `dataframe_split`, and given to predict directly."""
+    model = mlflow.pyfunc.load_model(str(trained))
+    azure = json.loads((REQUESTS / "online-input-data.json").read_text())
+    image = base64.b64decode(azure["input_data"]["data"][0][0])
+    want = model.predict(pd.DataFrame({"image": [image]}))
+    for name in ("mlflow-dataframe-split.json", "mlflow-inputs.json"):
+        status, answer = post(server, json.loads((REQUESTS / name).read_text()))
+        assert status == 200, (name, answer)
+        assert [p["Scored Labels"] for p in answer["predictions"]] == list(want["Scored Labels"])
+    status, answer = post(server, {"dataframe_split": azure["input_data"]})
+    assert status == 200, answer
+    assert [p["Scored Labels"] for p in answer["predictions"]] == list(want["Scored Labels"])
+    assert list(_load_pyfunc(str(trained)).predict(azure)["Scored Labels"]) == list(want["Scored Labels"])
+
+
+def test_the_input_example_is_a_valid_serving_request(server, trained, expected):
+    serving_input = Model.load(str(trained)).get_serving_input(str(trained))
+    assert serving_input is not None
+    assert len(mlflow.models.validate_serving_input(str(trained), serving_input)) == 1
+    status, answer = post(server, json.loads(serving_input))
+    assert status == 200, answer
+    assert answer["predictions"][0]["Scored Labels"] in CLASSES
+
+
+def test_the_batch_scoring_script_scores_files_and_keeps_bad_ones(trained, images, expected, tmp_path, monkeypatch):
+    """deploy/batch/score_images.py as Azure ML runs it: init() once, run(mini_batch of file paths)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("score_images", REPO / "deploy" / "batch" / "score_images.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    files = []
+    for index, image in enumerate(images):
+        files.append(tmp_path / f"{index}.png")
+        files[-1].write_bytes(image)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(trained.parent))  # the model folder sits below it
+    script.init()
+    rows = script.run([str(f) for f in files] + [str(tmp_path / "bad.png")])
+    assert list(rows["file"]) == ["0.png", "1.png", "2.png", "bad.png"]
+    assert list(rows["Scored Labels"][:3]) == list(expected["Scored Labels"])
+    assert rows["error"][:3].eq("").all() and "is not a readable image" in rows["error"][3]
+
+
+def test_a_bad_image_is_a_400_that_names_the_row(server, images):
+    good, bad = b64(images[:1])[0], base64.b64encode(b"not an image at all").decode()
+    status, answer = post(server, {"dataframe_split": {"columns": ["image"], "data": [[good], [bad]]}})
+    assert status == 400
+    assert "InvalidDatasetError: Row 1: 'image' is not a readable image" in json.dumps(answer)
+    status, answer = post(server, {"inputs": {"image": ["%%% not base64"]}})
+    assert status == 400
+    assert "is not a readable image" in json.dumps(answer)
