@@ -262,11 +262,12 @@ def percent(value: float | None) -> str:
 
 def markdown(rows: list[dict], machine: str) -> str:
     lines = [f"Machine: {machine}; --num-workers 0. Time is rough (shared machine).", "",
-             "| case | recipe | seed | accuracy | epochs run (best) | time | threads |", "|---|---|---|---|---|---|---|"]
+             "| case | recipe | seed | accuracy | epochs run (best) | time | threads |", "|---" * 7 + "|"]
     for r in rows:
         accuracy = percent(r["accuracy"]) if r["error"] is None else f"error: {r['error']}"
         epochs = "-" if r["epochs_run"] is None else f"{r['epochs_run']} ({r['best_epoch']})"
-        lines.append(f"| {r['case']} | {r['recipe']} | {r['seed']} | {accuracy} | {epochs} | {r['seconds']} s | {r.get('threads', 2)} |")
+        lines.append(f"| {r['case']} | {r['recipe']} | {r['seed']} | {accuracy} | {epochs} | {r['seconds']} s "
+                     f"| {r.get('threads', 2)} |")
     lines += ["", "| case | recipe | runs | mean | min | target |", "|---|---|---|---|---|---|"]
     for s in summarize(rows):
         lines.append(f"| {s['case']} | {s['recipe']} | {s['runs']} | {percent(s['mean'])} | {percent(s['min'])} "
