@@ -317,3 +317,14 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_with_eta_in_logs(tmp_path, ma
     text = screen.decode(errors="replace")
     assert "epoch 1/1:" in text and ("step/s" in text or "s/step" in text)  # tqdm's bar
     assert "  epoch 1/1  step 1/2" not in text
+
+
+def test_decode_gpu_trains_end_to_end_through_the_cli(tmp_path, make_image_folder, resnet18_dir):
+    """`--decode gpu` on this CPU: the same code path (workers read bytes, decode_batch decodes on the device)."""
+    data = make_image_folder("data", {"a": 4, "b": 4}, suffix=".jpg")
+    out = tmp_path / "out"
+    assert main(["train", "--untrained-model", str(resnet18_dir), "--training-data", str(data),
+                 "--validation-data", str(data), "--trained-model", str(out), "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "4", "--num-workers", "1", "--decode", "gpu"]) == 0
+    assert json.loads((out / "training_info.json").read_text())["training"]["decode"] == "gpu"
+    assert len(read_metrics(out)) == 1

@@ -101,6 +101,8 @@ class TrainConfig:
     early_stopping_metric: str = _field("valid_loss", "what early stopping and the best epoch watch (default "
                                         "valid_loss)", choices=STOPPING_METRICS)
     early_stopping_min_epochs: int = _field(0, "never stop early before this many epochs (default 0)", type=int)
+    decode: str = _field("cpu", "cpu: decode in worker processes (PIL); gpu: JPEGs decoded by nvJPEG on the device, "
+                         "cropped and resized there (default cpu)", identity=False, choices=("cpu", "gpu"))
     cache_validation: bool = _field(False, "decode the validation images once and keep them in memory (bounded: "
                                     "a quarter of RAM, at most 16 GiB) (default false)", identity=False,
                                     type=_true_false, metavar="true|false", shown="false")

@@ -277,8 +277,12 @@ def build_model(untrained_model: Path, num_classes: int) -> tuple[Classifier, Mo
 
 def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, preprocessing: Preprocessing) -> Trainer:
     class_index = {name: i for i, name in enumerate(data.classes)}
-    train_set = build_dataset(data.train, class_index, preprocessing, train=True, seed=config.random_seed)
-    valid_set = build_dataset(data.valid, class_index, preprocessing, train=False, seed=config.random_seed)
+    if config.decode == "gpu":
+        from .gpu_decode import build_gpu_dataset as builder  # workers read bytes; decode_batch decodes on device
+    else:
+        builder = build_dataset
+    train_set = builder(data.train, class_index, preprocessing, train=True, seed=config.random_seed)
+    valid_set = builder(data.valid, class_index, preprocessing, train=False, seed=config.random_seed)
     common = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=config.num_workers, device=ctx.device,
                   local_world_size=ctx.local_world_size)
     train_loader = training_loader(train_set, batch_size=config.batch_size, seed=config.random_seed, **common)
