@@ -80,10 +80,11 @@ class TrainConfig:
     image_size: int | None = _field(None, "square side images are resized/cropped to (default auto: the "
                                     "architecture's, 224 for designer's DenseNet/ResNet)", type=auto_or_int,
                                     metavar="auto|N", shown="auto")
-    augmentation: str = _field("flip_crop", "training augmentation: random crop + horizontal flip, crop only, or "
-                               "none (default flip_crop)", choices=AUGMENTATIONS)
-    optimizer: str = _field("sgd", "sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the original's); adamw: "
-                            "weight decay 0.05", choices=OPTIMIZERS)
+    augmentation: str = _field("crop", "training augmentation: random resized crop, crop + horizontal flip, or "
+                               "none (default crop: a flip changes the class of digits, text, arrows)",
+                               choices=AUGMENTATIONS)
+    optimizer: str = _field("adamw", "adamw: weight decay 0.05 (default); sgd: momentum 0.9, Nesterov, weight decay "
+                            "1e-4 (the original's)", choices=OPTIMIZERS)
     warmup_epochs: int = _field(0, "epochs of linear learning-rate warm-up (default 0)", type=int)
     weight_decay: float | None = _field(None, "weight decay (default: 1e-4 for sgd, 0.05 for adamw)", type=float)
     label_smoothing: float = _field(0.0, "label smoothing of the training loss, 0 to 1 (default 0)", type=float)

@@ -69,7 +69,7 @@ class Batch:
     targets: torch.Tensor  # int64 N
     failures: list[tuple[int, str]]  # (row, reason) of rows left out of this batch
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.failures)
 
     def __len__(self) -> int:
@@ -265,7 +265,8 @@ class BadImageTracker:
                 continue
             self.bad[index] = reason
             if len(self.bad) <= self.MAX_NAMED:
-                log.warning("Skipping unreadable %s image '%s': %s", self.role.lower(), self.directory.files[index], reason)
+                log.warning("Skipping unreadable %s image '%s': %s",
+                            self.role.lower(), self.directory.files[index], reason)
             elif len(self.bad) == self.MAX_NAMED + 1:
                 log.warning("More unreadable %s images; only their count is reported from now on.", self.role.lower())
         if self.bad and len(self.bad) > self.max_fraction * len(self.directory):

@@ -31,9 +31,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TrainConfig
 from .data import BadImageTracker
-from .gpu_decode import GpuBatch, decode_batch
 from .distributed import Context
 from .errors import TrainingDivergedError
+from .gpu_decode import GpuBatch, decode_batch
 from .models import cpu_state_dict, head_of
 from .preprocessing import Preprocessing
 
