@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test benchmark clean
+.PHONY: venv demo test benchmark gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,14 @@ demo: venv
 	$(PY) -m train_pytorch_model.demo
 
 test: venv
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 benchmark: venv
 	$(PY) benchmarks/benchmark_training.py
 
+gpu-check: venv
+	bash benchmarks/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) demo_output benchmark_output mlflow.db mlruns
+	rm -rf $(VENV) demo_output benchmark_output mlflow.db mlruns out

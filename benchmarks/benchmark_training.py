@@ -391,10 +391,11 @@ def measure_decode(spec: dict) -> dict:
             key = f"decode{suffix.replace('.', '_')}"
             if count:  # per image of that format
                 timings[key] = min(timings.get(key, math.inf), seconds * len(rows) / count)
-        tensors = timed("resize_augment", lambda: [transform(image) for image in decoded])
+        tensors = timed("resize_augment", lambda decoded=decoded: [transform(image) for image in decoded])
         items = timed("dataset_item_total", lambda: [dataset[(i, 0)] for i in rows])
-        timed("collate", lambda: [collate(items[i:i + batch]) for i in range(0, len(items) - batch + 1, batch)])
-        timed("normalize", lambda: [prep.normalize(torch.stack(tensors[i:i + batch]))
+        timed("collate", lambda items=items: [collate(items[i:i + batch])
+                                              for i in range(0, len(items) - batch + 1, batch)])
+        timed("normalize", lambda tensors=tensors: [prep.normalize(torch.stack(tensors[i:i + batch]))
                                     for i in range(0, len(tensors) - batch + 1, batch)])
     result = {name: round(1000 * seconds / len(rows), 4) for name, seconds in timings.items()}
     return result | {"images": len(rows)}
@@ -755,7 +756,7 @@ def throughput_markdown(report: dict) -> str:
                      f"| {r.get('num_workers', r.get('workers', '-'))} | {r.get('gpu_peak_mib', '-')} |")
     for name, why in report["skipped"]:
         lines.append(f"| {name} | skipped: {why} | | | | | |")
-    for name, why in report["failed"]:
+    for name, _why in report["failed"]:
         lines.append(f"| {name} | **FAILED** (see logs/) | | | | | |")
     return "\n".join(lines) + "\n"
 
@@ -802,7 +803,8 @@ def markdown(report: dict) -> str:
         f"medians over {report['config']['repeats']} repeats.  ",
         f"Command: `{report['command']}`", "",
         "| image size | ceiling img/s | train (end-to-end) img/s | baseline img/s | train / ceiling | train / baseline "
-        "| data wait | workers / threads | valid img/s (ceiling) | train peak MiB (main / worker) | baseline peak MiB |",
+        "| data wait | workers / threads | valid img/s (ceiling) "
+        "| train peak MiB (main / worker) | baseline peak MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["sizes"]:

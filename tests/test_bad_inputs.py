@@ -17,10 +17,10 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -28,15 +28,13 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import SHARED_FIXTURES, run_cli, write_image_folder
 from train_pytorch_model.cli import main
 from train_pytorch_model.errors import InvalidModelDirectoryError
 from train_pytorch_model.image_directory import load_image_directory
-from train_pytorch_model.model_directory import (ModelSpec, read_trained_model_directory,
-                                                 write_legacy_trained_files)
+from train_pytorch_model.model_directory import ModelSpec, read_trained_model_directory, write_legacy_trained_files
 from train_pytorch_model.models import Classifier, build_net
 from train_pytorch_model.preprocessing import ImageDecodeError, Preprocessing, decode_image
-
-from conftest import SHARED_FIXTURES, run_cli, write_image_folder
 
 LEGACY = SHARED_FIXTURES / "legacy_image_directory"
 RESNET18 = SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"
@@ -194,7 +192,8 @@ _train = lambda name: (lambda w: w.train / name)
 
 
 META_CASES = [
-    case("meta-invalid-yaml", meta(write(_train("_meta.yaml"), "type: ImageDirectory\nimage_list: [images.lst\nschema: x\n")),
+    case("meta-invalid-yaml",
+         meta(write(_train("_meta.yaml"), "type: ImageDirectory\nimage_list: [images.lst\nschema: x\n")),
          "InvalidDatasetError", lambda w: ["_meta.yaml", "line 3"], "Fix or regenerate the file"),
     case("meta-python-tag", meta(write(_train("_meta.yaml"), "type: !!python/object/apply:os.system ['echo hi']\n")),
          "InvalidDatasetError", lambda w: ["_meta.yaml", "line 1", "python/object/apply"], "Fix or regenerate"),
@@ -208,7 +207,8 @@ META_CASES = [
          "InvalidDatasetError", lambda w: ["image_list", "'../x.lst'"], "relative file name inside the folder"),
     case("images-lst-missing", meta(lambda w: (w.train / "images.lst").unlink()), "InvalidDatasetError",
          lambda w: [str(w.train / "images.lst"), "missing"], "restore it"),
-    case("schema-invalid-json", meta(write(_train("_schema.json"), '{\n  "columnAttributes": [\n    {"name": }\n  ]\n}')),
+    case("schema-invalid-json",
+         meta(write(_train("_schema.json"), '{\n  "columnAttributes": [\n    {"name": }\n  ]\n}')),
          "InvalidDatasetError", lambda w: ["_schema.json", "line 3"], "Fix or regenerate"),
     case("schema-not-utf8", meta(write(_train("_schema.json"), b'{"columnAttributes": "\xff\xfe"}')),
          "InvalidDatasetError", lambda w: ["_schema.json", "UTF-8"], "save it as UTF-8"),
@@ -238,7 +238,8 @@ META_CASES = [
     case("images-lst-row-not-object", meta(lambda w: w.set_line(2, "[1, 2]")), "InvalidDatasetError",
          lambda w: ["images.lst", "line 2", "not a JSON object"], "Each line must be one JSON object"),
     case("integer-label", meta(lambda w: w.set_line(3, {"image_info": {"file_name": "image/0_2.jpg"}, "category": 1})),
-         "InvalidDatasetError", lambda w: ["images.lst line 3", "label 1"], "labels must be one of ['cat', 'dog', 'fox']"),
+         "InvalidDatasetError", lambda w: ["images.lst line 3", "label 1"],
+         "labels must be one of ['cat', 'dog', 'fox']"),
     case("label-not-a-category", meta(lambda w: w.set_line(4, {"image_info": {"file_name": "image/0_3.jpg"},
                                                                "category": "wolf"})),
          "InvalidDatasetError", lambda w: ["images.lst line 4", "'wolf'"], "not among the schema's categories"),
@@ -250,7 +251,8 @@ META_CASES = [
     case("row-dotdot-path", meta(lambda w: w.set_line(8, {"image_info": {"file_name": "../meta_valid/image/0_0.jpg"},
                                                           "category": "dog"})),
          "InvalidDatasetError", lambda w: ["images.lst line 8", "'../meta_valid/image/0_0.jpg'"], "must be relative"),
-    case("row-absolute-path", meta(lambda w: w.set_line(9, {"image_info": {"file_name": "/etc/passwd"}, "category": "dog"})),
+    case("row-absolute-path",
+         meta(lambda w: w.set_line(9, {"image_info": {"file_name": "/etc/passwd"}, "category": "dog"})),
          "InvalidDatasetError", lambda w: ["images.lst line 9", "'/etc/passwd'"], "stay inside it"),
     case("row-url-path", meta(lambda w: w.set_line(10, {"image_info": {"file_name": "https://example.com/a.jpg"},
                                                         "category": "dog"})),
@@ -302,19 +304,23 @@ DATA_CASES = [
          lambda w: [str(w.valid)], "<class>/<image> folders"),
     case("no-image-files", _only_text_files, "InvalidDatasetError", lambda w: [str(w.train), "no image rows"],
          "extensions"),
-    case("empty-after-filtering", meta(_all_unlabeled), "InvalidDatasetError", lambda w: [str(w.train), "no image rows"],
-         "convert"),
+    case("empty-after-filtering", meta(_all_unlabeled), "InvalidDatasetError",
+         lambda w: [str(w.train), "no image rows"], "convert"),
 ]
 
 # --- parameters ------------------------------------------------------------------------------------------------
 
 PARAMETER_CASES = [
-    case("epochs-zero", params(**{"--epochs": "0"}), "InvalidParameterError", lambda w: ['"Epochs"', "value 0"], ">= 1"),
-    case("epochs-negative", params(**{"--epochs": "-3"}), "InvalidParameterError", lambda w: ['"Epochs"', "-3"], ">= 1"),
+    case("epochs-zero", params(**{"--epochs": "0"}), "InvalidParameterError",
+         lambda w: ['"Epochs"', "value 0"], ">= 1"),
+    case("epochs-negative", params(**{"--epochs": "-3"}), "InvalidParameterError",
+         lambda w: ['"Epochs"', "-3"], ">= 1"),
     case("epochs-nan", params(**{"--epochs": "nan"}), "UsageError", lambda w: ["--epochs", "'nan'"], "--help",
          exit_code=2, subprocess=True),
-    case("epochs-inf", params(**{"--epochs": "inf"}), "UsageError", lambda w: ["--epochs", "'inf'"], "--help", exit_code=2),
-    case("batch-size-zero", params(**{"--batch-size": "0"}), "InvalidParameterError", lambda w: ['"Batch size"', "0"], ">= 1"),
+    case("epochs-inf", params(**{"--epochs": "inf"}), "UsageError", lambda w: ["--epochs", "'inf'"], "--help",
+         exit_code=2),
+    case("batch-size-zero", params(**{"--batch-size": "0"}), "InvalidParameterError",
+         lambda w: ['"Batch size"', "0"], ">= 1"),
     case("batch-size-negative", params(**{"--batch-size": "-4"}), "InvalidParameterError", lambda w: ["-4"], ">= 1"),
     case("batch-size-fraction", params(**{"--batch-size": "2.5"}), "UsageError", lambda w: ["--batch-size", "'2.5'"],
          "--help", exit_code=2),
@@ -409,10 +415,12 @@ MODEL_CASES = [
     case("weights-of-another-architecture", _weights_of("densenet121"), "InvalidModelDirectoryError",
          lambda w: [str(w.model / "model"), "resnet18"], "Was it saved from another model?"),
     case("weights-with-a-reshaped-layer", _reshaped_weights, "InvalidModelDirectoryError",
-         lambda w: [str(w.model / "model"), "model.layer2.0.downsample.0.weight (127, 64, 1, 1) instead of (128, 64, 1, 1)"],
+         lambda w: [str(w.model / "model"),
+                    "model.layer2.0.downsample.0.weight (127, 64, 1, 1) instead of (128, 64, 1, 1)"],
          "Re-create the untrained model directory with init-model"),
     case("weights-not-a-state-dict", lambda w: torch.save([torch.zeros(3)], w.model / "model"),
-         "InvalidModelDirectoryError", lambda w: [str(w.model / "model"), "not a PyTorch state dict"], "torch.save(model.state_dict()"),
+         "InvalidModelDirectoryError", lambda w: [str(w.model / "model"), "not a PyTorch state dict"],
+         "torch.save(model.state_dict()"),
     case("weights-garbage", write(lambda w: w.model / "model", b"\x00garbage" * 10), "InvalidModelDirectoryError",
          lambda w: [str(w.model / "model"), "Unsupported operand"], "re-create the directory with init-model"),
     case("pretrained-without-weights", _no_cached_weights, "PretrainedWeightsNotFoundError",
@@ -453,7 +461,8 @@ IMAGE_CASES = [
          "--max-bad-image-fraction", trains=True),
     case("image-not-an-image", _break_image(b"<html>not found</html>"), "InvalidDatasetError",
          lambda w: ["'a/1.png'", "UnidentifiedImageError"], "Remove or replace", trains=True),
-    case("image-decompression-bomb", _break_image(_bomb), "InvalidDatasetError", lambda w: ["'a/1.png'", "DecompressionBomb"],
+    case("image-decompression-bomb", _break_image(_bomb), "InvalidDatasetError",
+         lambda w: ["'a/1.png'", "DecompressionBomb"],
          "Remove or replace", trains=True),
     case("every-image-corrupt", _all_corrupt, "InvalidDatasetError", lambda w: [str(w.train), "png' (OSError"],
          "Remove or replace", trains=True),
@@ -680,7 +689,8 @@ def _trained_dir(tmp_path: Path, classes: list[str]) -> Path:
 
 def test_trained_model_with_another_class_count_is_refused(tmp_path):
     out = _trained_dir(tmp_path, ["a", "b", "c"])  # 3 names, 2 outputs
-    with pytest.raises(InvalidModelDirectoryError, match=r"lists 3 classes but its weights have 2 outputs.*train again"):
+    with pytest.raises(InvalidModelDirectoryError,
+                       match=r"lists 3 classes but its weights have 2 outputs.*train again"):
         read_trained_model_directory(out)
 
 

@@ -7,10 +7,10 @@ import argparse
 import copy
 import keyword
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from azure.ai.ml import Input, dsl, load_component, load_job
 from azure.ai.ml.entities._job.distribution import PyTorchDistribution
@@ -269,7 +269,8 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     inputs.update(image_size="64", num_workers="2", registered_model_name="my-model", optimizer="sgd",
                   augmentation="crop", warmup_epochs="1", label_smoothing="0.1", precision="auto",
                   cache_validation="True", image_column="path", label_column="y")  # booleans: True/False
-    argv = bind_command(spec["command"], inputs, {"trained_model": str(tmp_path / "out"), "checkpoints": str(tmp_path / "ckpt")})
+    argv = bind_command(spec["command"], inputs,
+                        {"trained_model": str(tmp_path / "out"), "checkpoints": str(tmp_path / "ckpt")})
     assert argv[:4] == ["python", "-m", "train_pytorch_model", "train"]
     assert {word for word in argv if word.startswith("--")} == ALLOWED_FLAGS
 

@@ -59,7 +59,8 @@ def test_the_readme_parameter_table_states_the_config_defaults():
 
 def test_identity_leaves_out_what_does_not_change_the_weights():
     identity = parse().identity()
-    assert {"epochs", "batch_size", "learning_rate", "random_seed", "patience", "image_size", "optimizer"} <= set(identity)
+    assert {"epochs", "batch_size", "learning_rate", "random_seed", "patience", "image_size",
+            "optimizer"} <= set(identity)
     assert not {"trained_model", "num_workers", "print_freq", "mlflow_tracking_uri", "checkpoint_dir"} & set(identity)
     assert parse("--num-workers", "3").identity() == identity
 
@@ -74,10 +75,19 @@ def test_config_is_frozen_and_records_as_json_ready_dict():
 
 @pytest.mark.parametrize("flags, name", [
     (("--epochs", "0"), "Epochs"), (("--batch-size", "0"), "Batch size"), (("--learning-rate", "nan"), "Learning rate"),
-    (("--learning-rate", "-1"), "Learning rate"), (("--patience", "-1"), "Patience"), (("--image-size", "16"), "Image size"),
+    (("--learning-rate", "-1"), "Learning rate"), (("--patience", "-1"), "Patience"),
+    (("--image-size", "16"), "Image size"),
     (("--warmup-epochs", "5"), "Warmup epochs"), (("--random-seed", str(10**23)), "Random seed"),
     (("--device", "foo;rm"), "Device"), (("--max-bad-image-fraction", "2"), "Max bad image fraction"),
 ])
 def test_invalid_values_are_named_parameter_errors(flags, name):
     with pytest.raises(InvalidParameterError, match=f'"{name}"'):
         parse(*flags)
+
+
+def test_the_choices_are_the_trainers():
+    from train_pytorch_model import preprocessing, train
+    from train_pytorch_model.config import AUGMENTATIONS, OPTIMIZERS
+
+    assert AUGMENTATIONS == preprocessing.AUGMENTATIONS  # config.py stays torch-free, so it names them again
+    assert set(OPTIMIZERS) == set(train.DEFAULT_WEIGHT_DECAY)

@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from azure.ai.ml import (load_batch_deployment, load_batch_endpoint, load_component, load_job, load_online_deployment,
-                         load_online_endpoint)
+from azure.ai.ml import (
+    load_batch_deployment,
+    load_batch_endpoint,
+    load_component,
+    load_job,
+    load_online_deployment,
+    load_online_endpoint,
+)
 from azure.ai.ml.entities import ManagedOnlineDeployment
 
 from conftest import REPO

@@ -11,12 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import REPO, write_image_folder
 from train_pytorch_model.cli import main
 from train_pytorch_model.model_directory import read_trained_model_directory
-from train_pytorch_model.pyfunc import _load_pyfunc
 from train_pytorch_model.preprocessing import decode_image
-
-from conftest import REPO, write_image_folder
+from train_pytorch_model.pyfunc import _load_pyfunc
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -95,10 +94,9 @@ def test_export_component_validates_and_its_command_parses(tmp_path):
     import yaml
     from azure.ai.ml import load_component
 
+    from test_component import lint_component
     from train_pytorch_model import export
     from train_pytorch_model.component_runner import bind_command
-
-    from test_component import lint_component
 
     component = load_component(REPO / "components" / "export.yaml")
     result = component._validate()

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED_FIXTURES, write_image_folder
 from train_pytorch_model import data as data_module
 from train_pytorch_model.cli import main
 from train_pytorch_model.errors import InvalidModelDirectoryError
 from train_pytorch_model.model_directory import read_trained_model_directory
 from train_pytorch_model.models import Classifier
-
-from conftest import SHARED_FIXTURES, write_image_folder
 
 RESNET18 = SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"
 
@@ -47,7 +46,8 @@ KILL_HELPER = textwrap.dedent(r"""
     train_dir = load_image_directory(train_path, "Training")
     model = Classifier(build_net("resnet18", 2))
     history = [EpochMetrics(1, 0.001, 0.7, 0.5, 10.0, 0.69, 0.5, None, 0.1, 1.0)]
-    summary = {"best_epoch": 1, "epochs_run": 1, "best_valid_loss": 0.69, "best_valid_top1": 0.5, "stopped_early": False}
+    summary = {"best_epoch": 1, "epochs_run": 1, "best_valid_loss": 0.69, "best_valid_top1": 0.5,
+               "stopped_early": False}
 
     def write(out):
         if mode == "mounted":  # like an Azure ML output mount: the parent folder is not writable
@@ -185,7 +185,8 @@ def _train_argv(tmp_path: Path, *extra: str) -> list[str]:
     train = write_image_folder(tmp_path / "train", {"a": 4, "b": 4})
     valid = write_image_folder(tmp_path / "valid", {"a": 2, "b": 2}, seed=1)
     return ["train", "--untrained-model", str(RESNET18), "--training-data", str(train), "--validation-data", str(valid),
-            "--trained-model", str(tmp_path / "out"), "--epochs", "1", "--image-size", "32", "--batch-size", "4", *extra]
+            "--trained-model", str(tmp_path / "out"), "--epochs", "1", "--image-size", "32", "--batch-size", "4",
+            *extra]
 
 
 @pytest.mark.parametrize("death", ["exit", "sigkill"])

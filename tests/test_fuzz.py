@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import SHARED_FIXTURES
 from train_pytorch_model.data import ImageDataset
 from train_pytorch_model.errors import TrainPyTorchModelError
 from train_pytorch_model.image_directory import ImageDirectory, load_image_directory
@@ -29,8 +30,6 @@ from train_pytorch_model.legacy_format import safe_join
 from train_pytorch_model.model_directory import read_model_spec, read_untrained_model_directory
 from train_pytorch_model.models import Classifier, build_net
 from train_pytorch_model.preprocessing import ImageDecodeError, Preprocessing, decode_image
-
-from conftest import SHARED_FIXTURES
 
 # Pillow warns about the corrupt files these tests make on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -102,7 +102,8 @@ def test_device_path_matches_cpu_path(folder, train):
     for image, row in zip(images, batch.rows):
         name = folder.files[row].rsplit("/", 1)[-1]
         expected = cpu[(row, 3)][0]
-        limit = 0.0 if name in ("cmyk.jpg", "lossless.png") else 1.5
+        # the CPU path decodes JPEG drafts (1/2, 1/4 scale)
+        limit = 0.0 if name in ("cmyk.jpg", "lossless.png") else 5.0
         diff = (image.float() - expected.float()).abs().mean().item()
         if not train:  # the CPU path decoding at full scale (no draft): the same pixels
             whole = ImageDataset(cpu.directory, cpu.targets, cpu.transform, None, cpu.seed)[row][0]

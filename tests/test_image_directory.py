@@ -169,7 +169,7 @@ def test_all_image_kinds_decode_to_rgb(tmp_path):
         "palette.gif": Image.fromarray(rgb).convert("P"), "alpha.png": Image.fromarray(rgb).convert("RGBA"),
         "pic.bmp": Image.fromarray(rgb), "pic.webp": Image.fromarray(rgb), "pic.tiff": Image.fromarray(rgb),
         "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
-        "deep.png": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        "deep.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
     }
     for name, image in images.items():
         image.save(tmp_path / name)

@@ -9,10 +9,14 @@ import pytest
 import torch
 import yaml
 
-from train_pytorch_model.errors import (InvalidModelDirectoryError, OutputDirectoryError,
-                                        PretrainedWeightsNotFoundError)
-from train_pytorch_model.model_directory import (ModelSpec, read_model_spec, read_untrained_model_directory,
-                                                 staged_output, write_untrained_model_directory)
+from train_pytorch_model.errors import InvalidModelDirectoryError, OutputDirectoryError, PretrainedWeightsNotFoundError
+from train_pytorch_model.model_directory import (
+    ModelSpec,
+    read_model_spec,
+    read_untrained_model_directory,
+    staged_output,
+    write_untrained_model_directory,
+)
 from train_pytorch_model.models import Classifier, build_net, imagenet_weights_file
 
 

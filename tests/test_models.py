@@ -9,10 +9,23 @@ import torch
 import torchvision
 
 from train_pytorch_model.errors import InvalidModelDirectoryError
-from train_pytorch_model.models import (DESIGNER_MODEL_NAMES, FAMILIES, MODEL_NAMES, Classifier, adapt_to_classes,
-                                        build_net, check_model_name, cpu_state_dict, family_of, head_of,
-                                        imagenet_weights_file, is_designer_model, load_legacy_state,
-                                        load_weights_file, preprocessing_defaults)
+from train_pytorch_model.models import (
+    DESIGNER_MODEL_NAMES,
+    FAMILIES,
+    MODEL_NAMES,
+    Classifier,
+    adapt_to_classes,
+    build_net,
+    check_model_name,
+    cpu_state_dict,
+    family_of,
+    head_of,
+    imagenet_weights_file,
+    is_designer_model,
+    load_legacy_state,
+    load_weights_file,
+    preprocessing_defaults,
+)
 
 
 def test_all_thirteen_designer_models_map_to_torchvision():

@@ -17,8 +17,14 @@ from pathlib import Path
 import pytest
 
 from train_pytorch_model.errors import OutputDirectoryError
-from train_pytorch_model.model_directory import (ModelSpec, check_output_folder, finished_output, release_output,
-                                                 staged_output, write_legacy_trained_files)
+from train_pytorch_model.model_directory import (
+    ModelSpec,
+    check_output_folder,
+    finished_output,
+    release_output,
+    staged_output,
+    write_legacy_trained_files,
+)
 from train_pytorch_model.models import Classifier, build_net
 from train_pytorch_model.preprocessing import Preprocessing
 

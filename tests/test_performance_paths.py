@@ -20,14 +20,13 @@ from PIL import Image
 from torch import nn
 
 from train_pytorch_model.cli import main
-from train_pytorch_model.data import (Batch, build_dataset, collate, cpus_per_process, default_num_workers,
-                                      make_loader)
+from train_pytorch_model.config import TrainConfig, add_arguments
+from train_pytorch_model.data import Batch, build_dataset, collate, cpus_per_process, default_num_workers, make_loader
 from train_pytorch_model.distributed import Context
 from train_pytorch_model.errors import InvalidParameterError
 from train_pytorch_model.image_directory import load_image_directory
 from train_pytorch_model.models import Classifier
 from train_pytorch_model.preprocessing import Preprocessing, decode_image
-from train_pytorch_model.config import TrainConfig, add_arguments
 from train_pytorch_model.train import Trainer, autocast, can_compile, make_scaler
 from train_pytorch_model.train_command import resolve, resolve_precision
 

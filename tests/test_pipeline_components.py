@@ -16,12 +16,11 @@ import yaml
 from azure.ai.ml import load_component, load_job
 
 import train_pytorch_model
+from test_component import lint_component
 from train_pytorch_model import convert, evaluate, init_model, score
 from train_pytorch_model.cli import main
 from train_pytorch_model.component_runner import bind_command
 from train_pytorch_model.models import MODEL_NAMES
-
-from test_component import lint_component
 
 REPO = Path(__file__).resolve().parents[1]
 COMPONENTS = REPO / "components"

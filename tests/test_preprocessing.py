@@ -13,8 +13,14 @@ import pytest
 from PIL import Image
 
 from train_pytorch_model.errors import InvalidModelDirectoryError, InvalidPreprocessingError
-from train_pytorch_model.preprocessing import (MAX_RESIZE_ASPECT, ImageDecodeError, Preprocessing, _BoundedResize,
-                                               decode_image, probe_image)
+from train_pytorch_model.preprocessing import (
+    MAX_RESIZE_ASPECT,
+    ImageDecodeError,
+    Preprocessing,
+    _BoundedResize,
+    decode_image,
+    probe_image,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

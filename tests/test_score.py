@@ -10,12 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import SHARED_FIXTURES, write_image_folder
 from train_pytorch_model.cli import main
 from train_pytorch_model.image_directory import load_image_directory
 from train_pytorch_model.model_directory import read_trained_model_directory
 from train_pytorch_model.score import score_directory
-
-from conftest import SHARED_FIXTURES, write_image_folder
 
 LEGACY_IMAGES = SHARED_FIXTURES / "legacy_image_directory"
 CLASSES = ["cat", "dog", "fox"]

@@ -22,16 +22,20 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import SHARED_FIXTURES, run_cli, write_image_folder
 from train_pytorch_model.cli import main
 from train_pytorch_model.data import build_dataset
 from train_pytorch_model.errors import InvalidDatasetError, InvalidModelDirectoryError
 from train_pytorch_model.image_directory import load_image_directory
-from train_pytorch_model.model_directory import (ModelSpec, read_model_spec, read_trained_model_directory,
-                                                 read_untrained_model_directory, write_legacy_trained_files)
+from train_pytorch_model.model_directory import (
+    ModelSpec,
+    read_model_spec,
+    read_trained_model_directory,
+    read_untrained_model_directory,
+    write_legacy_trained_files,
+)
 from train_pytorch_model.models import Classifier, build_net
 from train_pytorch_model.preprocessing import Preprocessing
-
-from conftest import SHARED_FIXTURES, run_cli, write_image_folder
 
 RESNET18 = SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"
 FAST = ["--epochs", "1", "--image-size", "32", "--batch-size", "4", "--num-workers", "0"]
@@ -75,7 +79,8 @@ def test_probe_module_really_creates_its_marker(probe_module):
 
 @pytest.mark.parametrize("module, cls", [
     ("PROBE", "ResNet"), ("PROBE", "DenseNet"), ("PROBE.sub", "ResNet"), ("os", "system"), ("subprocess", "Popen"),
-    ("builtins", "eval"), ("azureml.designer.modules.dl.pytorch.initialize_models.vision.classification.resnet", "PROBE"),
+    ("builtins", "eval"),
+    ("azureml.designer.modules.dl.pytorch.initialize_models.vision.classification.resnet", "PROBE"),
 ])
 def test_model_spec_module_and_class_are_never_imported(tmp_path, probe_module, capsys, module, cls):
     name, marker = probe_module

@@ -18,10 +18,9 @@ import pandas as pd
 import pytest
 from mlflow.models import Model
 
+from conftest import REPO, write_image_folder
 from train_pytorch_model.cli import main
 from train_pytorch_model.pyfunc import _load_pyfunc
-
-from conftest import REPO, write_image_folder
 
 REQUESTS = REPO / "deploy" / "requests"
 CLASSES = ["cat", "dog", "fox"]

@@ -46,7 +46,8 @@ def test_cli_trains_resnet18_on_the_legacy_fixtures(cli, tmp_path, legacy_image_
     assert (out / "index_to_label.csv").read_text() == ",label\n0,cat\n1,dog\n2,fox\n"
     assert len(json.loads((out / "_samples.json").read_text())) == 3
     # The original's scorer rebuilds the net from init_params and loads `model` strictly: that must work.
-    import torchvision, yaml
+    import torchvision
+    import yaml
     init_params = yaml.safe_load((out / "model_spec.yaml").read_text())["flavor_extras"]["init_params"]
     assert init_params == {"model_name": "resnet18", "pretrained": False, "zero_init_residual": False, "num_classes": 3}
     legacy = torch.nn.Module()
@@ -140,7 +141,7 @@ def test_validation_labels_are_matched_by_name_not_by_id(tmp_path, legacy_image_
     assert valid_dir.categories == ["cat", "fox"]  # its own ids differ from training's cat=0, dog=1, fox=2
     index = {name: i for i, name in enumerate(train_dir.categories)}
     targets = class_targets(valid_dir, index)
-    assert [train_dir.categories[t] for t in targets] == [valid_dir.categories[l] for l in valid_dir.labels]
+    assert [train_dir.categories[t] for t in targets] == [valid_dir.categories[label] for label in valid_dir.labels]
     assert targets == array("l", [0, 2])
 
 
@@ -317,3 +318,14 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_with_eta_in_logs(tmp_path, ma
     text = screen.decode(errors="replace")
     assert "epoch 1/1:" in text and ("step/s" in text or "s/step" in text)  # tqdm's bar
     assert "  epoch 1/1  step 1/2" not in text
+
+
+def test_decode_gpu_trains_end_to_end_through_the_cli(tmp_path, make_image_folder, resnet18_dir):
+    """`--decode gpu` on this CPU: the same code path (workers read bytes, decode_batch decodes on the device)."""
+    data = make_image_folder("data", {"a": 4, "b": 4}, suffix=".jpg")
+    out = tmp_path / "out"
+    assert main(["train", "--untrained-model", str(resnet18_dir), "--training-data", str(data),
+                 "--validation-data", str(data), "--trained-model", str(out), "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "4", "--num-workers", "1", "--decode", "gpu"]) == 0
+    assert json.loads((out / "training_info.json").read_text())["training"]["decode"] == "gpu"
+    assert len(read_metrics(out)) == 1

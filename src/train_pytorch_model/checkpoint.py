@@ -37,8 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import (CheckpointMismatchError, OutputDirectoryError, TrainingInterruptedError, TrainPyTorchModelError,
-                     quote)
+from .errors import (
+    CheckpointMismatchError,
+    OutputDirectoryError,
+    TrainingInterruptedError,
+    TrainPyTorchModelError,
+    quote,
+)
 from .image_directory import ImageDirectory
 from .models import cpu_state_dict
 from .train import EpochMetrics, TrainingState, cpu_copy
@@ -193,7 +198,8 @@ def read(directory: Path) -> dict | None:
     try:  # now, so a folder that cannot be written fails before the first epoch, not after it
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputDirectoryError(f"Checkpoint folder '{directory}' cannot be created: {exc.strerror or exc}.") from None
+        raise OutputDirectoryError(
+            f"Checkpoint folder '{directory}' cannot be created: {exc.strerror or exc}.") from None
     for leftover in directory.glob(f".{CHECKPOINT_FILE}.tmp-*"):  # a save cut short by a kill
         leftover.unlink(missing_ok=True)
     path = directory / CHECKPOINT_FILE

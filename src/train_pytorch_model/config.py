@@ -80,10 +80,11 @@ class TrainConfig:
     image_size: int | None = _field(None, "square side images are resized/cropped to (default auto: the "
                                     "architecture's, 224 for designer's DenseNet/ResNet)", type=auto_or_int,
                                     metavar="auto|N", shown="auto")
-    augmentation: str = _field("flip_crop", "training augmentation: random crop + horizontal flip, crop only, or "
-                               "none (default flip_crop)", choices=AUGMENTATIONS)
-    optimizer: str = _field("sgd", "sgd: momentum 0.9, Nesterov, weight decay 1e-4 (the original's); adamw: "
-                            "weight decay 0.05", choices=OPTIMIZERS)
+    augmentation: str = _field("crop", "training augmentation: random resized crop, crop + horizontal flip, or "
+                               "none (default crop: a flip changes the class of digits, text, arrows)",
+                               choices=AUGMENTATIONS)
+    optimizer: str = _field("adamw", "adamw: weight decay 0.05 (default); sgd: momentum 0.9, Nesterov, weight decay "
+                            "1e-4 (the original's)", choices=OPTIMIZERS)
     warmup_epochs: int = _field(0, "epochs of linear learning-rate warm-up (default 0)", type=int)
     weight_decay: float | None = _field(None, "weight decay (default: 1e-4 for sgd, 0.05 for adamw)", type=float)
     label_smoothing: float = _field(0.0, "label smoothing of the training loss, 0 to 1 (default 0)", type=float)
@@ -101,6 +102,8 @@ class TrainConfig:
     early_stopping_metric: str = _field("valid_loss", "what early stopping and the best epoch watch (default "
                                         "valid_loss)", choices=STOPPING_METRICS)
     early_stopping_min_epochs: int = _field(0, "never stop early before this many epochs (default 0)", type=int)
+    decode: str = _field("cpu", "cpu: decode in worker processes (PIL); gpu: JPEGs decoded by nvJPEG on the device, "
+                         "cropped and resized there (default cpu)", identity=False, choices=("cpu", "gpu"))
     cache_validation: bool = _field(False, "decode the validation images once and keep them in memory (bounded: "
                                     "a quarter of RAM, at most 16 GiB) (default false)", identity=False,
                                     type=_true_false, metavar="true|false", shown="false")

@@ -37,12 +37,33 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import (DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, InvalidParameterError,
-                     OutputDirectoryError, quote)
-from .image_directory import (IMAGE_SUFFIXES, default_schema, find_coco_file, is_image_name, label_image_folder,
-                              load_image_directory, walk_files)
-from .legacy_format import (META_FILE, dump_json, dump_json_line, dump_yaml, is_hidden, resolves_inside, safe_join,
-                            write_text)
+from .errors import (
+    DirectoryEmptyError,
+    DirectoryNotFoundError,
+    InvalidDatasetError,
+    InvalidParameterError,
+    OutputDirectoryError,
+    quote,
+)
+from .image_directory import (
+    IMAGE_SUFFIXES,
+    default_schema,
+    find_coco_file,
+    is_image_name,
+    label_image_folder,
+    load_image_directory,
+    walk_files,
+)
+from .legacy_format import (
+    META_FILE,
+    dump_json,
+    dump_json_line,
+    dump_yaml,
+    is_hidden,
+    resolves_inside,
+    safe_join,
+    write_text,
+)
 from .model_directory import staged_output, training_samples
 from .preprocessing import probe_image
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, find_table, write_mltable

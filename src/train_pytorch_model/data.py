@@ -26,6 +26,11 @@ from .preprocessing import ImageDecodeError, Preprocessing, decode_image
 log = logging.getLogger(__name__)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of row `index`'s augmentation in `epoch`: the same crops whatever the worker count or resume."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+
+
 class ImageDataset(Dataset):
     """Row i -> (uint8 CHW image or None, class index, i, error or None)."""
 
@@ -48,7 +53,7 @@ class ImageDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
                 # every accelerator backend, 0.1 ms per image.
-                torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
                 return self.transform(image), target, index, None
         except ImageDecodeError as exc:
             return None, target, index, str(exc)
@@ -64,7 +69,7 @@ class Batch:
     targets: torch.Tensor  # int64 N
     failures: list[tuple[int, str]]  # (row, reason) of rows left out of this batch
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.failures)
 
     def __len__(self) -> int:
@@ -175,7 +180,8 @@ def make_loader(dataset: ImageDataset, sampler: Sampler, *, batch_size: int, dro
     workers = num_workers > 0
     image_bytes = 3 * (dataset.size_hint or 224) ** 2
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate,
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+        collate_fn=getattr(dataset, "collate", collate),  # a dataset may bring its own (gpu_decode's)
         num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
         persistent_workers=workers, generator=generator,
         prefetch_factor=prefetch_factor(num_workers, batch_size * image_bytes, local_world_size) if workers else None,
@@ -259,7 +265,8 @@ class BadImageTracker:
                 continue
             self.bad[index] = reason
             if len(self.bad) <= self.MAX_NAMED:
-                log.warning("Skipping unreadable %s image '%s': %s", self.role.lower(), self.directory.files[index], reason)
+                log.warning("Skipping unreadable %s image '%s': %s",
+                            self.role.lower(), self.directory.files[index], reason)
             elif len(self.bad) == self.MAX_NAMED + 1:
                 log.warning("More unreadable %s images; only their count is reported from now on.", self.role.lower())
         if self.bad and len(self.bad) > self.max_fraction * len(self.directory):

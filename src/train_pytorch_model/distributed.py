@@ -40,7 +40,7 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    watch: "FailureWatch | None" = None
+    watch: FailureWatch | None = None
 
     @property
     def is_main(self) -> bool:

@@ -31,8 +31,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError, quote
-from .predictions import (ERROR_COLUMN, LABEL_COLUMN, PROBABILITY_PREFIX, SCORED_CSV, SCORED_LABELS, SCORED_PARQUET,
-                          TRAINING_RUN_ATTR, classes_of, probability_column, unescape_csv)
+from .predictions import (
+    ERROR_COLUMN,
+    LABEL_COLUMN,
+    PROBABILITY_PREFIX,
+    SCORED_CSV,
+    SCORED_LABELS,
+    SCORED_PARQUET,
+    TRAINING_RUN_ATTR,
+    classes_of,
+    probability_column,
+    unescape_csv,
+)
 
 if TYPE_CHECKING:  # numpy and pandas are imported where used: `evaluate --help` and usage errors stay instant
     import numpy as np

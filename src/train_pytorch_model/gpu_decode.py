@@ -27,11 +27,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .data import ImageDataset, build_dataset
+from .data import ImageDataset, build_dataset, sample_seed
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
 from .legacy_format import resolves_inside
-from .preprocessing import ImageDecodeError, Preprocessing, decode_image
+from .preprocessing import MAX_RESIZE_ASPECT, ImageDecodeError, Preprocessing, decode_image
 
 # A bigger file is refused before it is read (a 180-megapixel JPEG at quality 95 is ~60 MB).
 MAX_FILE_BYTES = 128 * 2**20
@@ -39,11 +39,6 @@ MAX_FILE_BYTES = 128 * 2**20
 # 12-megapixel photos would take 3 G (9 GB of uint8), so big photos are decoded in chunks of this many pixels.
 DECODE_PIXELS_PER_CHUNK = 256 * 2**20
 DEVICE_JPEG_MODES = ("RGB", "L")  # what nvJPEG decodes like PIL does; CMYK/YCCK and others go the CPU path
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The per-sample generator seed of data.ImageDataset (a test checks both paths crop alike)."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
 
 
 @dataclass(frozen=True)
@@ -112,6 +107,14 @@ class GpuDecodeDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.cpu)
+
+    @staticmethod
+    def collate(items) -> GpuBatch:  # data.make_loader's collate_fn for this dataset
+        return collate(items)
+
+    @property
+    def targets(self):
+        return self.cpu.targets
 
     @property
     def size_hint(self) -> int | None:  # data.make_loader sizes its prefetch from it
@@ -183,8 +186,10 @@ def collate(items) -> GpuBatch:
 
 def _crop_resize(image: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Oriented CHW uint8 -> the plan's size x size uint8, on the image's device."""
-    if plan.box is None:  # eval: the CPU path's Resize(shorter side) + CenterCrop
-        image = TF.resize(image, plan.resize_size, antialias=True)
+    if plan.box is None:  # eval: the CPU path's bounded Resize(shorter side) + CenterCrop, same rounding
+        height, width = image.shape[-2:]
+        scale = min(plan.resize_size / min(height, width), MAX_RESIZE_ASPECT * plan.resize_size / max(height, width))
+        image = TF.resize(image, [max(1, round(height * scale)), max(1, round(width * scale))], antialias=True)
         return TF.center_crop(image, [plan.size, plan.size])
     top, left, height, width = plan.box
     image = TF.resized_crop(image, top, left, height, width, [plan.size, plan.size], antialias=True)

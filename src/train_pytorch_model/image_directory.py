@@ -26,8 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError, quote
-from .legacy_format import (is_hidden, is_safe_relative, iter_json_lines, read_json, read_meta, resolves_inside,
-                            safe_join)
+from .legacy_format import (
+    is_hidden,
+    is_safe_relative,
+    iter_json_lines,
+    read_json,
+    read_meta,
+    resolves_inside,
+    safe_join,
+)
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, Columns, find_table, read_table
 
 log = logging.getLogger(__name__)

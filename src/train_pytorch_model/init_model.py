@@ -22,8 +22,17 @@ import torch
 
 from .errors import InvalidParameterError, PretrainedWeightsNotFoundError
 from .model_directory import ModelSpec, check_output_folder, release_output, write_untrained_model_directory
-from .models import (DESIGNER_MODEL_NAMES, IMAGENET_CLASSES, MODEL_NAMES, Classifier, build_net, cpu_state_dict,
-                     flag_name_of, load_legacy_state, load_weights_file)
+from .models import (
+    DESIGNER_MODEL_NAMES,
+    IMAGENET_CLASSES,
+    MODEL_NAMES,
+    Classifier,
+    build_net,
+    cpu_state_dict,
+    flag_name_of,
+    load_legacy_state,
+    load_weights_file,
+)
 from .weights import check_weights_url, pretrained_weights
 
 log = logging.getLogger(__name__)

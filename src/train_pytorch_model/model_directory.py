@@ -27,11 +27,23 @@ from pathlib import Path
 import torch
 
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, OutputDirectoryError, quote
-from .legacy_format import (META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside,
-                            write_text)
-from .models import (FAMILIES, MODEL_FAMILY, MODEL_NAMES, READERS_NOTE, TORCHVISION_FAMILY, Classifier,
-                     cpu_state_dict, family_of, find_cached_weights, flag_name_of, load_legacy_state,
-                     load_weights_file, preprocessing_defaults, pretrained_missing_error)
+from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside, write_text
+from .models import (
+    FAMILIES,
+    MODEL_FAMILY,
+    MODEL_NAMES,
+    READERS_NOTE,
+    TORCHVISION_FAMILY,
+    Classifier,
+    cpu_state_dict,
+    family_of,
+    find_cached_weights,
+    flag_name_of,
+    load_legacy_state,
+    load_weights_file,
+    preprocessing_defaults,
+    pretrained_missing_error,
+)
 from .preprocessing import AUGMENTATIONS, Preprocessing
 
 log = logging.getLogger(__name__)

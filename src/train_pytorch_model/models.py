@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import OrderedDict
 import os
 import re
 import stat
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch

@@ -176,7 +176,7 @@ class Preprocessing:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Preprocessing":
+    def from_dict(cls, data: dict) -> Preprocessing:
         known = {k: v for k, v in data.items() if k in ("image_size", "mean", "std", "crop_fraction", "augmentation")}
         known["mean"], known["std"] = tuple(known.get("mean", IMAGENET_MEAN)), tuple(known.get("std", IMAGENET_STD))
         return cls(**known)

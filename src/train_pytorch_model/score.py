@@ -47,8 +47,16 @@ from .errors import DirectoryNotFoundError, InvalidDatasetError, InvalidModelDir
 from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
 from .legacy_format import read_json
 from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory, staged_output
-from .predictions import (ERROR_COLUMN, LABEL_COLUMN, SCORED_CSV, SCORED_LABELS, SCORED_PARQUET, TRAINING_RUN_ATTR,
-                          csv_safe, probability_column)
+from .predictions import (
+    ERROR_COLUMN,
+    LABEL_COLUMN,
+    SCORED_CSV,
+    SCORED_LABELS,
+    SCORED_PARQUET,
+    TRAINING_RUN_ATTR,
+    csv_safe,
+    probability_column,
+)
 
 log = logging.getLogger(__name__)
 

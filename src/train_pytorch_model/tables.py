@@ -31,8 +31,18 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
 from .errors import InvalidDatasetError, quote
-from .legacy_format import (dump_json_line, dump_yaml, is_hidden, is_safe_relative, iter_json_lines, open_regular,
-                            parse_yaml, read_text, safe_join, write_text)
+from .legacy_format import (
+    dump_json_line,
+    dump_yaml,
+    is_hidden,
+    is_safe_relative,
+    iter_json_lines,
+    open_regular,
+    parse_yaml,
+    read_text,
+    safe_join,
+    write_text,
+)
 
 log = logging.getLogger(__name__)
 

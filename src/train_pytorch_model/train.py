@@ -30,9 +30,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TrainConfig
-from .data import BadImageTracker, Batch
+from .data import BadImageTracker
 from .distributed import Context
 from .errors import TrainingDivergedError
+from .gpu_decode import GpuBatch, decode_batch
 from .models import cpu_state_dict, head_of
 from .preprocessing import Preprocessing
 
@@ -254,11 +255,21 @@ class Trainer:
         self.recent = collections.deque()  # uint8 training batches kept for BatchNorm re-estimation
         self._next_epoch_batches = None  # (epoch, iterator) started before validation
 
-    def to_device(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch.images.to(self.ctx.device, non_blocking=True)
-        targets = batch.targets.to(self.ctx.device, non_blocking=True)
-        images = self.preprocessing.normalize(images).contiguous(memory_format=self.memory_format)
-        return images, targets
+    def load(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's uint8 images and targets on the device: copied (pinned, non-blocking), or decoded there
+        (`--decode gpu`: a GpuBatch; rows that fail to decode leave it, into `batch.failures`)."""
+        if isinstance(batch, GpuBatch):
+            images = decode_batch(batch, self.ctx.device)
+        else:
+            images = batch.images.to(self.ctx.device, non_blocking=True)
+        return images, batch.targets.to(self.ctx.device, non_blocking=True)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return self.preprocessing.normalize(images).contiguous(memory_format=self.memory_format)
+
+    def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = self.load(batch)
+        return self.normalize(images), targets
 
     def _batches(self, epoch: int):
         """This epoch's training batches; the iterator may already be running (started before validation)."""
@@ -276,10 +287,11 @@ class Trainer:
             self.train_loader.sampler.set_epoch(epoch)
             self._next_epoch_batches = (epoch, iter(self.train_loader))
 
-    def _keep_for_bn(self, batch: Batch) -> None:
+    def _keep_for_bn(self, pixels: torch.Tensor) -> None:
+        """The latest uint8 batches (at most BN_RECALIBRATION_IMAGES images), where they already are."""
         if not self.config.bn_recalibration:
             return
-        self.recent.append(batch.images)
+        self.recent.append(pixels)
         while sum(len(b) for b in self.recent) - len(self.recent[0]) >= BN_RECALIBRATION_IMAGES:
             self.recent.popleft()
 
@@ -295,19 +307,21 @@ class Trainer:
         self.recent.clear()
         for step, batch in enumerate(self._batches(epoch), start=1):
             wait += time.perf_counter() - tick
-            self.train_bad.record(batch.failures)
             # Single process: the stop flag is checked every step (a Python bool, no sync). DDP ranks agree on it
             # at print steps, together with divergence, so they all stop at the same step.
             if not ctx.distributed and stop_requested():
                 raise Interrupted(epoch)
+            pixels, targets = self.load(batch)
+            self.train_bad.record(batch.failures)
             # BatchNorm cannot train on one image, and only bad files make batches this small (drop_last): a
-            # step with no weight keeps DDP ranks in lockstep without a per-step agreement.
-            weight = 1.0 if len(batch) >= 2 else 0.0
+            # step with no weight keeps DDP ranks in lockstep without a per-step agreement. (len() of a device
+            # tensor is its shape: no sync.)
+            weight = 1.0 if len(targets) >= 2 else 0.0
             if weight == 0.0:
-                batch = Batch(torch.zeros(2, 3, config.image_size, config.image_size, dtype=torch.uint8),
-                              torch.zeros(2, dtype=torch.int64), [])
-            self._keep_for_bn(batch)
-            images, targets = self.to_device(batch)
+                pixels = torch.zeros(2, 3, config.image_size, config.image_size, dtype=torch.uint8, device=ctx.device)
+                targets = torch.zeros(2, dtype=torch.int64, device=ctx.device)
+            self._keep_for_bn(pixels)
+            images = self.normalize(pixels)
             mixed_images, mixed_targets = self.batch_mix(images, targets) if self.batch_mix else (images, targets)
             with autocast(ctx.device, config.precision):
                 logits = model(mixed_images)
@@ -363,10 +377,9 @@ class Trainer:
             m.momentum = None  # cumulative average
         was_training = model.training
         model.train()
-        for images in self.recent:
-            images = self.preprocessing.normalize(images.to(self.ctx.device, non_blocking=True))
+        for pixels in self.recent:
             with autocast(self.ctx.device, self.config.precision):
-                model(images.contiguous(memory_format=self.memory_format))
+                model(self.normalize(pixels))
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
         model.train(was_training)
@@ -383,10 +396,10 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # loss, top-1, top-5, images
         k = min(5, self.num_classes)
         for batch in self.valid_loader:
-            self.valid_bad.record(batch.failures)
-            if len(batch) == 0:
-                continue
             images, targets = self.to_device(batch)
+            self.valid_bad.record(batch.failures)
+            if len(targets) == 0:
+                continue
             with autocast(self.ctx.device, self.config.precision):
                 logits = model(images)
             logits = logits.float()

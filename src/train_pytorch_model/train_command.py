@@ -25,18 +25,50 @@ from . import checkpoint, distributed
 from .azureml_v1 import log_epoch_v1
 from .config import TrainConfig
 from .config import add_arguments as add_arguments
-from .data import (BadImageTracker, build_dataset, cpus_per_process, default_num_workers, evaluation_loader,
-                   training_loader)
-from .errors import (InvalidDatasetError, InvalidParameterError, ModuleOutOfMemoryError, TrainingDivergedError,
-                     TrainingFailedError, TrainingInterruptedError, TrainPyTorchModelError)
+from .data import (
+    BadImageTracker,
+    build_dataset,
+    cpus_per_process,
+    default_num_workers,
+    evaluation_loader,
+    training_loader,
+)
+from .errors import (
+    InvalidDatasetError,
+    InvalidParameterError,
+    ModuleOutOfMemoryError,
+    TrainingDivergedError,
+    TrainingFailedError,
+    TrainingInterruptedError,
+    TrainPyTorchModelError,
+)
 from .image_directory import ImageDirectory, load_image_directory, require_labeled
-from .model_directory import (INFO_FILE, ModelSpec, check_output_folder, finished_output, read_untrained_model_directory,
-                              release_output, staged_output, training_samples, write_legacy_trained_files)
+from .model_directory import (
+    INFO_FILE,
+    ModelSpec,
+    check_output_folder,
+    finished_output,
+    read_untrained_model_directory,
+    release_output,
+    staged_output,
+    training_samples,
+    write_legacy_trained_files,
+)
 from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
 from .preprocessing import Preprocessing
 from .tracking import Tracker, redact
-from .train import (EarlyStopping, EpochMetrics, Interrupted, Trainer, TrainingState, can_compile, make_ema,
-                    make_optimizer, make_scaler, make_scheduler)
+from .train import (
+    EarlyStopping,
+    EpochMetrics,
+    Interrupted,
+    Trainer,
+    TrainingState,
+    can_compile,
+    make_ema,
+    make_optimizer,
+    make_scaler,
+    make_scheduler,
+)
 
 log = logging.getLogger("train_pytorch_model")
 
@@ -277,8 +309,12 @@ def build_model(untrained_model: Path, num_classes: int) -> tuple[Classifier, Mo
 
 def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, preprocessing: Preprocessing) -> Trainer:
     class_index = {name: i for i, name in enumerate(data.classes)}
-    train_set = build_dataset(data.train, class_index, preprocessing, train=True, seed=config.random_seed)
-    valid_set = build_dataset(data.valid, class_index, preprocessing, train=False, seed=config.random_seed)
+    if config.decode == "gpu":
+        from .gpu_decode import build_gpu_dataset as builder  # workers read bytes; decode_batch decodes on device
+    else:
+        builder = build_dataset
+    train_set = builder(data.train, class_index, preprocessing, train=True, seed=config.random_seed)
+    valid_set = builder(data.valid, class_index, preprocessing, train=False, seed=config.random_seed)
     common = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=config.num_workers, device=ctx.device,
                   local_world_size=ctx.local_world_size)
     train_loader = training_loader(train_set, batch_size=config.batch_size, seed=config.random_seed, **common)
