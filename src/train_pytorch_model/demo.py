@@ -111,14 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         run_step(number, f"Convert the {name} folder to an ImageDirectory",
                  ["convert", "--input", str(out / "digits" / name), "--image-directory", d[f"{name}_images"]], env)
     run_step(4, "Create an untrained model directory",
-             ["init-model", "--model-name", args.model_name, "--untrained-model", d["untrained_model"]], env)
+             # From scratch, explicitly: the demo never reaches the network, whatever init-model defaults to.
+             ["init-model", "--model-name", args.model_name, "--pretrained", "false",
+              "--untrained-model", d["untrained_model"]], env)
     run_step(5, "Train", [
         "train", "--untrained-model", d["untrained_model"], "--training-data", d["train_images"],
         "--validation-data", d["valid_images"], "--trained-model", d["trained_model"],
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
-        "--optimizer", "adamw", "--image-size", str(args.image_size),
-        # Random crops, no flips: a mirrored digit is another symbol (or none).
-        "--augmentation", "crop", "--print-freq", str(args.print_freq),
+        # The default recipe (AdamW, random crops without flips, BatchNorm re-estimation: docs/recipe.md).
+        "--image-size", str(args.image_size), "--print-freq", str(args.print_freq),
     ], env)
     run_step(6, "Score the held-out test images",
              ["score", "--trained-model", d["trained_model"], "--image-directory", d["test_images"],
