@@ -183,7 +183,7 @@ PATH_CASES = [
                                      lambda w: w.args.update({"--trained-model": w.tmp / "f" / "out"})),
          "OutputDirectoryError", lambda w: [str(w.tmp / "f"), "is a file"], "cannot be created"),
     case("output-is-the-training-folder", lambda w: w.args.update({"--trained-model": w.train}),
-         "OutputDirectoryError", lambda w: [str(w.train), "not empty"], "new or empty folder"),
+         "OutputDirectoryError", lambda w: [str(w.train), "is the input"], "outside every input"),
 ]
 
 # --- _meta.yaml / _schema.json / images.lst --------------------------------------------------------------------
