@@ -79,6 +79,19 @@ def make_image_folder(tmp_path):
     return make
 
 
+def train_tiny_model(root: Path, classes=("cat", "dog", "fox")) -> Path:
+    """A trained model directory in seconds: resnet18, 32 px, 1 epoch on generated images, its own MLflow store."""
+    from train_pytorch_model.cli import main
+
+    data = write_image_folder(root / "images", {name: 3 for name in classes})
+    out = root / "trained"
+    assert main(["train", "--untrained-model", str(SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"),
+                 "--training-data", str(data), "--validation-data", str(data), "--trained-model", str(out),
+                 "--image-size", "32", "--epochs", "1", "--batch-size", "9", "--num-workers", "0",
+                 "--mlflow-tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]) == 0
+    return out
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m train_pytorch_model ...` in a subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import REPO, write_image_folder
+from conftest import REPO, train_tiny_model, write_image_folder
 from train_pytorch_model.cli import main
 from train_pytorch_model.model_directory import read_trained_model_directory
 from train_pytorch_model.preprocessing import decode_image
@@ -23,12 +23,7 @@ CLASSES = ["cat", "dog", "fox"]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    data = write_image_folder(root / "images", {name: 3 for name in CLASSES})
-    trained = root / "trained"
-    assert main(["train", "--untrained-model", str(REPO / "examples" / "legacy_untrained_model" / "resnet18"),
-                 "--training-data", str(data), "--validation-data", str(data), "--trained-model", str(trained),
-                 "--image-size", "32", "--epochs", "1", "--batch-size", "9", "--num-workers", "0",
-                 "--mlflow-tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]) == 0
+    trained = train_tiny_model(root, CLASSES)
     out = root / "exported"
     assert main(["export", "--trained-model", str(trained), "--output", str(out), "--format", "onnx,pt2"]) == 0
     # Real images, of other sizes than the model's, through the model's own decode + resize recipe.

@@ -18,8 +18,7 @@ import pandas as pd
 import pytest
 from mlflow.models import Model
 
-from conftest import REPO, write_image_folder
-from train_pytorch_model.cli import main
+from conftest import REPO, train_tiny_model, write_image_folder
 from train_pytorch_model.pyfunc import _load_pyfunc
 
 REQUESTS = REPO / "deploy" / "requests"
@@ -36,12 +35,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serving")
-    data = write_image_folder(root / "images", {name: 3 for name in CLASSES})
-    out = root / "trained"
-    assert main(["train", "--untrained-model", str(REPO / "examples" / "legacy_untrained_model" / "resnet18"),
-                 "--training-data", str(data), "--validation-data", str(data), "--trained-model", str(out),
-                 "--image-size", "32", "--epochs", "1", "--batch-size", "9", "--num-workers", "0",
-                 "--mlflow-tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]) == 0
+    out = train_tiny_model(root, CLASSES)
     # sweep.yml's primary metric is a per-epoch metric this training run really logged.
     run_id = json.loads((out / "training_info.json").read_text())["training"]["mlflow_run_id"]
     history = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_metric_history(run_id, "valid_top1")
