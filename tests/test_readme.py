@@ -50,7 +50,8 @@ def test_the_readme_commands_run_as_written(clone):
             command = ["bash", "-euo", "pipefail", "-c", block["body"]]
         else:
             command = [str(clone / ".venv" / "bin" / "python"), "-c", block["body"]]
-        result = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True, timeout=900,
+                                start_new_session=True)
         assert result.returncode == 0, f"{block['body'][:300]}\n--- stderr:\n{result.stderr[-3000:]}"
         ran += 1
     assert ran >= 5
