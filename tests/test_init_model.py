@@ -184,7 +184,7 @@ def test_an_architecture_beyond_designer_says_who_reads_it_and_trains(tmp_path):
     assert spec_yaml["flavor_extras"]["class"] == "TorchvisionClassifier"
     assert "designer" in spec_yaml["readable_by"]
     assert spec_yaml["flavor_extras"]["init_params"] == {"model_name": "mobilenet_v3_small", "pretrained": False}
-    model, spec = train_command.build_model(argparse.Namespace(untrained_model=out), 4)
+    model, spec = train_command.build_model(out, 4)
     assert spec.model_name == "mobilenet_v3_small" and not spec.is_designer and model.num_classes == 4
     model.train()
     model(torch.rand(2, 3, 32, 32)).sum().backward()

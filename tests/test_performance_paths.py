@@ -237,8 +237,8 @@ def test_train_command_compile_flag_reaches_the_model(tmp_path, make_image_folde
     # CPU training: decoding in the training process below 4 CPUs, then a worker per 4 CPUs.
     (1, "cpu", 1, 0), (2, "cpu", 1, 0), (3, "cpu", 1, 0), (4, "cpu", 1, 1), (16, "cpu", 1, 4), (16, "cpu", 2, 2),
     (8, "cpu", 8, 0),
-    # GPU training: every CPU but the feeding one, at most 8, shared by the GPUs' processes.
-    (16, "cuda", 1, 8), (16, "cuda", 8, 1), (4, "cuda", 1, 3), (1, "cuda", 1, 1),
+    # GPU training: every CPU but the feeding one (no cap), shared by the GPUs' processes.
+    (16, "cuda", 1, 15), (24, "cuda", 1, 23), (16, "cuda", 8, 1), (4, "cuda", 1, 3), (1, "cuda", 1, 1),
 ])
 def test_default_worker_count_follows_the_cpus_available(monkeypatch, cpus, device, local_world_size, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)

@@ -255,7 +255,7 @@ def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_im
         data = train_command.read_data(config, ctx)
         model, _ = train_command.build_model(resnet18_dir, 2)
         trainer = train_command.make_trainer(config, ctx, data, Preprocessing(32))
-        state = train_command.make_training_state(model, config, ctx, 2, len(trainer.train_loader))
+        state = train_command.make_training_state(model, config, ctx, len(trainer.train_loader))
         calls = []
         for name in ("item", "tolist", "cpu"):
             original = getattr(torch.Tensor, name)
