@@ -329,3 +329,29 @@ def test_decode_gpu_trains_end_to_end_through_the_cli(tmp_path, make_image_folde
                  "--batch-size", "4", "--num-workers", "1", "--decode", "gpu"]) == 0
     assert json.loads((out / "training_info.json").read_text())["training"]["decode"] == "gpu"
     assert len(read_metrics(out)) == 1
+
+
+def test_a_restart_that_finds_its_own_finished_output_exits_0_without_training(tmp_path, make_image_folder,
+                                                                                resnet18_dir, capsys, caplog):
+    """An Azure ML preemption between the write and the job's end: the restarted command is done at once."""
+    import logging
+
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    out = tmp_path / "out"
+    assert train(resnet18_dir, data, data, out, "--epochs", "1") == 0
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert train(resnet18_dir, data, data, out, "--epochs", "1") == 0
+    assert "written by this same run" in caplog.text and "Epoch 1/1" not in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+    # Another run (other parameters) still refuses the non-empty output.
+    assert train(resnet18_dir, data, data, out, "--epochs", "2") == 1
+    assert "OutputDirectoryError" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_device_cuda_without_a_gpu_is_a_named_error(tmp_path, make_image_folder, resnet18_dir, capsys):
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    assert train(resnet18_dir, data, data, tmp_path / "out", "--device", "cuda") == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("InvalidParameterError: Parameter \"Device\" value 'cuda' is invalid: no CUDA GPU")

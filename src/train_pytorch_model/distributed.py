@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import TrainingFailedError
+from .errors import InvalidParameterError, TrainingFailedError
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ class FailureWatch:
 def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     if requested == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError("Device", requested, "no CUDA GPU is available here; use auto or cpu")
     device = torch.device(requested)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
