@@ -6,6 +6,7 @@ import base64
 import csv
 import json
 import os
+import sys
 from array import array
 
 import mlflow
@@ -258,15 +259,18 @@ def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_im
         state = train_command.make_training_state(model, config, ctx, len(trainer.train_loader))
         calls = []
         for name in ("item", "tolist", "cpu"):
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n),
-                                                                                                  _o(self, *a, **k))[1])
+            def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+                # Our code's reads (torch's CPU Adam reads its step counters; the fused CUDA one does not).
+                if "train_pytorch_model" in sys._getframe(1).f_code.co_filename:
+                    calls.append(_name)
+                return _original(self, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, counted)
         trainer.train_epoch(state, 0, lambda *a: None)
         monkeypatch.undo()
         assert len(trainer.train_loader) == images_per_class
         return len(calls)
 
-    assert count_reads(3) == count_reads(9) <= 3
+    assert 1 <= count_reads(3) == count_reads(9) <= 3
 
 
 @pytest.mark.parametrize("flags", [
