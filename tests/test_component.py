@@ -17,7 +17,7 @@ from azure.ai.ml.entities._job.distribution import PyTorchDistribution
 from packaging.requirements import Requirement
 
 import train_pytorch_model
-from train_pytorch_model import train_command
+from train_pytorch_model import config
 from train_pytorch_model.component_runner import BINDING, EXPRESSION, OPTIONAL_BLOCK, bind_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,7 +275,7 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     assert {word for word in argv if word.startswith("--")} == ALLOWED_FLAGS
 
     parser = argparse.ArgumentParser()
-    train_command.add_arguments(parser)
+    config.add_arguments(parser)
     args = parser.parse_args(argv[4:])
     assert (args.epochs, args.batch_size, args.learning_rate, args.random_seed, args.patience) == (5, 16, 0.001, 1, 3)
     assert (args.image_size, str(args.num_workers), args.registered_model_name) == (64, "2", "my-model")

@@ -236,8 +236,17 @@ class TrainingState:
         return self.ema.module if self.ema is not None else self.raw_model
 
 
-def never() -> bool:
-    return False
+class NeverStop:
+    """The stop request of a run nothing can stop (StopOnSigterm's interface: call it, or defer in the steps)."""
+
+    def __call__(self) -> bool:
+        return False
+
+    def deferred(self):
+        return contextlib.nullcontext()
+
+
+never = NeverStop()
 
 
 class Trainer:
@@ -423,7 +432,7 @@ class Trainer:
         for epoch in range(state.next_epoch, self.config.epochs):
             started = time.perf_counter()
             lr = state.optimizer.param_groups[-1]["lr"]  # the head's (the last group)
-            with stop_requested.deferred() if hasattr(stop_requested, "deferred") else contextlib.nullcontext():
+            with stop_requested.deferred():
                 trained = self.train_epoch(state, epoch, log_progress, stop_requested)
             model = state.evaluated_model
             if self.config.bn_recalibration:

@@ -24,7 +24,6 @@ import torch
 from . import checkpoint, distributed
 from .azureml_v1 import log_epoch_v1
 from .config import TrainConfig
-from .config import add_arguments as add_arguments
 from .data import (
     BadImageTracker,
     build_dataset,
