@@ -1,9 +1,11 @@
-"""The throughput suite of benchmarks/benchmark_training.py, on the CPU: its measurements run (in this process,
-on tiny generated data) and the script writes its JSON and Markdown. Nothing here asserts a speed."""
+"""The benchmark scripts run, on the CPU and tiny generated data: the throughput suite of
+benchmarks/benchmark_training.py (its measurements, its JSON and Markdown), cpu_step_factors.py and
+timm_comparison.py (issue 16's CPU comparison). Nothing here asserts a speed."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -99,3 +101,38 @@ def test_gpu_check_finds_the_python_and_refuses_without_a_gpu(tmp_path):
                           text=True, env=env, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "torch 2." in done.stdout and "no CUDA device visible to torch" in done.stdout
+
+
+def test_cpu_step_factors_times_each_setting_of_train(tmp_path):
+    out = tmp_path / "factors.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cpu_step_factors.py"), "--size", "32",
+                           "--batch", "4", "--steps", "1", "--warmup", "1", "--rounds", "2", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    times = json.loads(out.read_text())["times_ms"]
+    assert {"eager SGD (timm-like)", "+ fused optimizer", "train --optimizer sgd (fused, deterministic)",
+            "train (AdamW fused, deterministic)", "threads 1", "channels_last"} <= set(times)
+    assert all(len(values) == 2 and min(values) > 0 for values in times.values())
+    assert "| threads 1 |" in done.stdout
+    optimizer = json.loads(out.read_text())["optimizer_step_ms"]
+    assert set(optimizer) == {"sgd foreach", "sgd fused", "adamw foreach", "adamw fused"}
+
+
+def test_timm_comparison_times_train_epochs_on_the_shared_dataset(tmp_path):
+    """The `train` side of the timm comparison (timm is not a dependency: without it its contestants are named as
+    not run). The generated folders are the layout both read: <split>/<class>/*.jpg."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "timm_comparison.py"), "--quick",
+                           "--contestants", "train", "timm train.py", "--out", str(out)],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((out / "data" / "train").glob("class*/*.jpg"))) == 64
+    assert len(list((out / "data" / "validation").glob("class*/*.jpg"))) == 20
+    report = json.loads((out / "timm_comparison.json").read_text())
+    run = report["results"]["train"]["runs"][0]
+    assert len(run["train_seconds"]) == 2 and 0 < run["train_seconds"][1] <= run["epoch_seconds"][1]
+    assert run["settings"]["optimizer"] == "adamw"
+    timm_installed = importlib.util.find_spec("timm") is not None
+    assert ("timm train.py" in report["results"]) == timm_installed
+    assert ("timm is not installed" in done.stderr) != timm_installed
+    assert "| train | " in (out / "timm_comparison.md").read_text()

@@ -94,7 +94,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig, lr: float, device: tor
         head = {id(p) for p in head_of(getattr(model, "module", model))[1].parameters()}
         params = [{"params": [p for p in params if id(p) not in head]},
                   {"params": [p for p in params if id(p) in head]}]
-    fused = True if device.type == "cuda" else None  # one kernel for all parameters (and no sync under fp16)
+    # One kernel over all parameters: on CUDA also no sync under fp16; on a CPU a step of resnet18's optimizer
+    # takes a fifth of the default (foreach) time, 10-20 % of a training step at 64 px (docs/performance.md).
+    fused = True if device.type in ("cuda", "cpu") else None
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=decay, fused=fused)
