@@ -359,3 +359,35 @@ def test_device_cuda_without_a_gpu_is_a_named_error(tmp_path, make_image_folder,
     assert train(resnet18_dir, data, data, tmp_path / "out", "--device", "cuda") == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("InvalidParameterError: Parameter \"Device\" value 'cuda' is invalid: no CUDA GPU")
+
+
+def test_a_filler_step_for_a_one_image_batch_stays_out_of_the_batchnorm_re_estimation():
+    """A batch that bad files shrank to one image trains as a weight-0 filler of zeros (DDP lockstep); those zeros
+    are no training images, so the images kept to re-estimate BatchNorm statistics are the real batches only."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from train_pytorch_model.config import TrainConfig
+    from train_pytorch_model.data import BadImageTracker, Batch
+    from train_pytorch_model.distributed import Context
+    from train_pytorch_model.preprocessing import Preprocessing
+    from train_pytorch_model.train import Trainer, TrainingState, make_optimizer, make_scaler, make_scheduler
+
+    class Loader(list):
+        sampler = SimpleNamespace(set_epoch=lambda epoch: None)
+
+    torch.manual_seed(0)
+    real = [torch.randint(1, 256, (n, 3, 32, 32), dtype=torch.uint8) for n in (4, 1, 3)]
+    loader = Loader(Batch(images, torch.zeros(len(images), dtype=torch.int64), []) for images in real)
+    config = TrainConfig(epochs=1, image_size=32, precision="fp32", bn_recalibration=True)
+    cpu = torch.device("cpu")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    optimizer = make_optimizer(model, config, 0.01, cpu)
+    state = TrainingState(model, optimizer, make_scheduler(optimizer, config, len(loader)), make_scaler(cpu, "fp32"),
+                          EarlyStopping(0))
+    tracker = BadImageTracker(None, "Training", 1.0)
+    trainer = Trainer(Context(cpu), config, Preprocessing(32), 2, loader, None, tracker, tracker)
+    trainer.train_epoch(state, 0, lambda *progress: None)
+    assert [len(kept) for kept in trainer.recent] == [4, 3]
+    assert all(kept.min() > 0 for kept in trainer.recent)

@@ -331,7 +331,8 @@ class Trainer:
             if weight == 0.0:
                 pixels = torch.zeros(2, 3, config.image_size, config.image_size, dtype=torch.uint8, device=ctx.device)
                 targets = torch.zeros(2, dtype=torch.int64, device=ctx.device)
-            self._keep_for_bn(pixels)
+            else:  # the filler batch is no training image: it stays out of the BatchNorm re-estimation
+                self._keep_for_bn(pixels)
             images = self.normalize(pixels)
             mixed_images, mixed_targets = self.batch_mix(images, targets) if self.batch_mix else (images, targets)
             with autocast(ctx.device, config.precision):
