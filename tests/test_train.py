@@ -391,3 +391,18 @@ def test_a_filler_step_for_a_one_image_batch_stays_out_of_the_batchnorm_re_estim
     trainer.train_epoch(state, 0, lambda *progress: None)
     assert [len(kept) for kept in trainer.recent] == [4, 3]
     assert all(kept.min() > 0 for kept in trainer.recent)
+
+
+def test_decode_gpu_with_a_validation_cache_decodes_validation_once_on_the_cpu(tmp_path, make_image_folder,
+                                                                               resnet18_dir):
+    """The cache keeps decoded images; `--decode gpu` batches hold JPEG bytes. With both, the validation set is
+    decoded once by the CPU path and replayed, and training still decodes on the device."""
+    data = make_image_folder("data", {"a": 4, "b": 4}, suffix=".jpg")
+    out = tmp_path / "out"
+    assert main(["train", "--untrained-model", str(resnet18_dir), "--training-data", str(data),
+                 "--validation-data", str(data), "--trained-model", str(out), "--epochs", "2", "--image-size", "32",
+                 "--batch-size", "4", "--num-workers", "1", "--decode", "gpu", "--cache-validation", "true",
+                 "--patience", "0"]) == 0
+    training = json.loads((out / "training_info.json").read_text())["training"]
+    assert training["decode"] == "gpu" and training["cache_validation"] is True
+    assert len(read_metrics(out)) == 2

@@ -313,7 +313,9 @@ def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, prep
     else:
         builder = build_dataset
     train_set = builder(data.train, class_index, preprocessing, train=True, seed=config.random_seed)
-    valid_set = builder(data.valid, class_index, preprocessing, train=False, seed=config.random_seed)
+    # The validation cache keeps decoded images, so a cached validation set is decoded once, by the CPU path.
+    valid_builder = build_dataset if config.cache_validation else builder
+    valid_set = valid_builder(data.valid, class_index, preprocessing, train=False, seed=config.random_seed)
     common = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=config.num_workers, device=ctx.device,
                   local_world_size=ctx.local_world_size)
     train_loader = training_loader(train_set, batch_size=config.batch_size, seed=config.random_seed, **common)
