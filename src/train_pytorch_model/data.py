@@ -16,7 +16,7 @@ from array import array
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
@@ -49,12 +49,14 @@ class ImageDataset(Dataset):
         try:
             if not resolves_inside(self.real_root, path):
                 raise ImageDecodeError("the path (or a symlink on it) leads outside the input folder")
-            image = decode_image(path, self.size_hint)
+            load = getattr(self.transform, "load", None)  # the training transform opens the file itself
+            image = None if load else decode_image(path, self.size_hint)
             with torch.random.fork_rng(devices=[]):
                 # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
                 # every accelerator backend, 0.1 ms per image.
                 torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-                return self.transform(image), target, index, None
+                pixels = load(path, self.size_hint) if load else self.transform(image)
+            return pixels, target, index, None
         except ImageDecodeError as exc:
             return None, target, index, str(exc)
         except FileNotFoundError:
@@ -65,7 +67,7 @@ class ImageDataset(Dataset):
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 NCHW
+    images: torch.Tensor  # uint8 NCHW (training batches: channels_last)
     targets: torch.Tensor  # int64 N
     failures: list[tuple[int, str]]  # (row, reason) of rows left out of this batch
 
@@ -77,16 +79,24 @@ class Batch:
 
 
 def collate(items) -> Batch:
+    """One uint8 NCHW batch, written once: in a worker, straight into the shared memory that carries it to the
+    training process (default_collate's stack). Images that are views of HWC memory (the training transform's)
+    stack into NHWC, which seen as NCHW is channels_last: no transposing copy anywhere."""
     good = [item for item in items if item[0] is not None]
     failures = [(item[2], item[3]) for item in items if item[0] is None]
     if not good:
         return Batch(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), failures)
-    shapes = {tuple(item[0].shape) for item in good}
+    images = [item[0] for item in good]
+    shapes = {tuple(image.shape) for image in images}
     if len(shapes) > 1:
         raise InvalidDatasetError(
             f"images in one batch have different sizes {sorted(shapes)[:3]}; set --image-size to resize them."
         )
-    return Batch(torch.stack([item[0] for item in good]), torch.tensor([item[1] for item in good]), failures)
+    if all(image.permute(1, 2, 0).is_contiguous() for image in images):
+        stacked = default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    else:
+        stacked = default_collate(images)
+    return Batch(stacked, torch.tensor([item[1] for item in good]), failures)
 
 
 class EpochTaggedSampler(Sampler):
