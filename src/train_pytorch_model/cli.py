@@ -14,7 +14,7 @@ import sys
 import traceback
 
 from .errors import ModuleOutOfMemoryError, TrainPyTorchModelError, UnexpectedError, UsageError
-from .preemption import Terminated, command_interrupted
+from .preemption import Terminated, command_interrupted, install_early_handler
 
 # command name -> (module of its arguments, module of its `run`, one-line help). Modules import lazily: `--help`
 # stays instant, and `run`'s module (torch) only once the arguments parsed.
@@ -56,6 +56,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself (the `train-pytorch-model` script): SIGTERM from now on is named
+        install_early_handler()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None
