@@ -187,6 +187,9 @@ class EvalResult:
     loss: float
     top1: float
     top5: float | None  # None with fewer than 5 classes
+    # This rank's (true class, predicted class) per validation image, still on the device: the best epoch's
+    # become the validation confusion matrix.
+    predictions: torch.Tensor | None = None
 
 
 @dataclass
@@ -217,6 +220,7 @@ class TrainingState:
     early_stopping: EarlyStopping
     ema: AveragedModel | None = None
     best_state: dict | None = None
+    best_predictions: torch.Tensor | None = None  # (true, predicted) of every validation image at the best epoch
     history: list[EpochMetrics] = field(default_factory=list)
     next_epoch: int = 0
 
@@ -245,6 +249,7 @@ class TrainingState:
             # The best weights usually are this epoch's: stored once.
             "best_state": None if best_is_current else self.best_state,
             "best_is_current": best_is_current,
+            "best_predictions": self.best_predictions,
             "history": [dataclasses.asdict(m) for m in self.history],
         }
 
@@ -264,6 +269,7 @@ class TrainingState:
         fields = [f.name for f in dataclasses.fields(EpochMetrics)]  # tolerant of a column added since
         self.history = [EpochMetrics(**{name: m.get(name) for name in fields}) for m in state["history"]]
         self.best_state = cpu_state_dict(self.evaluated_model) if state["best_is_current"] else state["best_state"]
+        self.best_predictions = state.get("best_predictions")  # absent in checkpoints written before it was kept
         self.next_epoch = state["next_epoch"]
 
     @staticmethod
@@ -293,6 +299,10 @@ class TrainingState:
             value = stopping.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= next_epoch:
                 return f"early_stopping.{key} {quote(value)} is not an epoch count of this run"
+        predictions = state.get("best_predictions")
+        if predictions is not None and not (isinstance(predictions, torch.Tensor) and predictions.dtype == torch.int64
+                                            and predictions.dim() == 2 and predictions.shape[1] == 2):
+            return "best_predictions: not (true, predicted) class pairs"
         history = state.get("history")
         if not isinstance(history, list) or len(history) != next_epoch or not all(isinstance(m, dict) for m in history):
             return f"history: not {next_epoch} epochs of metrics"
@@ -460,6 +470,7 @@ class Trainer:
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # loss, top-1, top-5, images
         k = min(5, self.num_classes)
+        pairs = []
         for batch in self.valid_loader:
             images, targets = self.to_device(batch)
             self.valid_bad.record(batch.failures)
@@ -473,10 +484,13 @@ class Trainer:
             sums[1] += hits[:, 0].sum()
             sums[2] += hits.any(dim=1).sum()
             sums[3] += len(targets)
+            pairs.append(torch.stack((targets, logits.argmax(1)), dim=1))
+        predictions = torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.int64, device=self.ctx.device)
         loss_sum, top1, top5, seen = self.ctx.all_reduce_sum(sums.tolist())  # the one sync of a validation
         if seen == 0:
-            return EvalResult(loss=math.inf, top1=0.0, top5=None)
-        return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None)
+            return EvalResult(loss=math.inf, top1=0.0, top5=None, predictions=predictions)
+        return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None,
+                          predictions=predictions)
 
     def fit(self, state: TrainingState, on_epoch_end, log_progress, stop_requested=preemption.never) -> TrainingState:
         """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics, stopping)` logs and checkpoints.
@@ -502,6 +516,8 @@ class Trainer:
             state.history.append(metrics)
             if state.early_stopping.step(epoch, validated.loss, validated.top1):
                 state.best_state = cpu_state_dict(model)  # a copy: the live weights keep changing
+                # Read at the epoch end, and only when it is the best: no sync in the validation loop.
+                state.best_predictions = self.ctx.gather_rows(validated.predictions).cpu()
             state.next_epoch = epoch + 1
             stop = self.ctx.broadcast_flag(state.early_stopping.should_stop)
             on_epoch_end(state, metrics, stopping=stop)
