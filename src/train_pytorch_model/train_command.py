@@ -517,7 +517,7 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
         write_metrics_csv(stage / "metrics.csv", history)
         plot_training_curves(stage / "training_curves.png", history)
         save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes},
-                          example_image=train_dir.path(0))
+                          examples=train_dir)
 
 
 def translate_runtime_error(exc: RuntimeError, batch_size: int) -> TrainPyTorchModelError | RuntimeError:
