@@ -234,3 +234,21 @@ def test_tables_and_metadata_linked_out_of_the_input_are_refused_by_name(tmp_pat
         load_image_directory(root, "Training")
     assert "root:x" not in str(error.value) and "/bin/bash" not in str(error.value)
     assert "outside" in str(error.value)
+
+
+# --- CSV: every line bounded and decoded on its own ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["a 30 MB line", "a bad byte on line 5"])
+def test_a_csv_line_is_bounded_and_named(tmp_path, fault):
+    root = write_image_folder(tmp_path / "data", {"a": 3, "b": 3}, size=(16, 16))
+    rows = [b"image,label\n"] + [f"{c}/{n}.png,{c}\n".encode() for c in "ab" for n in range(3)]
+    if fault == "a 30 MB line":
+        rows[3] = b"a/2.png,a" + b",x" * (15 * 2**20) + b"\n"  # many small fields: csv's field limit never trips
+        expected = "line 4 is longer than 1048576 bytes"
+    else:
+        rows[4] = b"b/0.png,caf\xe9\n"
+        expected = "line 5 is not UTF-8"
+    (root / "labels.csv").write_bytes(b"".join(rows))
+    with pytest.raises(InvalidDatasetError, match=expected):
+        load_image_directory(root / "labels.csv", "Training")
