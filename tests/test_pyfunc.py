@@ -33,6 +33,7 @@ def trained_dir(tmp_path_factory, request):
     return out
 
 
+@pytest.mark.slow
 def test_serves_from_its_own_code_copy_without_the_package_installed(trained_dir, legacy_image_dir):
     image = next((legacy_image_dir / "image").iterdir())
     result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_PACKAGE, str(trained_dir), str(image)],

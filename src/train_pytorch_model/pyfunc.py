@@ -6,8 +6,10 @@ pickle and no install of our package: `mlflow.pyfunc.load_model(dir).predict(df)
 
 Input: a DataFrame with column `image` holding raw image bytes or base64 (text or bytes), which is
 what every request format of `mlflow models serve` becomes (`dataframe_split`, `dataframe_records`,
-`inputs`, `instances`, CSV), and what Azure ML's `{"input_data": {"columns": [...], "data": [...]}}`
-becomes on a managed online endpoint. The MLmodel carries a signature and an input example (one
+`inputs`, `instances`, CSV), and what Azure ML's two request shapes become: AutoML's
+`{"input_data": {"columns": ["image"], "data": [...]}}` and the catalog models' `{"input_data": ["<base64>", ...]}`
+(`request_frame`, which `deploy/azureml/score.py` calls too). Image URLs are refused by name: the model never
+uses the network. The MLmodel carries a signature and an input example (one
 small image), so `mlflow.models.get_serving_input` and Azure ML's test tab have a request to show.
 Output: the predictions table of `predictions.py`: `Scored Labels` and `Scored Probabilities_<class>`.
 """
@@ -38,6 +40,7 @@ EXAMPLE_SIDE = 32  # pixels of the input example's longer side: a request body o
 IMAGE_COLUMN = "image"
 _BASE64 = re.compile(rb"[A-Za-z0-9+/\s]*={0,2}\s*")
 _DATA_URL = re.compile(rb"data:[\w/+.-]*;base64,")
+_URL = re.compile(rb"\s*[A-Za-z][A-Za-z0-9+.-]{1,15}://")  # https://, azureml://, wasbs://, file://, ...
 
 
 def image_bytes(value, row: int) -> bytes:
@@ -57,6 +60,10 @@ def image_bytes(value, row: int) -> bytes:
                                   "per image; send a smaller image.")
     if len(value) > 2 * MAX_IMAGE_BYTES:  # base64 of the largest allowed image, line breaks included, is smaller
         raise too_big
+    if is_text and _URL.match(value):
+        url = quote(value[:60].decode(errors="replace"))
+        raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is a URL ({url}); the model never fetches from the "
+                                  "network: send the image file base64-encoded.")
     text = _DATA_URL.sub(b"", value[:64], count=1) + value[64:] if value.startswith(b"data:") else value
     data = None
     if _BASE64.fullmatch(text):
@@ -90,7 +97,7 @@ class ImageClassifierPyfunc:
         return torch.cat([model(prep.normalize(batch)).softmax(dim=1) for batch in groups])
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
-        frame = _as_frame(model_input)
+        frame = request_frame(model_input)
         if IMAGE_COLUMN not in frame.columns:
             raise InvalidDatasetError(f"Input needs a column '{IMAGE_COLUMN}' (image bytes or base64); "
                                       f"got columns {quote(list(frame.columns))}.")
@@ -113,17 +120,29 @@ class ImageClassifierPyfunc:
         return result
 
 
-def _as_frame(model_input) -> pd.DataFrame:
-    """A DataFrame from what predict is given; Azure ML's `{"input_data": {"columns", "data"}}` too."""
-    if isinstance(model_input, pd.DataFrame):
-        return model_input
+def request_frame(model_input) -> pd.DataFrame:
+    """A DataFrame with an `image` column from what predict is given, Azure ML's request bodies included:
+    `{"input_data": {"columns": [...], "data": [...]}}` (AutoML's shape) and `{"input_data": [...]}`
+    (the catalog models' shape: one image per item). A one-column frame with no column names, which is
+    what a bare list becomes on the way in, is taken as the image column."""
     if isinstance(model_input, dict) and set(model_input) == {"input_data"}:
         body = model_input["input_data"]
         if isinstance(body, dict) and "data" in body:
-            return pd.DataFrame(body["data"], columns=body.get("columns"), index=body.get("index"))
-        model_input = body
+            model_input = _frame(body["data"], columns=body.get("columns"), index=body.get("index"))
+        elif isinstance(body, list):
+            model_input = pd.DataFrame({IMAGE_COLUMN: body})
+        else:
+            raise InvalidDatasetError("'input_data' must be a list of images or {'columns': [...], 'data': [...]}; "
+                                      f"got {type(body).__name__}.")
+    frame = model_input if isinstance(model_input, pd.DataFrame) else _frame(model_input)
+    if IMAGE_COLUMN not in frame.columns and list(frame.columns) == [0]:
+        frame = frame.rename(columns={0: IMAGE_COLUMN})
+    return frame
+
+
+def _frame(data, **kwargs) -> pd.DataFrame:
     try:
-        return pd.DataFrame(model_input)
+        return pd.DataFrame(data, **kwargs)
     except (ValueError, TypeError) as exc:
         raise InvalidDatasetError(f"Input cannot be read as a table with an '{IMAGE_COLUMN}' column: {exc}.") from None
 
