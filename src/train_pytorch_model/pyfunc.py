@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 
 from .errors import InvalidDatasetError, quote
+from .image_directory import ImageDirectory
 from .model_directory import TrainedModel, read_trained_model_directory
 from .predictions import SCORED_LABELS, probability_column
 from .preprocessing import ImageDecodeError, decode_image
@@ -151,10 +152,11 @@ def _load_pyfunc(data_path: str) -> ImageClassifierPyfunc:
     return ImageClassifierPyfunc(read_trained_model_directory(data_path))
 
 
-def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *, example_image: Path | None = None) -> None:
+def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *,
+                      examples: ImageDirectory | None = None) -> None:
     """Add MLmodel, environment files, an input example and a copy of this package to `stage` (the
-    legacy files stay). `example_image`: an image the example is made from (a training image), shrunk
-    to a thumbnail; without it the example is a grey square."""
+    legacy files stay). `examples`: the training data, whose first image, shrunk to a thumbnail, is the
+    example; without it the example is a grey square."""
     import mlflow
     from mlflow.models import Model, ModelSignature
     from mlflow.models.utils import _save_example  # what MLflow's own flavors call: example + serving example
@@ -183,20 +185,22 @@ def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *, exampl
                        + [ColSpec("double", probability_column(c)) for c in classes]),
     )
     model = Model(signature=signature, metadata=metadata)
-    _save_example(model, pd.DataFrame({IMAGE_COLUMN: [example_png(example_image)]}), str(stage))
+    _save_example(model, pd.DataFrame({IMAGE_COLUMN: [example_png(examples)]}), str(stage))
     mlflow.pyfunc.add_to_model(model, loader_module=__name__, code="code",
                                conda_env="conda.yaml", python_env="python_env.yaml")
     model.save(str(stage / "MLmodel"))
 
 
-def example_png(source: Path | None) -> bytes:
-    """A PNG thumbnail (longer side EXAMPLE_SIDE) of `source`, or a grey square: the input example."""
+def example_png(examples: ImageDirectory | None) -> bytes:
+    """A PNG thumbnail (longer side EXAMPLE_SIDE) of the first image of `examples`, or a grey square: the
+    input example. Read through the input opener, as training reads it (never a link out of the folder, a
+    FIFO or a device)."""
     from PIL import Image
 
     image = Image.new("RGB", (EXAMPLE_SIDE, EXAMPLE_SIDE), (128, 128, 128))
-    if source is not None:
+    if examples is not None and len(examples):
         try:
-            image = decode_image(source, EXAMPLE_SIDE)
+            image = decode_image(examples.path(0), EXAMPLE_SIDE, inside=examples.root)
             image.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
         except ImageDecodeError:
             pass  # the example only illustrates the request: a grey square does as well

@@ -501,7 +501,7 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
         )
         write_training_report(stage, history, summary["best_epoch"], classes, best_predictions, samples)
         save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes},
-                          example_image=train_dir.path(0))
+                          examples=train_dir)
 
 
 def augmented_samples(data: Data, preprocessing: Preprocessing, seed: int) -> list[tuple[torch.Tensor, int]]:
