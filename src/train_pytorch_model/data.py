@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
-from .legacy_format import resolves_inside
 from .preprocessing import ImageDecodeError, Preprocessing, decode_image
 
 log = logging.getLogger(__name__)
@@ -47,15 +46,14 @@ class ImageDataset(Dataset):
         target = self.targets[index]
         path = self.directory.path(index)
         try:
-            if not resolves_inside(self.real_root, path):
-                raise ImageDecodeError("the path (or a symlink on it) leads outside the input folder")
-            load = getattr(self.transform, "load", None)  # the training transform opens the file itself
-            image = None if load else decode_image(path, self.size_hint)
+            # The input opener refuses links out of the folder. The training transform opens the file itself.
+            load = getattr(self.transform, "load", None)
+            image = None if load else decode_image(path, self.size_hint, inside=self.real_root)
             with torch.random.fork_rng(devices=[]):
                 # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
                 # every accelerator backend, 0.1 ms per image.
                 torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-                pixels = load(path, self.size_hint) if load else self.transform(image)
+                pixels = load(path, self.size_hint, inside=self.real_root) if load else self.transform(image)
             return pixels, target, index, None
         except ImageDecodeError as exc:
             return None, target, index, str(exc)
@@ -67,7 +65,7 @@ class ImageDataset(Dataset):
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 NCHW (training batches: channels_last)
+    images: torch.Tensor  # uint8 NCHW (channels_last from data.collate)
     targets: torch.Tensor  # int64 N
     failures: list[tuple[int, str]]  # (row, reason) of rows left out of this batch
 
@@ -80,7 +78,7 @@ class Batch:
 
 def collate(items) -> Batch:
     """One uint8 NCHW batch, written once: in a worker, straight into the shared memory that carries it to the
-    training process (default_collate's stack). Images that are views of HWC memory (the training transform's)
+    training process (default_collate's stack). Images that are views of HWC memory (both transforms' are)
     stack into NHWC, which seen as NCHW is channels_last: no transposing copy anywhere."""
     good = [item for item in items if item[0] is not None]
     failures = [(item[2], item[3]) for item in items if item[0] is None]

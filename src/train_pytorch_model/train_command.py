@@ -8,7 +8,6 @@ Each phase is one function below, in that order. The input is one `TrainConfig` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, preemption
 from .azureml_v1 import log_epoch_v1
 from .config import TrainConfig
 from .data import (
@@ -38,28 +37,25 @@ from .errors import (
     ModuleOutOfMemoryError,
     TrainingDivergedError,
     TrainingFailedError,
-    TrainingInterruptedError,
     TrainPyTorchModelError,
 )
 from .image_directory import ImageDirectory, load_image_directory, require_labeled
 from .model_directory import (
     INFO_FILE,
     ModelSpec,
-    check_output_folder,
     finished_output,
     read_untrained_model_directory,
-    release_output,
-    staged_output,
     training_samples,
     write_legacy_trained_files,
 )
 from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
+from .output_folder import check_output_folder, release_output, staged_output
 from .preprocessing import Preprocessing
+from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
 from .tracking import Tracker, redact
 from .train import (
     EarlyStopping,
     EpochMetrics,
-    Interrupted,
     Trainer,
     TrainingState,
     can_compile,
@@ -93,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
     writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None)
-    with checkpoint.StopOnSigterm(lambda: interrupted_error(config, writer)) as stop_requested:
+    with preemption.StopOnSigterm(lambda: writer.interrupted_error(config.epochs)) as stop_requested:
         config = resolve(config, ctx)
         configure_torch(config, ctx)
 
@@ -380,7 +376,7 @@ def resume(config: TrainConfig, ctx: distributed.Context, state: TrainingState, 
 # --- 5. fit ------------------------------------------------------------------------------------------------------
 
 def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: TrainingState, tracker: Tracker,
-        writer: checkpoint.CheckpointWriter, identity: dict, stop_requested: checkpoint.StopOnSigterm) -> TrainingState:
+        writer: checkpoint.CheckpointWriter, identity: dict, stop_requested: preemption.StopOnSigterm) -> TrainingState:
     """Every epoch, logged and checkpointed; SIGTERM ends it with TrainingInterruptedError (exit 143)."""
     if ctx.is_main:
         log.info("Training on %s (%d process(es)): %d training and %d validation images, %d classes, batch %d, %s, "
@@ -403,15 +399,8 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
         log_epoch_v1(m.epoch, m.as_dict())  # azureml-core v1 run, when one is live
         writer.save(state, identity)
 
-    try:
+    with preemption.stopping_cleanly(stop_requested):
         state = trainer.fit(state, on_epoch_end, progress.update, stop_requested=stop_requested)
-    except (Interrupted, RuntimeError) as exc:
-        # (A SIGTERM to the whole process group also ends the DataLoader workers: a RuntimeError here.)
-        if isinstance(exc, RuntimeError) and not stop_requested():
-            raise
-        error = interrupted_error(config, writer)
-        error.all_ranks = isinstance(exc, Interrupted)  # every rank stopped at the same agreed step
-        raise error from None
     writer.join()
     return state
 
@@ -452,12 +441,6 @@ def format_seconds(seconds: float) -> str:
         f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def interrupted_error(config: TrainConfig, writer: checkpoint.CheckpointWriter) -> TrainingInterruptedError:
-    with contextlib.suppress(TrainPyTorchModelError):
-        writer.join()  # what the message says is on disk must be
-    return checkpoint.interrupted(config.checkpoint_dir, writer.saved_epochs, config.epochs, all_ranks=False)
-
-
 def summarize(state: TrainingState, config: TrainConfig) -> dict:
     """Put the best epoch's weights back into the model, and say which epoch that was. A run whose weights or
     losses are not finite writes no model."""
@@ -485,13 +468,15 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
                   ctx: distributed.Context) -> None:
     write_trained_model(config.trained_model, state.raw_model, spec, data.classes, preprocessing, data.train,
                         is_cuda=ctx.device.type == "cuda", history=state.history, summary=summary, params=params,
-                        run_id=tracker.run_id)  # params carry run_identity: a restart finds its own output
+                        run_id=tracker.run_id,  # params carry run_identity: a restart finds its own output
+                        best_predictions=state.best_predictions,
+                        samples=augmented_samples(data, preprocessing, config.random_seed))
     log.info("Best epoch %d (validation loss %.4f, top-1 %.1f%%). Trained model written to %s",
              summary["best_epoch"], summary["best_valid_loss"], 100 * (summary["best_valid_top1"] or 0),
              config.trained_model)
     tracker.log_metrics({"best_epoch": summary["best_epoch"], "best_valid_loss": summary["best_valid_loss"],
                          "best_valid_top1": summary["best_valid_top1"] or 0.0}, step=len(state.history))
-    for name in ("metrics.csv", "training_curves.png"):
+    for name in TRAINING_FILES:  # shown on the run's page in `mlflow ui` and Azure ML studio
         tracker.log_artifact(str(config.trained_model / name))
     if config.registered_model_name:
         from .registry import register_model
@@ -502,9 +487,9 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
 
 def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], preprocessing: Preprocessing,
                         train_dir: ImageDirectory, *, is_cuda: bool, history: list[EpochMetrics], summary: dict,
-                        params: dict, run_id: str | None) -> None:
+                        params: dict, run_id: str | None, best_predictions: torch.Tensor | None = None,
+                        samples: list[tuple[torch.Tensor, int]] = ()) -> None:
     from .pyfunc import save_mlflow_model
-    from .reports import plot_training_curves, write_metrics_csv
 
     with staged_output(out) as stage:
         schema = train_dir.schema
@@ -514,10 +499,26 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
             extra_info={"training": {**params, **summary, "mlflow_run_id": run_id}},
             run_identity=params.get("run_identity"),
         )
-        write_metrics_csv(stage / "metrics.csv", history)
-        plot_training_curves(stage / "training_curves.png", history)
+        write_training_report(stage, history, summary["best_epoch"], classes, best_predictions, samples)
         save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes},
-                          example_image=train_dir.path(0))
+                          examples=train_dir)
+
+
+def augmented_samples(data: Data, preprocessing: Preprocessing, seed: int) -> list[tuple[torch.Tensor, int]]:
+    """A few training images of each class (the first classes), cropped and flipped as in the first epoch."""
+    class_index = {name: i for i, name in enumerate(data.classes)}
+    dataset = build_dataset(data.train, class_index, preprocessing, train=True, seed=seed)
+    rows: dict[int, list[int]] = {}
+    for row, target in enumerate(dataset.targets):
+        if target < MOSAIC_CLASSES and len(rows.setdefault(target, [])) < MOSAIC_PER_CLASS:
+            rows[target].append(row)
+    samples = []
+    for target in sorted(rows):
+        for row in rows[target]:
+            image, _, _, error = dataset[row]
+            if error is None:
+                samples.append((image, target))
+    return samples
 
 
 def translate_runtime_error(exc: RuntimeError, batch_size: int) -> TrainPyTorchModelError | RuntimeError:
