@@ -169,7 +169,8 @@ def test_the_default_scoring_batch_is_sized_from_the_image_size():
 
     parser = argparse.ArgumentParser()
     score.add_arguments(parser)
-    assert parser.parse_args(["--trained-model", "m", "--image-directory", "d", "--scored-data", "s"]).batch_size is None
+    args = parser.parse_args(["--trained-model", "m", "--image-directory", "d", "--scored-data", "s"])
+    assert args.batch_size is None
     sizes = {size: score.default_batch_size(Preprocessing(image_size=size)) for size in (32, 224, 512, 1024, 4096)}
     assert sizes == {32: 64, 224: 64, 512: 64, 1024: 16, 4096: 1}  # 4096 px: ~2.3 GB per image on resnet18
     assert score.default_batch_size(Preprocessing(image_size=None)) == 64
