@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 
@@ -55,7 +56,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def passive_openmp_waits(environ=os.environ) -> None:
+    """OpenMP threads that wait at a barrier sleep at once instead of spinning (OMP_WAIT_POLICY=PASSIVE), unless
+    the user chose a policy (OMP_WAIT_POLICY, or libgomp's GOMP_SPINCOUNT). OpenMP reads it once, when torch
+    loads it: call this before torch is imported.
+
+    On a CPU shared with other processes, a spinning thread waits for one that lost its core and burns its own
+    time slice meanwhile: CPU training ran 3-10x slower than with sleeping waits on a busy 2-core machine
+    (benchmarks/omp_wait_policy.py, docs/performance.md). On a GPU the CPU threads do little math either way."""
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
+    passive_openmp_waits()  # first: before a command's module imports torch
     if argv is None:  # the program itself (the `train-pytorch-model` script): SIGTERM from now on is named
         install_early_handler()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
