@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, machine  # noqa: E402
 
 POLICIES = {"default (unset)": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"}, "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"}}
+            "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"}, "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+            "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"}}
 
 
 def steps_per_second(size: int, batch: int, steps: int) -> dict:

@@ -7,9 +7,13 @@ Contestants, each in a fresh process, interleaved over `--repeats` rounds (so a 
 medians of the epochs after the first (which pays for start-up):
 
 - `train --optimizer sgd --bn-recalibration false`: the real CLI (in process) at this machine's defaults for
-  workers and threads, doing timm's work: the same optimizer, and no BatchNorm re-estimation before validation.
+  workers and threads, doing timm's work: the same optimizer, crop + flip (`--augmentation flip_crop`), and no
+  BatchNorm re-estimation before validation.
 - `train --optimizer sgd`: the same with the BatchNorm re-estimation (`train`'s default).
-- `train`: the CLI at its defaults (AdamW).
+- `train`: the CLI at its defaults (AdamW), with crop + flip.
+- `torchvision ImageFolder loop`: the plain loop one writes from torchvision's tutorials: ImageFolder with
+  RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize, a DataLoader without workers (as `train` on
+  2 CPUs), torchvision's resnet18, SGD (Nesterov), validation after each epoch. Needs nothing but torchvision.
 - `timm train.py`: timm's training epoch as its `train.py` wires it (its `create_dataset`, `create_loader` with
   the prefetcher and one worker per CPU, `create_model`, `create_optimizer_v2`, `LabelSmoothingCrossEntropy`,
   the cosine scheduler, and `train_one_epoch`'s step: forward, loss, backward, step, `loss.item()`, zero_grad).
@@ -18,7 +22,9 @@ medians of the epochs after the first (which pays for start-up):
 - `timm, 0 workers`: the same as `timm train.py`, decoding in the training process: the loader's share.
 
 Per epoch: `train s` is the training loop alone (first batch requested to last step done), `epoch s` adds what
-each does before the next epoch (validation; for `train` also the BatchNorm re-estimation, benchmarks/recipe.py).
+each does before the next epoch (validation; for `train` also the BatchNorm re-estimation, benchmarks/recipe.py),
+`cycle s` everything from one epoch's end to the next (for `train` also its logging and checkpoint). Every
+contestant's OpenMP threads wait as `train`'s do (see omp_wait_policy.py) unless the caller set a policy.
 
     pip install --no-deps timm==1.0.31    # not a dependency of the project; only this script needs it
     python benchmarks/timm_comparison.py --repeats 5
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -42,15 +49,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # common.py: the benchmarks' shared helpers
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+from train_pytorch_model.cli import bounded_openmp_spinning  # noqa: E402  (torch-free)
+
 CPUS = len(os.sched_getaffinity(0))
 CLASSES = [f"class{k}" for k in range(10)]
 SCALE, RATIO = (0.5, 1.0), (3 / 4, 4 / 3)  # preprocessing.Preprocessing.train_transform's crop
 
+FLIP = ["--augmentation", "flip_crop"]  # timm's and the torchvision loop's crop + flip
 CONTESTANTS = {
     "train --optimizer sgd --bn-recalibration false": ("train", {"args": ["--optimizer", "sgd",
-                                                                          "--bn-recalibration", "false"]}),
-    "train --optimizer sgd": ("train", {"args": ["--optimizer", "sgd"]}),
-    "train": ("train", {}),
+                                                                          "--bn-recalibration", "false", *FLIP]}),
+    "train --optimizer sgd": ("train", {"args": ["--optimizer", "sgd", *FLIP]}),
+    "train": ("train", {"args": FLIP}),
+    "torchvision ImageFolder loop": ("torchvision", {}),
     "timm train.py": ("timm", {"model": "timm", "workers": CPUS}),
     "timm, torchvision resnet18": ("timm", {"model": "torchvision", "workers": CPUS}),
     "timm, 0 workers": ("timm", {"model": "timm", "workers": 0}),
@@ -93,6 +105,8 @@ def measure_train(spec: dict) -> dict:
                 "--validation-data", f"{spec['data']}/validation", "--trained-model", str(out),
                 "--epochs", str(spec["epochs"]), "--batch-size", str(spec["batch_size"]),
                 "--image-size", str(spec["size"]), "--patience", "0", "--print-freq", "1000000", *spec.get("args", [])]
+        handler = EpochClock()
+        logging.getLogger("train_pytorch_model").addHandler(handler)
         if cli.main(argv) != 0:
             raise SystemExit("train failed")
         with open(out / "metrics.csv", newline="") as handle:
@@ -101,8 +115,65 @@ def measure_train(spec: dict) -> dict:
     seen = spec["train_images"] // spec["batch_size"] * spec["batch_size"]  # drop_last
     return {"train_seconds": [seen / float(r["train_images_per_second"]) for r in rows],
             "epoch_seconds": [float(r["seconds"]) for r in rows],
+            "cycle_seconds": [b - a for a, b in zip([handler.started, *handler.ends], handler.ends)],
             "settings": {k: training.get(k) for k in ("optimizer", "num_workers", "cpu_threads", "channels_last",
                                                       "bn_recalibration")}}
+
+
+class EpochClock(logging.Handler):
+    """The time of each epoch's summary line: an epoch's whole cycle (training, BatchNorm re-estimation,
+    validation, logging, checkpoint) is the time between two."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.started, self.ends = time.perf_counter(), []
+
+    def emit(self, record):
+        if str(record.msg).startswith("Epoch %d/%d"):
+            self.ends.append(time.perf_counter())
+
+
+def measure_torchvision(spec: dict) -> dict:
+    """A plain torchvision training loop doing the same work: ImageFolder, RandomResizedCrop + flip + ToTensor +
+    Normalize in the DataLoader (no workers, as `train` on 2 CPUs), torchvision's resnet18, SGD (Nesterov),
+    fp32; validation (Resize + CenterCrop) after each epoch."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(42)
+    size, batch = spec["size"], spec["batch_size"]
+    normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train = datasets.ImageFolder(f"{spec['data']}/train", transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=SCALE, ratio=RATIO), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), normalize]))
+    valid = datasets.ImageFolder(f"{spec['data']}/validation", transforms.Compose([
+        transforms.Resize(round(size / 0.875)), transforms.CenterCrop(size), transforms.ToTensor(), normalize]))
+    train_loader = DataLoader(train, batch_size=batch, shuffle=True, drop_last=True)
+    valid_loader = DataLoader(valid, batch_size=batch)
+    model = torchvision.models.resnet18(num_classes=len(CLASSES))
+    optimizer = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9, nesterov=True, weight_decay=1e-4)
+    train_seconds, epoch_seconds = [], []
+    for _epoch in range(spec["epochs"]):
+        started = time.perf_counter()
+        model.train()
+        for images, targets in train_loader:
+            loss = F.cross_entropy(model(images), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        train_seconds.append(time.perf_counter() - started)
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for images, targets in valid_loader:
+                correct += (model(images).argmax(1) == targets).sum().item()
+        epoch_seconds.append(time.perf_counter() - started)
+    return {"train_seconds": train_seconds, "epoch_seconds": epoch_seconds, "cycle_seconds": epoch_seconds,
+            "settings": {"optimizer": "sgd", "num_workers": 0, "cpu_threads": torch.get_num_threads(),
+                         "channels_last": False, "bn_recalibration": False}}
 
 
 def measure_timm(spec: dict) -> dict:
@@ -161,16 +232,19 @@ def measure_timm(spec: dict) -> dict:
                 top1.update(utils.accuracy(output, target, topk=(1,))[0].item(), input.size(0))
         scheduler.step(_epoch + 1, top1.avg)
         epoch_seconds.append(time.perf_counter() - started)
-    return {"train_seconds": train_seconds, "epoch_seconds": epoch_seconds,
+    return {"train_seconds": train_seconds, "epoch_seconds": epoch_seconds, "cycle_seconds": epoch_seconds,
             "settings": {"optimizer": "sgd", "num_workers": spec["workers"], "cpu_threads": torch.get_num_threads(),
                          "channels_last": False, "bn_recalibration": False}}
 
 
-MEASUREMENTS = {"train": measure_train, "timm": measure_timm}
+MEASUREMENTS = {"train": measure_train, "timm": measure_timm, "torchvision": measure_torchvision}
 
 
 def run(kind: str, spec: dict) -> dict:
+    # Every contestant's OpenMP threads wait the way `train`'s do (cli.main sets it when the user has not, but here
+    # torch is imported before cli.main runs), so the comparison is of the work, not of the wait policy.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    bounded_openmp_spinning(env)
     done = subprocess.run([sys.executable, __file__, "--measure", kind, "--spec", json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -187,12 +261,14 @@ def markdown(report: dict) -> str:
     base = rows.get("timm train.py", {}).get("train_s")
     lines = [f"{report['work']}; {report['machine']}; medians of {report['repeats']} rounds x "
              f"{report['epochs'] - 1} timed epochs.", "",
-             "| contestant | workers | threads | train s / epoch | / timm train.py | epoch s (with validation) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| contestant | workers | threads | train s / epoch | / timm train.py | epoch s (with validation) "
+             "| whole epoch cycle s | / torchvision loop |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    loop = rows.get("torchvision ImageFolder loop", {}).get("cycle_s")
     for name, row in rows.items():
         ratio = f"{row['train_s'] / base:.2f}" if base else "-"
+        cycle = f"{row['cycle_s'] / loop:.2f}" if loop else "-"
         lines.append(f"| {name} | {row['settings']['num_workers']} | {row['settings']['cpu_threads']} | "
-                     f"{row['train_s']:.2f} | {ratio} | {row['epoch_s']:.2f} |")
+                     f"{row['train_s']:.2f} | {ratio} | {row['epoch_s']:.2f} | {row['cycle_s']:.2f} | {cycle} |")
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{host['cpus_available']} CPUs, {host['cpu']} ({host['cpu_capability']}), torch {host['torch']}",
         "host": host, "repeats": args.repeats, "epochs": args.epochs,
         "results": {name: {"train_s": median_after_first(runs, "train_seconds"),
-                           "epoch_s": median_after_first(runs, "epoch_seconds"), "settings": runs[0]["settings"],
+                           "epoch_s": median_after_first(runs, "epoch_seconds"),
+                           "cycle_s": median_after_first(runs, "cycle_seconds"), "settings": runs[0]["settings"],
                            "runs": runs} for name, runs in times.items()}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "timm_comparison.json").write_text(json.dumps(report, indent=2))

@@ -1,6 +1,7 @@
 """The benchmark scripts run, on the CPU and tiny generated data: the throughput suite of
-benchmarks/benchmark_training.py (its measurements, its JSON and Markdown), cpu_step_factors.py and
-timm_comparison.py (issue 16's CPU comparison). Nothing here asserts a speed."""
+benchmarks/benchmark_training.py (its measurements, its JSON and Markdown; the suites live in speed.py and
+throughput.py, shared helpers in common.py), cpu_step_factors.py, timm_comparison.py (issue 16's CPU comparison),
+supply.py and omp_wait_policy.py (issue 22). Nothing here asserts a speed."""
 
 from __future__ import annotations
 
@@ -138,3 +139,34 @@ def test_timm_comparison_times_train_epochs_on_the_shared_dataset(tmp_path):
     assert ("timm train.py" in report["results"]) == timm_installed
     assert ("timm is not installed" in done.stderr) != timm_installed
     assert "| train | " in (out / "timm_comparison.md").read_text()
+
+
+def test_supply_times_our_pipeline_and_the_torchvision_reference_per_image(tmp_path):
+    """benchmarks/supply.py at toy size, in this process: both pipelines timed on every kind of image."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        supply = importlib.import_module("supply")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    import torch
+
+    threads = torch.get_num_threads()
+    assert supply.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # given back
+    report = json.loads((tmp_path / "supply.json").read_text())
+    assert set(report["kinds"]) == {"imagenet", "photo"}
+    for row in report["kinds"].values():
+        assert row["ours"]["core_ms"] > 0 and row["reference"]["core_ms"] > 0 and row["data"]["mean_kb"] > 0
+    assert "| imagenet (6 JPEGs ~100x75) |" in (tmp_path / "supply.md").read_text()
+
+
+@pytest.mark.slow
+def test_omp_wait_policy_compares_the_policies_as_the_machine_is_and_busy(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "omp_wait_policy.py"), "--quick",
+                           "--out", str(tmp_path)], check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "omp_wait_policy.json").read_text())
+    assert list(report["conditions"]) == ["as the machine is", "+ 1 busy processes"]
+    for results in report["conditions"].values():
+        assert set(results) == {"default (unset)", "PASSIVE", "GOMP_SPINCOUNT=1000", "GOMP_SPINCOUNT=10000", "ACTIVE"}
+        assert all(row["median"] > 0 for row in results.values())

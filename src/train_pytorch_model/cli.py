@@ -56,20 +56,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def passive_openmp_waits(environ=os.environ) -> None:
-    """OpenMP threads that wait at a barrier sleep at once instead of spinning (OMP_WAIT_POLICY=PASSIVE), unless
-    the user chose a policy (OMP_WAIT_POLICY, or libgomp's GOMP_SPINCOUNT). OpenMP reads it once, when torch
-    loads it: call this before torch is imported.
+def bounded_openmp_spinning(environ=os.environ) -> None:
+    """OpenMP threads waiting at a barrier spin ~1,000 times, then sleep (GOMP_SPINCOUNT=1000; libgomp's default
+    is 300,000, up to ~15 ms of spinning on CPUs with a slow `pause`), unless the user chose (OMP_WAIT_POLICY or
+    GOMP_SPINCOUNT set). libgomp reads it once, when torch loads it: call this before torch is imported.
 
     On a CPU shared with other processes, a spinning thread waits for one that lost its core and burns its own
-    time slice meanwhile: CPU training ran 3-10x slower than with sleeping waits on a busy 2-core machine
-    (benchmarks/omp_wait_policy.py, docs/performance.md). On a GPU the CPU threads do little math either way."""
+    time slice meanwhile: on the busy 2-core machine CPU training ran 10x faster with 1,000 spins than with the
+    default (PASSIVE, no spin, as fast; benchmarks/omp_wait_policy.py, docs/performance.md). 1,000 is what
+    libgomp itself uses once it knows the CPUs are oversubscribed; a short spin still catches the next parallel
+    region on an idle machine. On a GPU the CPU threads do little math either way."""
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
-        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        environ["GOMP_SPINCOUNT"] = "1000"
 
 
 def main(argv: list[str] | None = None) -> int:
-    passive_openmp_waits()  # first: before a command's module imports torch
+    bounded_openmp_spinning()  # first: before a command's module imports torch
     if argv is None:  # the program itself (the `train-pytorch-model` script): SIGTERM from now on is named
         install_early_handler()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
