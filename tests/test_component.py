@@ -29,7 +29,9 @@ SDK_EXAMPLE_MARKER = "<!-- executed by tests/test_component.py -->"
 EXPECTED_INPUTS = {
     "untrained_model": ("uri_folder", None, False, None),
     "training_data": ("uri_folder", None, False, None),
-    "validation_data": ("uri_folder", None, False, None),
+    "validation_data": ("uri_folder", None, True, None),  # optional: a stratified split when absent (issue 24)
+    "task": ("string", None, True, None),
+    "validation_fraction": ("number", None, True, 0.01),
     "image_column": ("string", None, True, None),
     "label_column": ("string", None, True, None),
     "epochs": ("integer", 5, False, 1),
@@ -52,7 +54,7 @@ ALLOWED_FLAGS = {"--untrained-model", "--training-data", "--validation-data", "-
                  "--batch-size", "--learning-rate", "--random-seed", "--patience", "--image-size",
                  "--registered-model-name", "--num-workers", "--checkpoint-dir", "--optimizer", "--augmentation",
                  "--warmup-epochs", "--label-smoothing", "--precision", "--cache-validation", "--image-column",
-                 "--label-column"}
+                 "--label-column", "--task", "--validation-fraction"}
 # Names that mean something else in an input definition or a job YAML (`path: azureml:...`),
 # Python keywords (the SDK turns inputs into keyword arguments) and `self`.
 RESERVED_NAMES = set(keyword.kwlist) | {"self", "path", "type", "mode", "name", "version", "description",

@@ -23,6 +23,7 @@ OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CLASS_WEIGHTS = ("none", "balanced")
 STOPPING_METRICS = ("valid_loss", "valid_top1")
+TASKS = ("auto", "multiclass", "multilabel")
 
 
 def _field(default, help: str, *, group: str = "extras", identity: bool = True, **argparse_options):
@@ -54,8 +55,10 @@ class TrainConfig:
                                    identity=False, required=True, type=Path)
     training_data: Path = _field(None, "labeled training ImageDirectory", group="directories", identity=False,
                                  required=True, type=Path)
-    validation_data: Path = _field(None, "labeled validation ImageDirectory", group="directories", identity=False,
-                                   required=True, type=Path)
+    validation_data: Path | None = _field(
+        None, "labeled validation ImageDirectory; without it, --validation-fraction of the training images is split "
+        "off (stratified, by the seed; recorded in training_info.json)", group="directories", identity=False,
+        type=Path)
     trained_model: Path = _field(None, "output folder (new or empty)", group="directories", identity=False,
                                  required=True, type=Path)
     image_column: str | None = _field(None, "image path column of a table or MLTable input (default: the first of "
@@ -77,6 +80,13 @@ class TrainConfig:
     patience: int = _field(3, "stop after this many epochs without a better validation loss; 0 never stops early "
                            "(default 3)", group="designer parameters", type=int)
     # extras
+    task: str = _field("auto", "multiclass (one label per image, softmax) or multilabel (a set of labels per image, "
+                       "one sigmoid per class); auto: multilabel when the table's labels are lists (default auto)",
+                       choices=TASKS)
+    validation_fraction: float = _field(0.2, "without --validation-data: the fraction of training images held out "
+                                        "for validation (default 0.2, as AutoML)", type=float)
+    positive_class_weights: str = _field("none", "multilabel: balanced weighs each class's positive images by "
+                                         "negatives/positives, for rare labels (default none)", choices=CLASS_WEIGHTS)
     image_size: int | None = _field(None, "square side images are resized/cropped to (default auto: the "
                                     "architecture's, 224 for designer's DenseNet/ResNet)", type=auto_or_int,
                                     metavar="auto|N", shown="auto")
@@ -138,6 +148,9 @@ class TrainConfig:
         _check("Max bad image fraction", self.max_bad_image_fraction,
                math.isfinite(self.max_bad_image_fraction) and 0 <= self.max_bad_image_fraction <= 1,
                "must be between 0 and 1")
+        _check("Validation fraction", self.validation_fraction,
+               math.isfinite(self.validation_fraction) and 0 < self.validation_fraction < 1,
+               "must be a number between 0 and 1 (exclusive)")
         _check("Print frequency", self.print_freq, self.print_freq >= 1, "must be an integer >= 1")
         for name, value in (("Label smoothing", self.label_smoothing), ("Mixup", self.mixup), ("Cutmix", self.cutmix)):
             _check(name, value, math.isfinite(value) and 0 <= value <= (1 if name == "Label smoothing" else 100),

@@ -92,6 +92,14 @@ class Context:
         dist.broadcast_object_list(holder, src=0, device=self.device if self.device.type == "cuda" else None)
         return holder[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's (picklable) object, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

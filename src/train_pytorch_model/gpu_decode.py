@@ -27,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .data import ImageDataset, build_dataset, sample_seed
+from .data import ImageDataset, build_dataset, sample_seed, stack_targets
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
 from .legacy_format import resolves_inside
@@ -165,7 +165,7 @@ class GpuBatch:
 
     images: list[torch.Tensor]
     plans: list[Plan | None]
-    targets: torch.Tensor  # int64 N
+    targets: torch.Tensor  # int64 N, or float N x classes (multi-label)
     failures: list[tuple[int, str]]
     rows: list[int]
 
@@ -181,7 +181,7 @@ def collate(items) -> GpuBatch:
     good = [item for item in items if item[0] is not None]
     failures = [(item[3], item[4]) for item in items if item[0] is None]
     return GpuBatch([item[0] for item in good], [item[1] for item in good],
-                    torch.tensor([item[2] for item in good], dtype=torch.int64), failures, [item[3] for item in good])
+                    stack_targets([item[2] for item in good]), failures, [item[3] for item in good])
 
 
 def _crop_resize(image: torch.Tensor, plan: Plan) -> torch.Tensor:

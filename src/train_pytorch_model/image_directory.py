@@ -22,10 +22,11 @@ import logging
 import os
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError, quote
+from .label_sets import LabelSets
 from .legacy_format import (
     is_hidden,
     is_safe_relative,
@@ -47,7 +48,10 @@ CONVERT_HELP = "see the README section 'Input formats' or use `python -m train_p
 
 @dataclass
 class ImageDirectory:
-    """An indexed ImageDirectory: row i is image `files[i]` with label `categories[labels[i]]`."""
+    """An indexed ImageDirectory: row i is image `files[i]` with label `categories[labels[i]]`.
+
+    Multi-label (`label_sets` set; only tables and MLTables are): row i's categories are
+    `label_sets[i]`, and `labels[i]` only says whether the row is labeled (0) or not (-1)."""
 
     root: Path
     layout: str  # "meta", "mltable", "table", "image_folder" or "flat"
@@ -57,6 +61,7 @@ class ImageDirectory:
     categories: list[str] | None  # class names in category-id order; None when not labeled
     schema: dict = field(default_factory=dict)  # the `_schema.json` (generated for fallbacks)
     annotation_column: str | None = "category"
+    label_sets: LabelSets | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -65,8 +70,24 @@ class ImageDirectory:
     def is_labeled(self) -> bool:
         return self.categories is not None
 
+    @property
+    def is_multilabel(self) -> bool:
+        return self.label_sets is not None
+
     def path(self, i: int) -> Path:
         return self.root / self.files[i]
+
+    def subset(self, rows: list[int]) -> ImageDirectory:
+        """These rows only (same root, categories and schema)."""
+        return replace(self, files=[self.files[i] for i in rows], ids=array("q", (self.ids[i] for i in rows)),
+                       labels=array("l", (self.labels[i] for i in rows)),
+                       label_sets=self.label_sets.subset(rows) if self.label_sets is not None else None)
+
+    def label_names(self, i: int) -> list[str]:
+        """Row i's category names: one, or a multi-label row's set (none for an unlabeled row)."""
+        if self.label_sets is not None:
+            return self.label_sets.names(i, self.categories) if self.labels[i] >= 0 else []
+        return [self.categories[self.labels[i]]] if self.categories is not None and self.labels[i] >= 0 else []
 
 
 def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unlabeled: bool = False, *,
@@ -108,7 +129,8 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
         index = read_table(table, Columns(image_column, label_column), keep_unlabeled, error)
         labeled = index.categories is not None
         directory = ImageDirectory(root, index.layout, index.files, index.ids, index.labels, index.categories,
-                                   default_schema(index.categories), "category" if labeled else None)
+                                   default_schema(index.categories), "category" if labeled else None,
+                                   index.label_sets)
     elif (coco := find_coco_file(root)) is not None:
         raise error(
             f"'{coco.name}' makes this a COCO folder, which never holds classification labels. "

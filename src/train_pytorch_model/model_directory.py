@@ -397,7 +397,8 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
                 except OSError:
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
-                row[name] = directory.categories[directory.labels[i]]
+                names = directory.label_names(i)  # a multi-label row: its list of categories
+                row[name] = names if directory.is_multilabel else (names[0] if names else None)
             elif name == "id":
                 row[name] = directory.ids[i]
         samples.append(row)
