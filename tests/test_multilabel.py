@@ -165,3 +165,105 @@ def test_a_forced_multiclass_run_on_label_lists_fails_by_name(tmp_path, capsys):
     assert main(train_argv(data, tmp_path / "model", "--task", "multiclass")) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("SingleLabelFormatError: ")
     assert not (tmp_path / "model").exists()
+
+
+# --- outputs: score, evaluate, the MLflow model, export -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multilabel_model(tmp_path_factory):
+    """A multi-label model trained without validation data (a recorded split), and its data."""
+    root = tmp_path_factory.mktemp("multilabel")
+    data = write_multilabel_mltable(root / "ml", count=24)
+    out = root / "model"
+    assert main(train_argv(data, out, "--mlflow-tracking-uri", f"sqlite:///{root / 'mlflow.db'}")) == 0
+    return out, data
+
+
+def test_score_and_evaluate_a_multilabel_model(multilabel_model, tmp_path):
+    import pandas as pd
+
+    model, data = multilabel_model
+    info = json.loads((model / "training_info.json").read_text())
+    assert info["validation_split"]["validation_images"] == 5 and info["task"] == "multilabel"
+    scored = tmp_path / "scored"
+    assert main(["score", "--trained-model", str(model), "--image-directory", str(data), "--scored-data",
+                 str(scored), "--num-workers", "0"]) == 0
+    table = pd.read_parquet(scored / "scored.parquet")
+    probabilities = table[[f"Scored Probabilities_{c}" for c in sorted(MULTILABEL_CLASSES)]].to_numpy()
+    assert not np.allclose(probabilities.sum(axis=1), 1.0)  # one sigmoid per class, not a softmax
+    for row, (cell, probs) in enumerate(zip(table["Scored Labels"], probabilities)):
+        assert json.loads(cell) == [c for c, p in zip(sorted(MULTILABEL_CLASSES), probs) if p >= 0.5], row
+    rows = [json.loads(line) for line in (data / "images.jsonl").read_text().splitlines()]
+    assert [json.loads(c) for c in table["category"]] == [sorted(r["label"]) for r in rows]
+    csv_table = pd.read_csv(scored / "scored.csv", dtype=str, keep_default_na=False)
+    assert list(csv_table["Scored Labels"]) == list(table["Scored Labels"])
+
+    # A lower threshold predicts supersets.
+    low = tmp_path / "low"
+    assert main(["score", "--trained-model", str(model), "--image-directory", str(data), "--scored-data", str(low),
+                 "--num-workers", "0", "--threshold", "0.1"]) == 0
+    low_table = pd.read_parquet(low / "scored.parquet")
+    assert all(set(json.loads(a)) <= set(json.loads(b)) for a, b in zip(table["Scored Labels"],
+                                                                        low_table["Scored Labels"]))
+
+    for source in (scored, scored / "scored.csv"):  # the CSV has no metadata: its list cells say multi-label
+        evaluation = tmp_path / f"evaluation-{source.name}"
+        assert main(["evaluate", "--scored-data", str(source), "--evaluation", str(evaluation)]) == 0
+        metrics = json.loads((evaluation / "metrics.json").read_text())
+        assert metrics["task"] == "multilabel" and metrics["evaluated_rows"] == 24
+        truth = np.array([[c in r["label"] for c in sorted(MULTILABEL_CLASSES)] for r in rows])
+        expected = multilabel_metrics.summary(truth, probabilities)
+        assert metrics["iou"] == pytest.approx(expected["iou"]) and metrics["map"] == pytest.approx(expected["map"])
+        assert metrics["accuracy"] == pytest.approx(expected["exact_match"])
+        assert metrics["micro"]["f1"] == pytest.approx(expected["f1_micro"])
+        assert metrics["macro"]["f1"] == pytest.approx(expected["f1_macro"])
+        assert set(metrics["per_class"]) == set(MULTILABEL_CLASSES)
+        assert {"precision", "recall", "f1", "average_precision", "support"} == set(metrics["per_class"]["can"])
+        per_class = pd.read_csv(evaluation / "per_class_metrics.csv")
+        assert list(per_class["support"]) == [int(truth[:, i].sum()) for i in range(4)]
+        assert (evaluation / "confusion_matrix.png").is_file()
+
+
+def test_the_mlflow_model_returns_label_sets_with_an_overridable_threshold(multilabel_model):
+    import pandas as pd
+
+    model, data = multilabel_model
+    images = pd.DataFrame({"image": [(data / "images" / f"{n}.png").read_bytes() for n in range(6)]})
+    loaded = mlflow.pyfunc.load_model(str(model))
+    result = loaded.predict(images)
+    columns = [f"Scored Probabilities_{c}" for c in sorted(MULTILABEL_CLASSES)]
+    probabilities = result[columns].to_numpy()
+    assert list(result.columns) == ["Scored Labels", *columns]
+    assert [json.loads(c) for c in result["Scored Labels"]] == \
+        [[c for c, p in zip(sorted(MULTILABEL_CLASSES), row) if p >= 0.5] for row in probabilities]
+    everything = loaded.predict(images, params={"threshold": 0.0})
+    assert all(json.loads(c) == sorted(MULTILABEL_CLASSES) for c in everything["Scored Labels"])
+    nothing = mlflow.pyfunc.load_model(str(model), model_config={"threshold": 1.0}).predict(images)
+    assert all(json.loads(c) == [c2 for c2, p in zip(sorted(MULTILABEL_CLASSES), row) if p >= 1.0]
+               for c, row in zip(nothing["Scored Labels"], nothing[columns].to_numpy()))
+    assert loaded.metadata.metadata["task"] == "multilabel" and loaded.metadata.metadata["threshold"] == 0.5
+    assert loaded.metadata.get_params_schema().to_dict()[0]["name"] == "threshold"
+
+
+def test_export_keeps_parity_with_a_sigmoid(multilabel_model, tmp_path):
+    import onnxruntime
+    import pandas as pd
+
+    from train_pytorch_model.model_directory import read_trained_model_directory
+    from train_pytorch_model.preprocessing import decode_image
+
+    model, data = multilabel_model
+    out = tmp_path / "exported"
+    assert main(["export", "--trained-model", str(model), "--output", str(out), "--format", "onnx"]) == 0
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["task"] == "multilabel" and info["threshold"] == 0.5 and "sigmoid" in info["output"]
+    files = [data / "images" / f"{n}.png" for n in range(5)]
+    trained = read_trained_model_directory(model)
+    transform = trained.preprocessing.eval_transform()
+    batch = torch.stack([transform(decode_image(f, trained.preprocessing.resize_size)) for f in files])
+    expected = mlflow.pyfunc.load_model(str(model)).predict(pd.DataFrame({"image": [f.read_bytes() for f in files]}))
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {"images": batch.numpy()})[0]
+    want = expected[[f"Scored Probabilities_{c}" for c in sorted(MULTILABEL_CLASSES)]].to_numpy()
+    assert np.abs(got - want).max() <= 1e-4

@@ -25,11 +25,13 @@ def predicted_sets(probabilities: np.ndarray, threshold: float = DEFAULT_THRESHO
     return np.asarray(probabilities) >= threshold
 
 
-def summary(truth: np.ndarray, probabilities: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
+def summary(truth: np.ndarray, probabilities: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+            predicted: np.ndarray | None = None) -> dict[str, float]:
+    """`predicted`: the predicted sets when already decided (a scored table's), else probabilities >= threshold."""
     from sklearn.metrics import accuracy_score, f1_score, jaccard_score
 
     truth = np.asarray(truth, dtype=bool)
-    predicted = predicted_sets(probabilities, threshold)
+    predicted = predicted_sets(probabilities, threshold) if predicted is None else predicted
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's "ill-defined" warnings: zero_division says what we want
         return {
@@ -56,14 +58,16 @@ def mean_average_precision(truth: np.ndarray, probabilities: np.ndarray) -> floa
     return float(np.mean(defined)) if defined else 0.0
 
 
-def per_class(truth: np.ndarray, probabilities: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> dict:
+def per_class(truth: np.ndarray, probabilities: np.ndarray, threshold: float = DEFAULT_THRESHOLD,
+              predicted: np.ndarray | None = None) -> dict:
     """precision, recall, f1, average_precision (None where undefined) and support, each a list by class."""
     from sklearn.metrics import precision_recall_fscore_support
 
     truth = np.asarray(truth, dtype=bool)
+    predicted = predicted_sets(probabilities, threshold) if predicted is None else predicted
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         precision, recall, f1, support = precision_recall_fscore_support(
-            truth, predicted_sets(probabilities, threshold), average=None, zero_division=0.0)
+            truth, predicted, average=None, zero_division=0.0)
     return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
             "average_precision": average_precisions(truth, probabilities), "support": support.tolist()}

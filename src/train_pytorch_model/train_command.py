@@ -517,7 +517,7 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
         task = task_info or {"task": "multiclass"}
         save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes,
                                                     **{k: task[k] for k in ("task", "threshold") if k in task}},
-                          example_image=train_dir.path(0))
+                          example_image=train_dir.path(0), threshold=task.get("threshold"))
 
 
 def translate_runtime_error(exc: RuntimeError, batch_size: int) -> TrainPyTorchModelError | RuntimeError:
