@@ -203,8 +203,9 @@ class ClassValidation:
     """Loss, top-1 and top-5 of a validation pass, summed on the device; one sync at the end."""
 
     def __init__(self, num_classes: int, device: torch.device):
-        self.num_classes = num_classes
+        self.num_classes, self.device = num_classes, device
         self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
+        self.pairs: list[torch.Tensor] = []  # (true, predicted) per image, for the validation confusion matrix
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         hits = logits.topk(min(5, self.num_classes), dim=1).indices == targets[:, None]
@@ -212,12 +213,15 @@ class ClassValidation:
         self.sums[1] += hits[:, 0].sum()
         self.sums[2] += hits.any(dim=1).sum()
         self.sums[3] += len(targets)
+        self.pairs.append(torch.stack((targets, logits.argmax(1)), dim=1))
 
     def result(self, ctx: Context) -> dict:
+        predictions = torch.cat(self.pairs) if self.pairs else torch.zeros(0, 2, dtype=torch.int64, device=self.device)
         loss_sum, top1, top5, seen = ctx.all_reduce_sum(self.sums.tolist())  # the one sync of a validation
         if seen == 0:
-            return {"loss": math.inf, "top1": 0.0, "top5": None}
-        return {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen if self.num_classes >= 5 else None}
+            return {"loss": math.inf, "top1": 0.0, "top5": None, "predictions": predictions}
+        return {"loss": loss_sum / seen, "top1": top1 / seen, "top5": top5 / seen if self.num_classes >= 5 else None,
+                "predictions": predictions}
 
 
 class LabelSetValidation:
@@ -225,25 +229,21 @@ class LabelSetValidation:
     there (images x classes) and brought to the host once, where scikit-learn computes the metrics."""
 
     def __init__(self, num_classes: int, device: torch.device):
+        self.num_classes, self.device = num_classes, device
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.probabilities: list[torch.Tensor] = []
-        self.truth: list[torch.Tensor] = []
-        self.num_classes = num_classes
+        self.rows: list[torch.Tensor] = []  # per image: the probabilities, then the true set as 0/1
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         # The mean over classes per image, summed over images: the training loss's scale.
         self.loss_sum += F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum().double()
-        self.probabilities.append(logits.sigmoid())
-        self.truth.append(targets > 0.5)
+        self.rows.append(torch.cat([logits.sigmoid(), (targets > 0.5).float()], dim=1))
 
     def result(self, ctx: Context) -> dict:
-        probabilities = torch.cat(self.probabilities).cpu() if self.probabilities else torch.empty(0, self.num_classes)
-        truth = torch.cat(self.truth).cpu() if self.truth else torch.empty(0, self.num_classes, dtype=torch.bool)
+        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, 2 * self.num_classes, device=self.device)
         (loss_sum,) = ctx.all_reduce_sum([self.loss_sum.item()])
-        if ctx.distributed:
-            parts = ctx.all_gather_object((probabilities, truth))
-            probabilities, truth = torch.cat([p for p, _ in parts]), torch.cat([t for _, t in parts])
-        seen = len(truth)
+        rows = ctx.gather_rows(rows).cpu()  # every rank's images (DDP), on the host
+        probabilities, truth = rows[:, :self.num_classes], rows[:, self.num_classes:] > 0.5
+        seen = len(rows)
         if seen == 0:
             return {"loss": math.inf, "top1": None, "top5": None, **dict.fromkeys(SUMMARY, 0.0)}
         return {"loss": loss_sum / seen, "top1": None, "top5": None,

@@ -187,6 +187,9 @@ class EvalResult:
     loss: float
     top1: float | None
     top5: float | None
+    # This rank's (true class, predicted class) per validation image, still on the device: the best epoch's
+    # become the validation confusion matrix (multi-class).
+    predictions: torch.Tensor | None = None
     iou: float | None = None
     f1_micro: float | None = None
     f1_macro: float | None = None
@@ -236,6 +239,7 @@ class TrainingState:
     early_stopping: EarlyStopping
     ema: AveragedModel | None = None
     best_state: dict | None = None
+    best_predictions: torch.Tensor | None = None  # (true, predicted) of every validation image at the best epoch
     history: list[EpochMetrics] = field(default_factory=list)
     next_epoch: int = 0
 
@@ -454,6 +458,9 @@ class Trainer:
             state.history.append(metrics)
             if state.early_stopping.step(epoch, validated.loss, validated.top1 or 0.0):
                 state.best_state = cpu_state_dict(model)  # a copy: the live weights keep changing
+                # Read at the epoch end, and only when it is the best: no sync in the validation loop.
+                if validated.predictions is not None:
+                    state.best_predictions = self.ctx.gather_rows(validated.predictions).cpu()
             state.next_epoch = epoch + 1
             stop = self.ctx.broadcast_flag(state.early_stopping.should_stop)
             on_epoch_end(state, metrics, stopping=stop)

@@ -54,6 +54,7 @@ from .model_directory import (
 )
 from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
 from .preprocessing import Preprocessing
+from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
 from .tasks import MultiClass, MultiLabel, resolve_task
 from .tracking import Tracker, redact
 from .train import (
@@ -470,15 +471,17 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
     write_trained_model(config.trained_model, state.raw_model, spec, data.classes, preprocessing, data.train,
                         is_cuda=ctx.device.type == "cuda", history=state.history, summary=summary, params=params,
                         run_id=tracker.run_id,  # params carry run_identity: a restart finds its own output
-                        task_info=task_info(data))
+                        best_predictions=state.best_predictions, task_info=task_info(data),
+                        samples=augmented_samples(data, preprocessing, config.random_seed))
     best = f"best_{data.task.primary_metric}"
     log.info("Best epoch %d (validation loss %.4f, %s %.1f%%). Trained model written to %s",
              summary["best_epoch"], summary["best_valid_loss"], best[len("best_valid_"):], 100 * (summary[best] or 0),
              config.trained_model)
     tracker.log_metrics({"best_epoch": summary["best_epoch"], "best_valid_loss": summary["best_valid_loss"],
                          best: summary[best] or 0.0}, step=len(state.history))
-    for name in ("metrics.csv", "training_curves.png"):
-        tracker.log_artifact(str(config.trained_model / name))
+    for name in TRAINING_FILES:  # shown on the run's page in `mlflow ui` and Azure ML studio
+        if (config.trained_model / name).exists():  # (a multi-label run has no confusion matrix)
+            tracker.log_artifact(str(config.trained_model / name))
     if config.registered_model_name:
         from .registry import register_model
         version = register_model(config.trained_model, config.registered_model_name)
@@ -499,9 +502,9 @@ def task_info(data: Data) -> dict:
 
 def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], preprocessing: Preprocessing,
                         train_dir: ImageDirectory, *, is_cuda: bool, history: list[EpochMetrics], summary: dict,
-                        params: dict, run_id: str | None, task_info: dict | None = None) -> None:
+                        params: dict, run_id: str | None, best_predictions: torch.Tensor | None = None,
+                        samples: list[tuple[torch.Tensor, int]] = (), task_info: dict | None = None) -> None:
     from .pyfunc import save_mlflow_model
-    from .reports import plot_training_curves, write_metrics_csv
 
     with staged_output(out) as stage:
         schema = train_dir.schema
@@ -512,12 +515,29 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
                         "training": {**params, **summary, "mlflow_run_id": run_id}},
             run_identity=params.get("run_identity"),
         )
-        write_metrics_csv(stage / "metrics.csv", history)
-        plot_training_curves(stage / "training_curves.png", history)
+        write_training_report(stage, history, summary["best_epoch"], classes, best_predictions, samples)
         task = task_info or {"task": "multiclass"}
         save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes,
                                                     **{k: task[k] for k in ("task", "threshold") if k in task}},
-                          example_image=train_dir.path(0), threshold=task.get("threshold"))
+                          examples=train_dir, threshold=task.get("threshold"))
+
+
+def augmented_samples(data: Data, preprocessing: Preprocessing, seed: int) -> list[tuple[torch.Tensor, int]]:
+    """A few training images of each class (the first classes), cropped and flipped as in the first epoch.
+    (Multi-label: grouped by each image's rarest label.)"""
+    class_index = {name: i for i, name in enumerate(data.classes)}
+    dataset = build_dataset(data.train, class_index, preprocessing, train=True, seed=seed)
+    rows: dict[int, list[int]] = {}
+    for row, target in enumerate(data.task.stratum(data.train)):
+        if 0 <= target < MOSAIC_CLASSES and len(rows.setdefault(target, [])) < MOSAIC_PER_CLASS:
+            rows[target].append(row)
+    samples = []
+    for target in sorted(rows):
+        for row in rows[target]:
+            image, _, _, error = dataset[row]
+            if error is None:
+                samples.append((image, target))
+    return samples
 
 
 def translate_runtime_error(exc: RuntimeError, batch_size: int) -> TrainPyTorchModelError | RuntimeError:
