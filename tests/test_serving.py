@@ -194,7 +194,6 @@ def multilabel_model(tmp_path_factory) -> Path:
     return root / "model"
 
 
-@pytest.mark.slow
 def test_a_served_multilabel_model_answers_label_sets_and_a_threshold_param(multilabel_model, tmp_path_factory):
     from conftest import MULTILABEL_CLASSES
 
