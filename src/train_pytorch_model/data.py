@@ -46,21 +46,26 @@ class ImageDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         target = self.targets[index]
         path = self.directory.path(index)
-        try:
-            if not resolves_inside(self.real_root, path):
-                raise ImageDecodeError("the path (or a symlink on it) leads outside the input folder")
-            image = decode_image(path, self.size_hint)
-            with torch.random.fork_rng(devices=[]):
-                # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
-                # every accelerator backend, 0.1 ms per image.
-                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-                return self.transform(image), target, index, None
-        except ImageDecodeError as exc:
-            return None, target, index, str(exc)
-        except FileNotFoundError:
-            return None, target, index, "file not found"
-        except OSError as exc:
-            return None, target, index, f"cannot read the file ({exc.strerror or exc})"
+        if not resolves_inside(self.real_root, path):
+            return None, target, index, "the path (or a symlink on it) leads outside the input folder"
+        return decoded_item(self, path, target, index, epoch)
+
+
+def decoded_item(dataset: ImageDataset, source, target: int, index: int, epoch: int) -> tuple:
+    """(uint8 CHW image or None, target, row, error or None) for an image file or encoded bytes (a shard row)."""
+    try:
+        image = decode_image(source, dataset.size_hint)
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
+            # every accelerator backend, 0.1 ms per image.
+            torch.default_generator.manual_seed(sample_seed(dataset.seed, epoch, index))
+            return dataset.transform(image), target, index, None
+    except ImageDecodeError as exc:
+        return None, target, index, str(exc)
+    except FileNotFoundError:
+        return None, target, index, "file not found"
+    except OSError as exc:
+        return None, target, index, f"cannot read the file ({exc.strerror or exc})"
 
 
 @dataclass
@@ -174,17 +179,19 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: ImageDataset, sampler: Sampler, *, batch_size: int, drop_last: bool,
+def make_loader(dataset, sampler: Sampler, *, batch_size: int | None, drop_last: bool,
                 num_workers: int, device: torch.device, local_world_size: int = 1,
-                generator: torch.Generator | None = None) -> DataLoader:
+                generator: torch.Generator | None = None, images_per_batch: int | None = None) -> DataLoader:
+    """`batch_size` None: the sampler's keys name whole batches (shard_data)."""
     workers = num_workers > 0
     image_bytes = 3 * (dataset.size_hint or 224) ** 2
+    batch_bytes = (images_per_batch or batch_size) * image_bytes
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         collate_fn=getattr(dataset, "collate", collate),  # a dataset may bring its own (gpu_decode's)
         num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
         persistent_workers=workers, generator=generator,
-        prefetch_factor=prefetch_factor(num_workers, batch_size * image_bytes, local_world_size) if workers else None,
+        prefetch_factor=prefetch_factor(num_workers, batch_bytes, local_world_size) if workers else None,
     )
 
 
@@ -193,17 +200,45 @@ def training_loader(dataset: ImageDataset, *, batch_size: int, seed: int, rank: 
     # DistributedSampler also serves a single process: a (seed, epoch)-determined shuffle. The loader's own
     # generator keeps its iterators (started early, before validation) from drawing on the global RNG, whose
     # state the checkpoint saves.
+    common = dict(num_workers=num_workers, device=device, local_world_size=local_world_size,
+                  generator=torch.Generator().manual_seed(seed))
+    if shards_of(dataset) is not None:
+        return shard_loader(dataset, train=True, batch_size=batch_size, rank=rank, world_size=world_size, **common)
     inner = DistributedSampler(range(len(dataset)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    return make_loader(dataset, EpochTaggedSampler(inner), batch_size=batch_size, drop_last=True,
-                       num_workers=num_workers, device=device, local_world_size=local_world_size,
-                       generator=torch.Generator().manual_seed(seed))
+    return make_loader(dataset, EpochTaggedSampler(inner), batch_size=batch_size, drop_last=True, **common)
 
 
 def evaluation_loader(dataset: ImageDataset, *, batch_size: int, rank: int, world_size: int,
                       num_workers: int, device: torch.device, local_world_size: int = 1, cache: bool = False):
-    loader = make_loader(dataset, ShardSampler(len(dataset), rank, world_size), batch_size=batch_size,
-                         drop_last=False, num_workers=num_workers, device=device, local_world_size=local_world_size)
+    common = dict(num_workers=num_workers, device=device, local_world_size=local_world_size)
+    if shards_of(dataset) is not None:
+        loader = shard_loader(dataset, train=False, batch_size=batch_size, rank=rank, world_size=world_size,
+                              **common)
+    else:
+        loader = make_loader(dataset, ShardSampler(len(dataset), rank, world_size), batch_size=batch_size,
+                             drop_last=False, **common)
     return CachedBatches(loader) if cache else loader
+
+
+def shards_of(dataset):
+    """The ShardIndex a dataset reads, or None for image files."""
+    directory = getattr(dataset, "directory", None)
+    return getattr(directory, "shards", None)
+
+
+def shard_loader(dataset: ImageDataset, *, train: bool, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, collate_fn=None, **common) -> DataLoader:
+    """Batches of a Parquet shard set (shard_data.py): the loader's keys name whole batches."""
+    from .shard_data import ShardBatchSampler, ShardDataset, process_streams
+
+    shards = dataset.directory.shards
+    streams = process_streams(shards.rows, num_workers, world_size, batch_size, train)
+    batches = ShardDataset(dataset, shards, train=train, batch_size=batch_size, rank=rank, world_size=world_size,
+                           streams=streams)
+    if collate_fn is not None:
+        batches.collate = collate_fn
+    return make_loader(batches, ShardBatchSampler(batches.batches_per_stream()), batch_size=None, drop_last=False,
+                       num_workers=num_workers, images_per_batch=batch_size, **common)
 
 
 class CachedBatches:

@@ -393,7 +393,9 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
         for name in column_names:
             if name == "image":
                 try:
-                    row[name] = base64.b64encode(directory.path(i).read_bytes()).decode("ascii")
+                    source = directory.image_source(i)
+                    data = source.read_bytes() if isinstance(source, Path) else source
+                    row[name] = base64.b64encode(data).decode("ascii") if data is not None else None
                 except OSError:
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
