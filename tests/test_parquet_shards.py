@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import datasets  # a dev dependency (pyproject.toml)
 import pytest
 import torch
 from PIL import Image
@@ -24,7 +25,7 @@ from train_pytorch_model.preprocessing import Preprocessing
 from train_pytorch_model.shard_data import ShardBatchSampler, shuffle_buffer, stream_segments
 from train_pytorch_model.shards import HF_METADATA_KEY, shard_schema
 
-datasets = pytest.importorskip("datasets")  # a dev dependency: installed wherever the tests run
+
 
 CPU = torch.device("cpu")
 CLASSES = {"ant": 7, "bee": 6, "cat": 7}
@@ -234,3 +235,240 @@ def test_sampler_keys_carry_the_epoch_and_pad_short_streams():
     sampler = ShardBatchSampler([2, 1])
     sampler.set_epoch(3)
     assert list(sampler) == [(3, 0, 0), (3, 1, 0), (3, 0, 1), (3, 1, None)] and len(sampler) == 4
+
+
+# --- bad shards ---------------------------------------------------------------------------------------------
+
+
+def write_shard(path, images, labels=None, names=("cat", "dog"), image_type=None, row_group_size=None):
+    """A shard in datasets' layout from raw values (so that it can hold what datasets would refuse)."""
+    schema = shard_schema(list(names) if names is not None else None)
+    columns = {"image": pa.array(images, image_type or schema.field("image").type)}
+    if labels is not None:
+        columns["label"] = pa.array(labels, pa.int64())
+    table = pa.table(columns).replace_schema_metadata(schema.metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def good_rows(count):
+    return [{"bytes": png((200 * (i % 2), 40, 0)), "path": f"{i}.png"} for i in range(count)]
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+    write_shard(tmp_path / "s" / "train-00000-of-00002.parquet", good_rows(4), [0, 1, 0, 1])
+    bad = write_shard(tmp_path / "s" / "train-00001-of-00002.parquet", good_rows(4), [0, 1, 0, 1])
+    bad.write_bytes(bad.read_bytes()[:-30])
+    with pytest.raises(InvalidDatasetError, match=r"shard 'train-00001-of-00002.parquet' cannot be read as Parquet"):
+        load_image_directory(tmp_path / "s", "Training")
+
+
+def test_a_non_parquet_file_among_shards_is_named(tmp_path):
+    write_shard(tmp_path / "s" / "train-00000-of-00002.parquet", good_rows(4), [0, 1, 0, 1])
+    (tmp_path / "s" / "train-00001-of-00002.parquet").write_text("id,label\n1,cat\n")
+    with pytest.raises(InvalidDatasetError, match=r"'train-00001-of-00002.parquet' cannot be read as Parquet.*"
+                                                  r"truncated or not a Parquet file"):
+        load_image_directory(tmp_path / "s", "Training")
+
+
+def test_a_missing_or_wrong_typed_column_is_named(tmp_path):
+    write_shard(tmp_path / "a" / "x.parquet", good_rows(4), [0, 1, 0, 1])
+    with pytest.raises(InvalidDatasetError, match=r"has no label column 'kind'"):
+        load_image_directory(tmp_path / "a", "Training", label_column="kind")
+    # A second shard without the label column the first one has.
+    write_shard(tmp_path / "b" / "train-00000-of-00002.parquet", good_rows(2), [0, 1])
+    write_shard(tmp_path / "b" / "train-00001-of-00002.parquet", good_rows(2), None, names=None)
+    with pytest.raises(InvalidDatasetError, match=r"'train-00001-of-00002.parquet' has no column 'label'"):
+        load_image_directory(tmp_path / "b", "Training")
+    # A float label column.
+    table = pa.table({"image": pa.array(good_rows(2), shard_schema(None).field("image").type),
+                      "label": pa.array([0.5, 1.5])})
+    (tmp_path / "c").mkdir()
+    pq.write_table(table, tmp_path / "c" / "x.parquet")
+    with pytest.raises(InvalidDatasetError, match=r"label column 'label' is double"):
+        load_image_directory(tmp_path / "c", "Training")
+
+
+def test_a_label_outside_the_classlabel_names_is_named_by_row(tmp_path):
+    write_shard(tmp_path / "s" / "x.parquet", good_rows(5), [0, 1, 0, 7, 1])
+    with pytest.raises(InvalidDatasetError, match=r"shard 'x.parquet' row 3: label 7 is not a class id .*0 to 1"):
+        load_image_directory(tmp_path / "s", "Training")
+
+
+def test_rows_without_a_label_cannot_train_but_can_be_scored(tmp_path):
+    write_shard(tmp_path / "s" / "x.parquet", good_rows(4), [0, -1, 1, 0])
+    with pytest.raises(InvalidDatasetError, match=r"1 rows have no label .* first x.parquet row 1"):
+        load_image_directory(tmp_path / "s", "Training")
+    assert list(load_image_directory(tmp_path / "s", "Scoring", keep_unlabeled=True).labels) == [0, -1, 1, 0]
+
+
+def test_a_row_group_larger_than_a_reader_may_hold_is_named(tmp_path, monkeypatch):
+    import train_pytorch_model.shards as shards_module
+
+    write_shard(tmp_path / "s" / "x.parquet", good_rows(6), [0, 1] * 3, row_group_size=3)
+    monkeypatch.setattr(shards_module, "MAX_ROW_GROUP_BYTES", 100)
+    with pytest.raises(InvalidDatasetError, match=r"'x.parquet' row group 0 holds .* more than a reader may hold"):
+        load_image_directory(tmp_path / "s", "Training")
+
+
+def test_null_and_undecodable_images_are_skipped_by_file_and_row(tmp_path, caplog):
+    rows = good_rows(8)
+    rows[2] = None  # a null image
+    rows[5] = {"bytes": b"not an image at all", "path": "5.png"}
+    rows[6] = {"bytes": None, "path": "/etc/passwd"}  # a path without bytes is never followed
+    write_shard(tmp_path / "s" / "x.parquet", rows, [0, 1] * 4)
+    directory = load_image_directory(tmp_path / "s", "Training")
+    prep = Preprocessing(image_size=16, augmentation="none")
+    dataset = build_dataset(directory, {"cat": 0, "dog": 1}, prep, train=False, seed=0)
+    loader = evaluation_loader(dataset, batch_size=8, rank=0, world_size=1, num_workers=0, device=CPU)
+    batches = list(loader)
+    tracker = BadImageTracker(directory, "Training", max_fraction=0.5)
+    for batch in batches:
+        tracker.record(batch.failures)
+    assert sum(len(b) for b in batches) == 5
+    assert sorted(tracker.bad) == [2, 5, 6]
+    assert "the image is empty (null)" in tracker.bad[2] and "/etc/passwd" in tracker.bad[6]
+    assert "Skipping unreadable training image 'x.parquet row 5'" in caplog.text
+    with pytest.raises(InvalidDatasetError, match=r"3 of 8 images cannot be read.*'x.parquet row 2'"):
+        BadImageTracker(directory, "Training", max_fraction=0.1).record(batches[0].failures)
+
+
+def test_a_damaged_row_group_skips_its_rows_by_name(tmp_path):
+    path = write_shard(tmp_path / "s" / "x.parquet", good_rows(6), [0, 1] * 3, row_group_size=3)
+    directory = load_image_directory(tmp_path / "s", "Scoring", keep_unlabeled=True)
+    data = bytearray(path.read_bytes())
+    start = pq.ParquetFile(path).metadata.row_group(1).column(0).data_page_offset
+    data[start:start + 40] = b"\xff" * 40  # the second row group's page header is garbage; the footer is intact
+    path.write_bytes(bytes(data))
+    from train_pytorch_model.shards import ShardReader
+    reader = ShardReader(directory.shards)
+    assert all(isinstance(v, bytes) for v in reader.read_group(0))
+    damaged = reader.read_group(1)
+    assert len(damaged) == 3 and all(isinstance(v, str) and "row group 1 of the shard cannot be read" in v
+                                     for v in damaged)
+
+
+def test_list_labels_are_named_multi_label(tmp_path):
+    table = pa.table({"image": pa.array(good_rows(2), shard_schema(None).field("image").type),
+                      "label": pa.array([[0, 1], [1]])})
+    (tmp_path / "m").mkdir()
+    pq.write_table(table, tmp_path / "m" / "x.parquet")
+    with pytest.raises(InvalidDatasetError, match=r"holds a list of labels per image \(multi-label\)"):
+        load_image_directory(tmp_path / "m", "Training")
+
+
+def test_gpu_decode_of_shards_is_refused_by_name(tmp_path, shards, capsys):
+    code = main(["train", "--untrained-model", str(resnet18()), "--training-data", str(shards),
+                 "--validation-data", str(shards), "--trained-model", str(tmp_path / "t"), *FAST, "--decode", "gpu"])
+    assert code != 0 and "--decode gpu reads image files; Parquet shards are decoded on the CPU" in \
+        capsys.readouterr().err
+
+
+def test_shards_convert_again_to_smaller_shards(tmp_path, shards):
+    assert main(["convert", "--input", str(shards), "--image-directory", str(tmp_path / "again"), "--to", "parquet",
+                 "--shard-rows", "5"]) == 0
+    again = load_image_directory(tmp_path / "again", "Training")
+    before = load_image_directory(shards, "Training")
+    assert len(again.shards.files) == 4 and list(again.labels) == list(before.labels)
+    assert again.image_source(7) == before.image_source(7)
+    assert main(["convert", "--input", str(shards), "--image-directory", str(tmp_path / "folder")]) == 1
+
+
+# --- resume -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_on_shards_is_bit_identical(tmp_path, shards):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from train_pytorch_model import checkpoint
+
+    valid = tmp_path / "valid"
+    hub_layout(valid, hf_dataset(9, names=("ant", "bee", "cat")), shards=2)
+
+    def command(out, *extra):
+        return ["train", "--untrained-model", str(resnet18()), "--training-data", str(shards), "--validation-data",
+                str(valid), "--trained-model", str(out), "--image-size", "32", "--batch-size", "4", "--epochs", "3",
+                "--num-workers", "2", *extra]
+
+    def start(args):
+        return subprocess.Popen([sys.executable, "-m", "train_pytorch_model", *args], cwd=REPO,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def finish(process):
+        return process.returncode if process.wait(timeout=300) is not None else None, process.stderr.read()
+
+    checkpoints = tmp_path / "checkpoints"
+    reference = start(command(tmp_path / "reference"))
+    interrupted = start(command(tmp_path / "out", "--checkpoint-dir", str(checkpoints)))
+    deadline = time.monotonic() + 240
+    while not (checkpoints / checkpoint.CHECKPOINT_FILE).exists():
+        assert interrupted.poll() is None and time.monotonic() < deadline, finish(interrupted)[1][-3000:]
+        time.sleep(0.02)
+    interrupted.send_signal(signal.SIGTERM)
+    assert finish(interrupted)[0] == 143
+    assert finish(reference)[0] == 0
+    saved = torch.load(checkpoints / checkpoint.CHECKPOINT_FILE, weights_only=True)
+    assert saved["identity"]["data_streams"] == 2 and saved["next_epoch"] < 3
+
+    # Another worker count reads other batches: refused by name, not resumed into other bits.
+    code, stderr = finish(start(command(tmp_path / "other", "--checkpoint-dir", str(checkpoints),
+                                        "--num-workers", "0")))
+    assert code == 1 and "data_streams: 2 in the checkpoint, 1 now" in stderr
+
+    code, stderr = finish(start(command(tmp_path / "out", "--checkpoint-dir", str(checkpoints))))
+    assert code == 0, stderr[-3000:]
+    assert "Resuming from the checkpoint" in stderr
+    resumed = torch.load(tmp_path / "out" / "model", weights_only=True)
+    expected = torch.load(tmp_path / "reference" / "model", weights_only=True)
+    assert [k for k in expected if not torch.equal(resumed[k], expected[k])] == []
+
+
+# --- components ---------------------------------------------------------------------------------------------
+
+
+def test_sdk_validates_a_pipeline_that_converts_to_shards_and_trains_on_them():
+    from azure.ai.ml import Input, dsl, load_component
+
+    from conftest import REPO
+
+    convert_step = load_component(source=REPO / "components" / "convert.yaml")
+    train_step = load_component(source=REPO / "component.yaml")
+
+    @dsl.pipeline(default_compute="gpu-cluster")
+    def shards_pipeline(images, model):
+        shards = convert_step(input_data=images, output_format="parquet", max_side=512)
+        train = train_step(untrained_model=model, training_data=shards.outputs.image_directory,
+                           validation_data=shards.outputs.image_directory)
+        return {"trained_model": train.outputs.trained_model}
+
+    job = shards_pipeline(Input(type="uri_folder", path="azureml:photos@latest"),
+                          Input(type="uri_folder", path="azureml:resnet@latest"))
+    result = job._validate()
+    assert result.passed, result.error_messages
+    assert "parquet" in convert_step.inputs["output_format"].enum and convert_step.inputs["max_side"].optional
+
+
+@pytest.mark.slow
+def test_the_components_convert_to_shards_and_train_on_the_folder(tmp_path):
+    from conftest import REPO
+    from test_component_runner import run_component
+
+    photos = write_image_folder(tmp_path / "photos", CLASSES, size=(120, 90), suffix=".jpg")
+    assert run_component(REPO / "components" / "convert.yaml",
+                         {"input_data": str(photos), "output_format": "parquet", "max_side": "64"},
+                         {"image_directory": str(tmp_path / "shards")}) == 0
+    shard = pq.read_table(next((tmp_path / "shards" / "data").glob("*.parquet")))
+    assert Image.open(io.BytesIO(shard.column("image")[0].as_py()["bytes"])).size == (64, 48)
+    assert run_component(REPO / "component.yaml",
+                         {"untrained_model": str(resnet18()), "training_data": str(tmp_path / "shards"),
+                          "validation_data": str(tmp_path / "shards"), "epochs": "1", "image_size": "32",
+                          "batch_size": "4", "num_workers": "0"},
+                         {"trained_model": str(tmp_path / "trained"), "checkpoints": str(tmp_path / "ckpt")}) == 0
+    assert (tmp_path / "trained" / "MLmodel").is_file()
