@@ -7,10 +7,10 @@ import io
 import json
 import os
 
+import datasets  # a dev dependency (pyproject.toml)
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import datasets  # a dev dependency (pyproject.toml)
 import pytest
 import torch
 from PIL import Image
@@ -24,8 +24,6 @@ from train_pytorch_model.image_directory import load_image_directory
 from train_pytorch_model.preprocessing import Preprocessing
 from train_pytorch_model.shard_data import ShardBatchSampler, shuffle_buffer, stream_segments
 from train_pytorch_model.shards import HF_METADATA_KEY, shard_schema
-
-
 
 CPU = torch.device("cpu")
 CLASSES = {"ant": 7, "bee": 6, "cat": 7}

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
-from .legacy_format import resolves_inside
 from .preprocessing import ImageDecodeError, Preprocessing, decode_image
 
 log = logging.getLogger(__name__)
@@ -45,16 +44,19 @@ class ImageDataset(Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         target = self.targets[index]
-        path = self.directory.path(index)
-        if not resolves_inside(self.real_root, path):
-            return None, target, index, "the path (or a symlink on it) leads outside the input folder"
-        return decoded_item(self, path, target, index, epoch)
+        if self.directory.shards is not None:  # one row on its own (a few samples); batches come from shard_data
+            try:
+                return decoded_item(self, self.directory.image_source(index), target, index, epoch)
+            except ImageDecodeError as exc:
+                return None, target, index, str(exc)
+        return decoded_item(self, self.directory.path(index), target, index, epoch, inside=self.real_root)
 
 
-def decoded_item(dataset: ImageDataset, source, target: int, index: int, epoch: int) -> tuple:
-    """(uint8 CHW image or None, target, row, error or None) for an image file or encoded bytes (a shard row)."""
+def decoded_item(dataset: ImageDataset, source, target: int, index: int, epoch: int, inside=None) -> tuple:
+    """(uint8 CHW image or None, target, row, error or None) for an image file (opened through the input opener,
+    which refuses links out of `inside`) or encoded bytes (a shard row)."""
     try:
-        image = decode_image(source, dataset.size_hint)
+        image = decode_image(source, dataset.size_hint, inside=inside)
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
             # every accelerator backend, 0.1 ms per image.

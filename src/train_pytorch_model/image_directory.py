@@ -35,6 +35,7 @@ from .legacy_format import (
     resolves_inside,
     safe_join,
 )
+from .preprocessing import ImageDecodeError
 from .shards import ShardIndex, ShardReader, read_shard_index, shard_files
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, Columns, find_table, read_table
 
@@ -70,12 +71,15 @@ class ImageDirectory:
     def path(self, i: int) -> Path:
         return self.root / self.files[i]
 
-    def image_source(self, i: int) -> Path | bytes | None:
-        """What decode_image reads for row i: its file, or a shard row's bytes (None when it has none)."""
+    def image_source(self, i: int) -> Path | bytes:
+        """What decode_image reads for row i: its file (to open inside `root`), or a shard row's bytes
+        (ImageDecodeError, with the reason, for a row without an image)."""
         if self.shards is None:
             return self.path(i)
         data = ShardReader(self.shards).row_bytes(i)
-        return data if isinstance(data, bytes) else None
+        if not isinstance(data, bytes):
+            raise ImageDecodeError(data)
+        return data
 
 
 def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unlabeled: bool = False, *,

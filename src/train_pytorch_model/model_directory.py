@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, OutputDirectoryError, quote
+from .input_files import UnreadableInputError, read_input
 from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside, write_text
 from .models import (
     FAMILIES,
@@ -44,7 +45,7 @@ from .models import (
     preprocessing_defaults,
     pretrained_missing_error,
 )
-from .preprocessing import AUGMENTATIONS, Preprocessing
+from .preprocessing import AUGMENTATIONS, ImageDecodeError, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ MODEL_INFO_FILE = "model_info.json"  # untrained directory: architecture, weight
 README_FILE = "README.txt"  # architectures beyond designer's 13: who can read the directory
 TASK_TYPE = "MultiClassification"
 MAX_CLASSES = 100_000  # a tampered num_classes must not build a gigantic head
+MAX_SAMPLE_BYTES = 16 * 2**20  # an image copied into _samples.json
 
 
 @dataclass
@@ -385,7 +387,9 @@ def finished_output(out: str | os.PathLike, run_identity: str) -> bool:
 
 
 def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
-    """`_samples.json` rows (spec 2.4): the first rows, image bytes base64-encoded."""
+    """`_samples.json` rows (spec 2.4): the first rows, image bytes base64-encoded. The bytes are read through
+    the input opener as training reads images: a file that is a link out of the folder, not a regular file
+    or larger than MAX_SAMPLE_BYTES is written as null, never copied into the model."""
     samples = []
     column_names = [c["name"] for c in schema.get("columnAttributes", [])]
     for i in range(min(count, len(directory))):
@@ -393,10 +397,11 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
         for name in column_names:
             if name == "image":
                 try:
-                    source = directory.image_source(i)
-                    data = source.read_bytes() if isinstance(source, Path) else source
-                    row[name] = base64.b64encode(data).decode("ascii") if data is not None else None
-                except OSError:
+                    source = directory.image_source(i)  # a file, or a shard row's bytes
+                    data = source if isinstance(source, bytes) else \
+                        read_input(source, inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
+                    row[name] = base64.b64encode(data).decode("ascii") if len(data) <= MAX_SAMPLE_BYTES else None
+                except (UnreadableInputError, ImageDecodeError):
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
                 row[name] = directory.categories[directory.labels[i]]

@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .errors import InvalidDatasetError, quote
+from .input_files import UnreadableInputError, open_input
 
 HF_METADATA_KEY = b"huggingface"
 IMAGE_FEATURE = "Image"
@@ -212,7 +213,7 @@ def read_shard_index(root: Path, files: list[Path], role: str, image_column: str
             return InvalidDatasetError(f"{role} data '{root}': shard '{name}' {message}")
 
         try:
-            with open_regular(file, InvalidDatasetError, max_bytes=None) as handle:
+            with open_regular(file, InvalidDatasetError, max_bytes=None, inside=base) as handle:
                 parquet = pq.ParquetFile(handle)
                 schema = parquet.schema_arrow
                 if first_schema is None:
@@ -375,7 +376,8 @@ class ShardReader:
         if self._pid != os.getpid():
             self._files, self._pid = {}, os.getpid()
         if number not in self._files:
-            self._files[number] = pq.ParquetFile(self.index.root / self.index.files[number])
+            path = self.index.root / self.index.files[number]
+            self._files[number] = pq.ParquetFile(open_input(path, inside=self.index.root, max_bytes=None))
         return self._files[number]
 
     def read_group(self, group: int) -> list[bytes | str]:
@@ -394,7 +396,7 @@ class ShardReader:
                 paths = parts[column.type.get_field_index("path")].to_pylist() if has_path else [None] * count
             else:
                 values, paths = column.to_pylist(), [None] * count
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, UnreadableInputError) as exc:
             reason = f"row group {row_group} of the shard cannot be read ({type(exc).__name__}: {str(exc)[:160]})"
             return [reason] * count
         if len(values) != count:
