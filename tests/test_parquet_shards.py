@@ -470,3 +470,31 @@ def test_the_components_convert_to_shards_and_train_on_the_folder(tmp_path):
                           "batch_size": "4", "num_workers": "0"},
                          {"trained_model": str(tmp_path / "trained"), "checkpoints": str(tmp_path / "ckpt")}) == 0
     assert (tmp_path / "trained" / "MLmodel").is_file()
+
+
+@pytest.mark.slow
+def test_the_benchmark_shim_delays_and_counts_opens_below_its_prefix_only(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is needed for benchmarks/parquet_shards.py")
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from parquet_shards import build_shim
+
+    shim = build_shim(tmp_path)
+    (tmp_path / "mount").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "mount" / name).write_text(name)
+    (tmp_path / "elsewhere").write_text("x")
+    probe = ("import time, sys; t = time.perf_counter()\n"
+             "for p in sys.argv[1:]: open(p).read()\n"
+             "print(time.perf_counter() - t)")
+    env = {**os.environ, "LD_PRELOAD": str(shim), "SLOW_OPEN_PREFIX": str(tmp_path / "mount"),
+           "SLOW_OPEN_US": "50000", "SLOW_OPEN_LOG": str(tmp_path / "log")}
+    result = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "mount" / "a"), str(tmp_path / "mount" / "b"),
+                             str(tmp_path / "elsewhere")], env=env, capture_output=True, text=True, check=True)
+    assert float(result.stdout) >= 0.1  # two delayed opens of 50 ms
+    assert (tmp_path / "log").read_text() == "oo"  # counted; the file elsewhere was not

@@ -60,6 +60,7 @@ class ImageDirectory:
     schema: dict = field(default_factory=dict)  # the `_schema.json` (generated for fallbacks)
     annotation_column: str | None = "category"
     shards: ShardIndex | None = None  # Parquet shards: `files` then name rows ("<shard> row <n>"), not files
+    _reader: ShardReader | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -76,7 +77,9 @@ class ImageDirectory:
         (ImageDecodeError, with the reason, for a row without an image)."""
         if self.shards is None:
             return self.path(i)
-        data = ShardReader(self.shards).row_bytes(i)
+        if self._reader is None:  # kept: samples and examples read a few rows, each file opened once
+            self._reader = ShardReader(self.shards)
+        data = self._reader.row_bytes(i)
         if not isinstance(data, bytes):
             raise ImageDecodeError(data)
         return data

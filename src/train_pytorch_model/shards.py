@@ -363,6 +363,7 @@ class ShardReader:
         self.index = index
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
+        self._last: tuple[int, list] | None = None  # the row group row_bytes read last
 
     def __getstate__(self):
         return {"index": self.index}
@@ -404,8 +405,11 @@ class ShardReader:
         return [value if value else _missing(path) for value, path in zip(values, paths)]
 
     def row_bytes(self, row: int) -> bytes | str:
+        """One row's image (or why it has none); rows of one row group in a row read it once."""
         group = self.index.group_of_row(row)
-        return self.read_group(group)[row - int(self.index.groups[group, 2])]
+        if self._last is None or self._last[0] != group:
+            self._last = (group, self.read_group(group))
+        return self._last[1][row - int(self.index.groups[group, 2])]
 
     def close(self) -> None:
         if self._pid == os.getpid():
