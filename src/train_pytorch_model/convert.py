@@ -73,7 +73,8 @@ from .legacy_format import (
     safe_join,
     write_text,
 )
-from .model_directory import staged_output, training_samples
+from .model_directory import training_samples
+from .output_folder import staged_output
 from .preprocessing import ImageDecodeError, decode_image, probe_image
 from .shards import (
     DEFAULT_SHARD_MIB,

@@ -16,7 +16,7 @@ from array import array
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
@@ -41,27 +41,36 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.directory)
 
+    @property
+    def item_bytes(self) -> int:
+        """What one row costs in flight from a worker (make_loader sizes its prefetch from it): a decoded image."""
+        return 3 * (self.size_hint or 224) ** 2
+
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         target = self.targets[index]
         if self.directory.shards is not None:  # one row on its own (a few samples); batches come from shard_data
             try:
-                return decoded_item(self, self.directory.image_source(index), target, index, epoch)
+                source, inside = self.directory.image_source(index), None
             except ImageDecodeError as exc:
                 return None, target, index, str(exc)
-        return decoded_item(self, self.directory.path(index), target, index, epoch, inside=self.real_root)
+        else:
+            source, inside = self.directory.path(index), self.real_root
+        return decoded_item(self, source, target, index, epoch, inside)
 
 
 def decoded_item(dataset: ImageDataset, source, target: int, index: int, epoch: int, inside=None) -> tuple:
     """(uint8 CHW image or None, target, row, error or None) for an image file (opened through the input opener,
     which refuses links out of `inside`) or encoded bytes (a shard row)."""
     try:
-        image = decode_image(source, dataset.size_hint, inside=inside)
+        load = getattr(dataset.transform, "load", None)  # the training transform opens the image itself
+        image = None if load else decode_image(source, dataset.size_hint, inside=inside)
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
             # every accelerator backend, 0.1 ms per image.
             torch.default_generator.manual_seed(sample_seed(dataset.seed, epoch, index))
-            return dataset.transform(image), target, index, None
+            pixels = load(source, dataset.size_hint, inside=inside) if load else dataset.transform(image)
+        return pixels, target, index, None
     except ImageDecodeError as exc:
         return None, target, index, str(exc)
     except FileNotFoundError:
@@ -72,28 +81,41 @@ def decoded_item(dataset: ImageDataset, source, target: int, index: int, epoch: 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 NCHW
+    images: torch.Tensor  # uint8 NCHW (channels_last from data.collate)
     targets: torch.Tensor  # int64 N
     failures: list[tuple[int, str]]  # (row, reason) of rows left out of this batch
 
     def pin_memory(self) -> Batch:
         return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.failures)
 
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 images and the targets on `device` (non-blocking from pinned memory); gpu_decode.GpuBatch
+        has the same method, so the training loop moves either kind alike."""
+        return self.images.to(device, non_blocking=True), self.targets.to(device, non_blocking=True)
+
     def __len__(self) -> int:
         return len(self.targets)
 
 
 def collate(items) -> Batch:
+    """One uint8 NCHW batch, written once: in a worker, straight into the shared memory that carries it to the
+    training process (default_collate's stack). Images that are views of HWC memory (both transforms' are)
+    stack into NHWC, which seen as NCHW is channels_last: no transposing copy anywhere."""
     good = [item for item in items if item[0] is not None]
     failures = [(item[2], item[3]) for item in items if item[0] is None]
     if not good:
         return Batch(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), failures)
-    shapes = {tuple(item[0].shape) for item in good}
+    images = [item[0] for item in good]
+    shapes = {tuple(image.shape) for image in images}
     if len(shapes) > 1:
         raise InvalidDatasetError(
             f"images in one batch have different sizes {sorted(shapes)[:3]}; set --image-size to resize them."
         )
-    return Batch(torch.stack([item[0] for item in good]), torch.tensor([item[1] for item in good]), failures)
+    if all(image.permute(1, 2, 0).is_contiguous() for image in images):
+        stacked = default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    else:
+        stacked = default_collate(images)
+    return Batch(stacked, torch.tensor([item[1] for item in good]), failures)
 
 
 class EpochTaggedSampler(Sampler):
@@ -186,8 +208,8 @@ def make_loader(dataset, sampler: Sampler, *, batch_size: int | None, drop_last:
                 generator: torch.Generator | None = None, images_per_batch: int | None = None) -> DataLoader:
     """`batch_size` None: the sampler's keys name whole batches (shard_data)."""
     workers = num_workers > 0
-    image_bytes = 3 * (dataset.size_hint or 224) ** 2
-    batch_bytes = (images_per_batch or batch_size) * image_bytes
+    # Sized by what travels from the workers: decoded images, or the encoded files under --decode gpu.
+    batch_bytes = (images_per_batch or batch_size) * dataset.item_bytes
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         collate_fn=getattr(dataset, "collate", collate),  # a dataset may bring its own (gpu_decode's)

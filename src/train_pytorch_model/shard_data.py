@@ -95,8 +95,8 @@ class ShardDataset(Dataset):
         return self.images.targets
 
     @property
-    def size_hint(self):
-        return self.images.size_hint
+    def item_bytes(self) -> int:  # data.make_loader sizes its prefetch from it
+        return self.images.item_bytes
 
     def batches_per_stream(self) -> list[int]:
         counts = []
