@@ -132,7 +132,7 @@ def test_the_cpu_and_gpu_paths_classify_each_bad_file_the_same(tmp_path):
             with pytest.raises(ImageDecodeError) as cpu:
                 decode_image(path, 32, inside=root)
             with pytest.raises(ImageDecodeError) as gpu:
-                gpu_decode._header(path, 32, root)
+                gpu_decode._header(path, inside=root)
         assert str(cpu.value) == str(gpu.value), kind
         expected = {"link out": "outside the input folder", "fifo": "not a regular file", "garbage": "cannot identify",
                     "eps": "cannot identify", "bomb": "decompression-bomb", "missing": "file not found"}[kind]
