@@ -17,15 +17,9 @@ from pathlib import Path
 import pytest
 
 from train_pytorch_model.errors import OutputDirectoryError
-from train_pytorch_model.model_directory import (
-    ModelSpec,
-    check_output_folder,
-    finished_output,
-    release_output,
-    staged_output,
-    write_legacy_trained_files,
-)
+from train_pytorch_model.model_directory import ModelSpec, finished_output, write_legacy_trained_files
 from train_pytorch_model.models import Classifier, build_net
+from train_pytorch_model.output_folder import check_output_folder, release_output, staged_output
 from train_pytorch_model.preprocessing import Preprocessing
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -41,6 +35,7 @@ def last_line(result: subprocess.CompletedProcess) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_dot_dot_into_an_existing_folder_is_not_new(tmp_path):
     existing = tmp_path / "out" / "existing"
     existing.mkdir(parents=True)
@@ -78,7 +73,7 @@ def test_an_output_inside_or_around_an_input_is_refused(tmp_path, where):
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from train_pytorch_model.model_directory import check_output_folder, staged_output
+    from train_pytorch_model.output_folder import check_output_folder, staged_output
     out, ready, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     check_output_folder(out)          # before "training": takes the lock
     ready.write_text("locked")
@@ -91,6 +86,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precreated", [False, True], ids=["new folder", "empty mount point"])
 def test_a_second_writer_is_refused_before_it_starts(tmp_path, precreated):
     out = tmp_path / "out"
@@ -172,6 +168,7 @@ def _small_file_size_limit():
     resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_midway_is_a_named_error_and_leaves_nothing(tmp_path):
     out = tmp_path / "untrained"
     result = run_cli("init-model", "--model-name", "resnet18", "--untrained-model", str(out),

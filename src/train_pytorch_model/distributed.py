@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import InvalidParameterError, TrainingFailedError
+from .errors import InvalidParameterError, TrainingFailedError, TrainPyTorchModelError
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def teardown(context: Context, failure: BaseException | None = None) -> None:
         context.watch.stop()
     if not context.distributed or not dist.is_initialized():
         return
-    if failure is not None and not getattr(failure, "all_ranks", False):
+    if failure is not None and not (isinstance(failure, TrainPyTorchModelError) and failure.raised_on_every_rank):
         if context.watch is not None:
             context.watch.report(failure)
         return  # destroy_process_group could wait on peers that are stuck in a collective

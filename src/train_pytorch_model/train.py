@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
+import dataclasses
 import logging
 import math
 import os
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from . import preemption
 from .config import TrainConfig
 from .data import BadImageTracker
 from .distributed import Context
-from .errors import TrainingDivergedError
+from .errors import TrainingDivergedError, quote
 from .gpu_decode import GpuBatch, decode_batch
 from .models import cpu_state_dict, head_of
 from .preprocessing import Preprocessing
@@ -208,14 +209,6 @@ class EpochMetrics:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-class Interrupted(Exception):
-    """The stop request (SIGTERM) ended `fit` before `epoch` (0-based) was complete; that epoch must run again."""
-
-    def __init__(self, epoch: int):
-        super().__init__(f"interrupted before epoch {epoch + 1} was complete")
-        self.epoch = epoch
-
-
 @dataclass
 class TrainingState:
     """Everything an epoch boundary needs to resume (saved by checkpoints)."""
@@ -241,18 +234,83 @@ class TrainingState:
         """What is validated and saved: the EMA of the weights when there is one."""
         return self.ema.module if self.ema is not None else self.raw_model
 
+    def state_dict(self) -> dict:
+        """Live references (the checkpoint writer copies them to the CPU at once)."""
+        finished_epoch = self.next_epoch - 1
+        best_is_current = self.best_state is not None and self.early_stopping.best_epoch == finished_epoch
+        return {
+            "next_epoch": self.next_epoch,
+            "model": self.raw_model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "early_stopping": self.early_stopping.state_dict(),
+            # The best weights usually are this epoch's: stored once.
+            "best_state": None if best_is_current else self.best_state,
+            "best_is_current": best_is_current,
+            "best_predictions": self.best_predictions,
+            "history": [dataclasses.asdict(m) for m in self.history],
+        }
 
-class NeverStop:
-    """The stop request of a run nothing can stop (StopOnSigterm's interface: call it, or defer in the steps)."""
+    def load_state_dict(self, state: dict) -> None:
+        """Back to where `state_dict` was taken (into a freshly built state of the same run). Raises ValueError,
+        KeyError, TypeError or RuntimeError when `state` does not fit."""
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError("the checkpoint was written with another --ema-decay setting")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        fields = [f.name for f in dataclasses.fields(EpochMetrics)]  # tolerant of a column added since
+        self.history = [EpochMetrics(**{name: m.get(name) for name in fields}) for m in state["history"]]
+        self.best_state = cpu_state_dict(self.evaluated_model) if state["best_is_current"] else state["best_state"]
+        self.best_predictions = state.get("best_predictions")  # absent in checkpoints written before it was kept
+        self.next_epoch = state["next_epoch"]
 
-    def __call__(self) -> bool:
-        return False
+    @staticmethod
+    def invalid_field(state: dict, epochs: int) -> str | None:
+        """The first field of a `state_dict` (read from an untrusted file) that is not what it writes, or None."""
+        next_epoch = state.get("next_epoch")
+        if not isinstance(next_epoch, int) or isinstance(next_epoch, bool) or not 1 <= next_epoch <= epochs:
+            return f"next_epoch {quote(next_epoch)} is not between 1 and {epochs}"
+        for key in ("model", "optimizer", "scheduler", "scaler", "early_stopping"):
+            if not isinstance(state.get(key), dict):
+                return f"{key}: missing or not a mapping"
+        if not _is_state_dict(state["model"]):
+            return "model: not a state dict"
+        if state.get("ema") is not None and not _is_state_dict(state["ema"]):
+            return "ema: not a state dict"
+        if not isinstance(state.get("best_is_current"), bool):
+            return "best_is_current: not true/false"
+        if not state["best_is_current"] and state.get("best_state") is not None \
+                and not _is_state_dict(state["best_state"]):
+            return "best_state: not a state dict"
+        stopping = state["early_stopping"]
+        for key in ("best_loss", "best_top1"):
+            if not isinstance(stopping.get(key), (int, float)) or isinstance(stopping.get(key), bool) \
+                    or math.isnan(stopping[key]):
+                return f"early_stopping.{key} {quote(stopping.get(key))} is not a number"
+        for key in ("best_epoch", "bad_epochs", "epochs_seen"):
+            value = stopping.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= next_epoch:
+                return f"early_stopping.{key} {quote(value)} is not an epoch count of this run"
+        predictions = state.get("best_predictions")
+        if predictions is not None and not (isinstance(predictions, torch.Tensor) and predictions.dtype == torch.int64
+                                            and predictions.dim() == 2 and predictions.shape[1] == 2):
+            return "best_predictions: not (true, predicted) class pairs"
+        history = state.get("history")
+        if not isinstance(history, list) or len(history) != next_epoch or not all(isinstance(m, dict) for m in history):
+            return f"history: not {next_epoch} epochs of metrics"
+        return None
 
-    def deferred(self):
-        return contextlib.nullcontext()
 
-
-never = NeverStop()
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
 class Trainer:
@@ -310,7 +368,8 @@ class Trainer:
         while sum(len(b) for b in self.recent) - len(self.recent[0]) >= BN_RECALIBRATION_IMAGES:
             self.recent.popleft()
 
-    def train_epoch(self, state: TrainingState, epoch: int, log_progress, stop_requested=never) -> TrainResult:
+    def train_epoch(self, state: TrainingState, epoch: int, log_progress,
+                    stop_requested=preemption.never) -> TrainResult:
         """One epoch. Raises Interrupted when a stop was requested on some rank (the epoch is abandoned)."""
         model, config, ctx = state.model, self.config, self.ctx
         model.train()
@@ -325,7 +384,7 @@ class Trainer:
             # Single process: the stop flag is checked every step (a Python bool, no sync). DDP ranks agree on it
             # at print steps, together with divergence, so they all stop at the same step.
             if not ctx.distributed and stop_requested():
-                raise Interrupted(epoch)
+                raise preemption.Interrupted(epoch)
             pixels, targets = self.load(batch)
             self.train_bad.record(batch.failures)
             # BatchNorm cannot train on one image, and only bad files make batches this small (drop_last): a
@@ -376,7 +435,7 @@ class Trainer:
                 f"Lower --learning-rate (now {self.config.learning_rate:g}), or check the untrained model's weights."
             )
         if stop:
-            raise Interrupted(epoch)
+            raise preemption.Interrupted(epoch)
 
     @torch.no_grad()
     def recalibrate_batchnorm(self, model: nn.Module) -> None:
@@ -433,7 +492,7 @@ class Trainer:
         return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None,
                           predictions=predictions)
 
-    def fit(self, state: TrainingState, on_epoch_end, log_progress, stop_requested=never) -> TrainingState:
+    def fit(self, state: TrainingState, on_epoch_end, log_progress, stop_requested=preemption.never) -> TrainingState:
         """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics, stopping)` logs and checkpoints.
 
         `stop_requested()` is this rank's wish to stop (SIGTERM); it is agreed over all ranks during the epoch
@@ -467,19 +526,5 @@ class Trainer:
                          state.early_stopping.best_epoch + 1, state.early_stopping.bad_epochs)
                 break
             if epoch + 1 < self.config.epochs and self.ctx.any_rank(stop_requested())[0]:
-                raise Interrupted(epoch + 1)
+                raise preemption.Interrupted(epoch + 1)
         return state
-
-
-def cpu_copy(obj):
-    """`obj` with every tensor copied to the CPU (for a checkpoint written while training goes on)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        copied = type(obj)((k, cpu_copy(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a state dict's module versions (load_state_dict reads them)
-            copied._metadata = copy.deepcopy(obj._metadata)
-        return copied
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return copy.deepcopy(obj)
