@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import torchvision
 from PIL import Image
 from torch import nn
 
+from conftest import train_tiny_model, write_image_folder
 from train_pytorch_model.cli import main
 from train_pytorch_model.explain import colour_map, grad_cam, overlay
 from train_pytorch_model.models import Classifier
@@ -81,12 +83,15 @@ def test_overlay_colours_hot_regions_red_and_cold_regions_blue():
     assert blended[0, 0, 2] > blended[0, 0, 0] and blended[0, 1, 0] > blended[0, 1, 2]
 
 
-def test_score_explain_writes_a_heat_map_per_scored_image(tmp_path, make_image_folder, resnet18_dir):
-    data = make_image_folder("data", {"a": 3, "b": 3})
-    model = tmp_path / "model"
-    assert main(["train", "--untrained-model", str(resnet18_dir), "--training-data", str(data), "--validation-data",
-                 str(data), "--trained-model", str(model), "--epochs", "1", "--image-size", "32",
-                 "--num-workers", "0", "--batch-size", "4"]) == 0
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A resnet18 trained for one epoch on 32 px images of classes a, b (its images in trained.parent/images)."""
+    return train_tiny_model(tmp_path_factory.mktemp("explain"), classes=("a", "b"))
+
+
+def test_score_explain_writes_a_heat_map_per_scored_image(tmp_path, trained):
+    data = write_image_folder(tmp_path / "data", {"a": 3, "b": 3})
+    model = trained
     (data / "a" / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "scored"
     assert main(["score", "--trained-model", str(model), "--image-directory", str(data), "--scored-data", str(out),
@@ -99,3 +104,34 @@ def test_score_explain_writes_a_heat_map_per_scored_image(tmp_path, make_image_f
             assert picture.size == (32, 32) and picture.mode == "RGB"
     assert sorted(p.name for p in (out / "explanations").iterdir()) == sorted(n.split("/")[1]
                                                                                for n in scored["explanation"])
+
+
+def test_the_served_model_explains_on_request_within_bounds(trained, tmp_path):
+    import base64
+    import io
+
+    import mlflow.pyfunc
+
+    from train_pytorch_model.errors import InvalidDatasetError
+    from train_pytorch_model.pyfunc import MAX_EXPLAINED_IMAGES
+
+    png = next((trained.parent / "images" / "a").iterdir()).read_bytes()
+    model = mlflow.pyfunc.load_model(str(trained))
+    plain = model.predict(pd.DataFrame({"image": [png]}))
+    assert "explanation" not in plain.columns
+    explained = model.predict(pd.DataFrame({"image": [png, png]}), params={"explain": True})
+    # The same predictions, and a heat-map PNG per image at the model's input size.
+    assert explained["Scored Labels"].tolist() == [plain["Scored Labels"][0]] * 2
+    with Image.open(io.BytesIO(base64.b64decode(explained["explanation"][0]))) as picture:
+        assert picture.format == "PNG" and picture.size == (32, 32)
+    # Bounded: a request cannot make the endpoint explain without limit.
+    with pytest.raises(InvalidDatasetError, match=f"at most {MAX_EXPLAINED_IMAGES} images"):
+        model.predict(pd.DataFrame({"image": [png] * (MAX_EXPLAINED_IMAGES + 1)}), params={"explain": True})
+    assert len(model.predict(pd.DataFrame({"image": [png] * (MAX_EXPLAINED_IMAGES + 1)}))) == 9  # plain: no limit
+    # MLflow checks the param against the signature; a caller of the loader itself gets our named error.
+    with pytest.raises(mlflow.exceptions.MlflowException, match="explain"):
+        model.predict(pd.DataFrame({"image": [png]}), params={"explain": "perhaps"})
+    from train_pytorch_model.pyfunc import _load_pyfunc
+
+    with pytest.raises(InvalidDatasetError, match="must be true or false"):
+        _load_pyfunc(str(trained)).predict(pd.DataFrame({"image": [png]}), params={"explain": "perhaps"})
