@@ -75,10 +75,23 @@ from .predictions import (
     csv_safe,
     probability_column,
 )
+from .preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
 RUN_ID = re.compile(r"[\w-]{1,64}", re.ASCII)  # MLflow's hex ids and Azure ML's job names
+MAX_SCORE_BATCH = 64
+# Input pixels per forward pass when --batch-size is not given: activations grow with the pixels (~140 bytes per
+# input pixel for resnet18, more for deeper nets), so 64 images of 512 px, 16 of 1024 px, 1 of 4096 px
+# (a 4096-px model at batch 64 needed ~2.3 GB per image, 150 GB a batch).
+MAX_BATCH_PIXELS = MAX_SCORE_BATCH * 512 * 512
+
+
+def default_batch_size(preprocessing: Preprocessing) -> int:
+    """The scoring batch for the model's image size, within MAX_BATCH_PIXELS; a legacy recipe without a resize
+    (images at their own sizes, scored one shape group at a time) keeps MAX_SCORE_BATCH."""
+    size = preprocessing.image_size
+    return MAX_SCORE_BATCH if size is None else max(1, min(MAX_SCORE_BATCH, MAX_BATCH_PIXELS // (size * size)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of one, or one or more image files")
     parser.add_argument("--scored-data", required=True, type=Path,
                         help=f"output folder (new or empty) for {SCORED_PARQUET} and {SCORED_CSV}")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per forward pass (default: {MAX_SCORE_BATCH}, fewer when the model's image size "
+                             f"is over 512 px: at most {MAX_BATCH_PIXELS // 2**20} M input pixels per batch)")
     parser.add_argument("--num-workers", default=None, type=auto_or_int, metavar="auto|N",
                         help="image decoding processes (default auto)")
     parser.add_argument("--image-column", default=None, metavar="NAME", help="image path column of a table input")
@@ -103,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InvalidParameterError("Batch size", args.batch_size, "must be an integer >= 1")
     max_extracted_bytes = extracted_bytes_limit(args.max_extracted_gib)
     device = pick_device(args.device)
@@ -113,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     columns = dict(image_column=args.image_column, label_column=args.label_column)
     images = images_to_score(args.image_directory, max_extracted_bytes=max_extracted_bytes, **columns)
     with staged_output(args.scored_data) as stage, images as directory:
-        table = score_directory(trained, directory, device=device, batch_size=args.batch_size, num_workers=workers,
+        table = score_directory(trained, directory, device=device, num_workers=workers,
+                                batch_size=args.batch_size or default_batch_size(trained.preprocessing),
                                 explain_to=stage / EXPLANATIONS_DIR if args.explain else None)
         table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
         write_table(stage, table)
