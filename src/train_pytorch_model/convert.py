@@ -311,7 +311,7 @@ def _check_file(relative: str, path: Path, real_root: str, suffix: bool = True) 
         return "file not found"
     if not resolves_inside(real_root, path):
         return "symbolic link to a file outside the input folder"
-    return probe_image(path)
+    return probe_image(path, inside=real_root)
 
 
 # --- writing -------------------------------------------------------------------------------------------
