@@ -180,6 +180,24 @@ def test_two_simulated_nodes_sharing_one_output_path(tmp_path, make_image_folder
     assert all(torch.equal(two_nodes[k], reference[k]) for k in reference)
 
 
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:0"])
+def test_a_gpu_index_is_refused_by_name_when_several_processes_run(monkeypatch, device):
+    """Every rank would take that one GPU: refused before joining the process group (on any machine)."""
+    from train_pytorch_model import distributed
+    from train_pytorch_model.errors import InvalidParameterError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    with pytest.raises(InvalidParameterError, match=f"value '{device}' is invalid: this job runs 2 processes"):
+        distributed.setup(device)
+    assert distributed.pick_device("cpu", 1, 2) == torch.device("cpu")  # no index: still fine
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidParameterError, match="no CUDA GPU"):  # one process: the index is the user's choice
+            distributed.pick_device(device, 0, 1)
+
+
 def test_torchrun_multilabel_without_validation_data(tmp_path, resnet18_dir):
     """Two ranks split the same validation images off (seeded), gather every image's probabilities, and report the
     metrics that one process measures on the saved weights."""

@@ -14,16 +14,22 @@ import sys
 import traceback
 
 from .errors import ModuleOutOfMemoryError, TrainPyTorchModelError, UnexpectedError, UsageError
+from .preemption import Terminated, command_interrupted, install_early_handler
 
-# command name -> (module, one-line help). Modules import lazily: `--help` stays instant.
+# command name -> (module of its arguments, module of its `run`, one-line help). Modules import lazily: `--help`
+# stays instant, and `run`'s module (torch) only once the arguments parsed.
 COMMANDS = {
-    "train": ("config", "train a classifier from an untrained model directory and two image directories"),
-    "init-model": ("init_model", "write an untrained DenseNet/ResNet model directory (designer's DenseNet/ResNet)"),
-    "convert": ("convert", "turn an ImageFolder tree, flat folder or archive into an ImageDirectory"),
-    "score": ("score", "score images (a folder, an archive, image files) with a trained model: parquet + csv"),
-    "evaluate": ("evaluate", "accuracy, per-class metrics and a confusion matrix from a scored table"),
-    "export": ("export", "export a trained model directory to ONNX and torch.export (.pt2) for other runtimes"),
-    "run-component": ("component_runner", "run a component YAML locally, binding inputs like Azure ML does"),
+    "train": ("config", "train_command",
+              "train a classifier from an untrained model directory and two image directories"),
+    "init-model": ("init_model", "init_model",
+                   "write an untrained DenseNet/ResNet model directory (designer's DenseNet/ResNet)"),
+    "convert": ("convert", "convert", "turn an ImageFolder tree, flat folder or archive into an ImageDirectory"),
+    "score": ("score", "score", "score images (a folder, an archive, image files) with a trained model: parquet + csv"),
+    "evaluate": ("evaluate", "evaluate", "accuracy, per-class metrics and a confusion matrix from a scored table"),
+    "export": ("export", "export",
+               "export a trained model directory to ONNX and torch.export (.pt2) for other runtimes"),
+    "run-component": ("component_runner", "component_runner",
+                      "run a component YAML locally, binding inputs like Azure ML does"),
 }
 
 
@@ -41,23 +47,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every command listed; only `command`'s module imported, for its arguments and `run`."""
     parser = ArgumentParser(prog="python -m train_pytorch_model", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (arguments_module, run_module, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            module = importlib.import_module(f"{__package__}.{module_name}")
-            module.add_arguments(sub)
-            sub.set_defaults(_run=module.run)
+            importlib.import_module(f"{__package__}.{arguments_module}").add_arguments(sub)
+            sub.set_defaults(_run_module=f"{__package__}.{run_module}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself (the `train-pytorch-model` script): SIGTERM from now on is named
+        install_early_handler()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    args = None
     try:
-        return int(args._run(args) or 0)
+        args = build_parser(argv[0] if argv else None).parse_args(argv)
+        return int(importlib.import_module(args._run_module).run(args) or 0)
     except TrainPyTorchModelError as exc:
         return report(exc)
+    except Terminated:  # SIGTERM before (or outside) a command's own handling: imports, argument checks
+        return report(command_interrupted())
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130

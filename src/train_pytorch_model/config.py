@@ -204,9 +204,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             options["default"] = f.default
         group.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"], **options)
 
-
-def run(args: argparse.Namespace) -> int:
-    """`train` itself lives in train_command, which imports torch: only once the arguments parsed."""
-    from .train_command import run as run_training
-
-    return run_training(args)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidParameterError, PretrainedWeightsNotFoundError
-from .model_directory import ModelSpec, check_output_folder, release_output, write_untrained_model_directory
+from .model_directory import ModelSpec, write_untrained_model_directory
 from .models import (
     DESIGNER_MODEL_NAMES,
     IMAGENET_CLASSES,
@@ -33,6 +33,7 @@ from .models import (
     load_legacy_state,
     load_weights_file,
 )
+from .output_folder import check_output_folder, release_output
 from .weights import check_weights_url, pretrained_weights
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ Each phase is one function below, in that order. The input is one `TrainConfig` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, preemption
 from .azureml_v1 import log_epoch_v1
 from .config import TrainConfig
 from .data import (
@@ -37,30 +36,27 @@ from .errors import (
     ModuleOutOfMemoryError,
     TrainingDivergedError,
     TrainingFailedError,
-    TrainingInterruptedError,
     TrainPyTorchModelError,
 )
 from .image_directory import ImageDirectory, load_image_directory, require_labeled
 from .model_directory import (
     INFO_FILE,
     ModelSpec,
-    check_output_folder,
     finished_output,
     read_untrained_model_directory,
-    release_output,
-    staged_output,
     training_samples,
     write_legacy_trained_files,
 )
 from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
+from .output_folder import check_output_folder, release_output, staged_output
 from .preprocessing import Preprocessing
 from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
+from .shard_data import process_streams
 from .tasks import MultiClass, MultiLabel, resolve_task
 from .tracking import Tracker, redact
 from .train import (
     EarlyStopping,
     EpochMetrics,
-    Interrupted,
     Trainer,
     TrainingState,
     can_compile,
@@ -95,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
     writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None)
-    with checkpoint.StopOnSigterm(lambda: interrupted_error(config, writer)) as stop_requested:
+    with preemption.StopOnSigterm(lambda: writer.interrupted_error(config.epochs)) as stop_requested:
         config = resolve(config, ctx)
         configure_torch(config, ctx)
 
@@ -104,7 +100,8 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
         config = settle_for_model(config, spec, data, ctx, model)
         identity = checkpoint.run_identity(
             model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
-            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
+            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity(),
+            data_streams=training_streams(config, ctx, data))
         if already_written(config, ctx, identity):
             return json.loads((config.trained_model / INFO_FILE).read_text())["training"]
         if ctx.is_main:  # now, not after hours of training
@@ -301,8 +298,18 @@ def build_model(untrained_model: Path, num_classes: int) -> tuple[Classifier, Mo
     return model, spec
 
 
+def training_streams(config: TrainConfig, ctx: distributed.Context, data: Data) -> int | None:
+    """How many streams Parquet shards are read in (the batches depend on it; shard_data.py); None for files."""
+    if data.train.shards is None:
+        return None
+    return process_streams(data.train.shards.rows, config.num_workers, ctx.world_size, config.batch_size, train=True)
+
+
 def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, preprocessing: Preprocessing) -> Trainer:
     class_index = {name: i for i, name in enumerate(data.classes)}
+    if config.decode == "gpu" and (data.train.shards is not None or data.valid.shards is not None):
+        raise InvalidParameterError("Decode", config.decode, "--decode gpu reads image files; Parquet shards are "
+                                    "decoded on the CPU (--decode cpu)")
     if config.decode == "gpu":
         from .gpu_decode import build_gpu_dataset as builder  # workers read bytes; decode_batch decodes on device
     else:
@@ -366,7 +373,7 @@ def resume(config: TrainConfig, ctx: distributed.Context, state: TrainingState, 
 # --- 5. fit ------------------------------------------------------------------------------------------------------
 
 def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: TrainingState, tracker: Tracker,
-        writer: checkpoint.CheckpointWriter, identity: dict, stop_requested: checkpoint.StopOnSigterm) -> TrainingState:
+        writer: checkpoint.CheckpointWriter, identity: dict, stop_requested: preemption.StopOnSigterm) -> TrainingState:
     """Every epoch, logged and checkpointed; SIGTERM ends it with TrainingInterruptedError (exit 143)."""
     if ctx.is_main:
         log.info("Training on %s (%d process(es)): %d training and %d validation images, %d classes, batch %d, %s, "
@@ -388,15 +395,8 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
         log_epoch_v1(m.epoch, m.as_dict())  # azureml-core v1 run, when one is live
         writer.save(state, identity)
 
-    try:
+    with preemption.stopping_cleanly(stop_requested):
         state = trainer.fit(state, on_epoch_end, progress.update, stop_requested=stop_requested)
-    except (Interrupted, RuntimeError) as exc:
-        # (A SIGTERM to the whole process group also ends the DataLoader workers: a RuntimeError here.)
-        if isinstance(exc, RuntimeError) and not stop_requested():
-            raise
-        error = interrupted_error(config, writer)
-        error.all_ranks = isinstance(exc, Interrupted)  # every rank stopped at the same agreed step
-        raise error from None
     writer.join()
     return state
 
@@ -435,12 +435,6 @@ def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
         f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def interrupted_error(config: TrainConfig, writer: checkpoint.CheckpointWriter) -> TrainingInterruptedError:
-    with contextlib.suppress(TrainPyTorchModelError):
-        writer.join()  # what the message says is on disk must be
-    return checkpoint.interrupted(config.checkpoint_dir, writer.saved_epochs, config.epochs, all_ranks=False)
 
 
 def summarize(state: TrainingState, config: TrainConfig, task: MultiClass | MultiLabel) -> dict:

@@ -26,6 +26,11 @@ RECORDED_FILES = 10_000  # beyond this, the seed and method recreate the split a
 def split_validation(directory: ImageDirectory, strata: list[int], fraction: float, seed: int, method: str
                      ) -> tuple[ImageDirectory, ImageDirectory, dict]:
     """(training part, validation part, record). `strata[i]` is row i's stratum (-1: images without a label)."""
+    if directory.shards is not None:
+        raise ValidationSplitError(
+            f"Training data '{directory.root}' is a set of Parquet shards, which is not split into training and "
+            "validation rows: give --validation-data (e.g. a validation split of the same dataset)."
+        )
     rows_of: dict[str, list[int]] = {}
     for row, name in enumerate(directory.files):
         rows_of.setdefault(name, []).append(row)
