@@ -184,7 +184,7 @@ def check_categories(categories: list[str] | None, layout: str, error) -> None:
 
 def _read_shards(given: Path, files: list[Path], role: str, image_column: str | None, label_column: str | None,
                  keep_unlabeled: bool, error) -> ImageDirectory:
-    index, labels, categories = read_shard_index(given, files, role, image_column, label_column)
+    index, labels, categories, label_sets = read_shard_index(given, files, role, image_column, label_column)
     if categories is not None and not keep_unlabeled and -1 in labels:
         names = index.row_names()
         raise error(f"{labels.count(-1)} rows have no label (-1 or empty), first {names[labels.index(-1)]}; "
@@ -192,7 +192,8 @@ def _read_shards(given: Path, files: list[Path], role: str, image_column: str | 
     if categories is None:
         labels = array("q", [-1]) * index.rows
     return ImageDirectory(index.root, "parquet", index.row_names(), range(index.rows), labels, categories,
-                          default_schema(categories), "category" if categories is not None else None, shards=index)
+                          default_schema(categories), "category" if categories is not None else None,
+                          label_sets=label_sets, shards=index)
 
 
 # --- meta route -------------------------------------------------------------------------------------------
