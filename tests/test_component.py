@@ -30,10 +30,10 @@ EXPECTED_INPUTS = {
     "untrained_model": ("uri_folder", None, False, None),
     "training_data": ("uri_folder", None, False, None),
     "validation_data": ("uri_folder", None, True, None),  # optional: a stratified split when absent (issue 24)
-    "task": ("string", None, True, None),
-    "validation_fraction": ("number", None, True, 0.01),
     "image_column": ("string", None, True, None),
     "label_column": ("string", None, True, None),
+    "task": ("string", None, True, None),
+    "validation_fraction": ("number", None, True, 0.01),
     "epochs": ("integer", 5, False, 1),
     "batch_size": ("integer", 16, False, 1),
     "learning_rate": ("number", 0.001, False, 1e-9),  # "> 0": the schema only has an inclusive min
@@ -270,7 +270,8 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     inputs.update({name: str(port["default"]) for name, port in spec["inputs"].items() if "default" in port})
     inputs.update(image_size="64", num_workers="2", registered_model_name="my-model", optimizer="sgd",
                   augmentation="crop", warmup_epochs="1", label_smoothing="0.1", precision="auto",
-                  cache_validation="True", image_column="path", label_column="y")  # booleans: True/False
+                  cache_validation="True", image_column="path", label_column="y",  # booleans: True/False
+                  task="multilabel", validation_fraction="0.25")
     argv = bind_command(spec["command"], inputs,
                         {"trained_model": str(tmp_path / "out"), "checkpoints": str(tmp_path / "ckpt")})
     assert argv[:4] == ["python", "-m", "train_pytorch_model", "train"]
@@ -283,6 +284,7 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     assert (args.image_size, str(args.num_workers), args.registered_model_name) == (64, "2", "my-model")
     assert (args.optimizer, args.augmentation, args.warmup_epochs, args.label_smoothing, args.cache_validation) == \
         ("sgd", "crop", 1, 0.1, True)
+    assert (args.task, args.validation_fraction) == ("multilabel", 0.25)
     assert Path(args.trained_model) == tmp_path / "out"
     assert Path(args.checkpoint_dir) == tmp_path / "ckpt"
 
