@@ -160,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     suite_out = args.work / "suite"
     suite = [sys.executable, str(HERE / "benchmark_training.py"), "--suite", "throughput", "--out", str(suite_out)]
     if args.smoke:
-        suite += ["--device", "cpu", "--quick", "--batch-sizes", "4,2", "--model", "resnet18"]
+        suite += ["--device", "cpu", "--quick", "--batch-sizes", "4", "--model", "resnet18"]
     else:
         suite += ["--device", "cuda", "--model", "resnet50,densenet121", "--batch-sizes", "256,16",
                   "--image-sizes", "224", "--images", "4096", "--photo-images", "1024", "--compile",
                   "--max-seconds", os.environ.get("MAX_SECONDS", "30")]
-    budget = left() - 25  # the summary, the copies and the suite's own wind-down
+    budget = left() - 12  # the summary, the copies and the suite's own wind-down
     print(f"[gpu_check] throughput suite, budget {budget:.0f}s: {' '.join(suite)}", flush=True)
     process = None
     if budget > 30:
