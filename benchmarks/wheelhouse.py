@@ -57,6 +57,12 @@ def closure(names) -> dict[str, str]:
     return found
 
 
+def wanted() -> dict[str, str]:
+    """What the host lacks: NEEDED's dependency closure less HOST_PACKAGES' (and never torch)."""
+    host = closure(HOST_PACKAGES)
+    return {name: version for name, version in closure(NEEDED).items() if name not in host and name not in NEVER}
+
+
 def download(name: str, version: str, into: Path) -> list[Path]:
     """The wheel(s) of name==version: one pure wheel, or one per CPython version for a compiled one."""
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest"]
@@ -83,16 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / ".whl")
     args = parser.parse_args(argv)
-    host = closure(HOST_PACKAGES)
-    wanted = {name: version for name, version in closure(NEEDED).items() if name not in host and name not in NEVER}
+    needed = wanted()
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
-    for name, version in sorted(wanted.items()):
+    for name, version in sorted(needed.items()):
         wheels = download(name, version, args.out)
         print(f"{name}=={version}: " + ", ".join(w.name for w in wheels))
-    (args.out / "requirements.txt").write_text("".join(f"{n}=={v}\n" for n, v in sorted(wanted.items())))
+    (args.out / "requirements.txt").write_text("".join(f"{n}=={v}\n" for n, v in sorted(needed.items())))
     mib = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
-    print(f"{args.out}: {len(wanted)} packages, {mib:.1f} MiB")
+    print(f"{args.out}: {len(needed)} packages, {mib:.1f} MiB")
     if mib > MAX_MIB:
         print(f"wheelhouse: {mib:.1f} MiB is more than the {MAX_MIB} MiB allowed", file=sys.stderr)
         return 1

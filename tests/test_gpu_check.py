@@ -26,7 +26,15 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "benchmarks"))
 import wheelhouse  # noqa: E402
 
-pytestmark = pytest.mark.slow
+
+def test_the_wheelhouse_brings_mlflow_and_never_torch():
+    needed = wheelhouse.wanted()
+    assert {"mlflow-skinny", "pydantic", "opentelemetry-api"} <= set(needed)
+    assert not {"torch", "torchvision", "triton", "numpy", "pandas", "pillow", "protobuf"} & set(needed)
+    assert all(version == metadata.version(name) for name, version in needed.items())  # the tested versions
+    if (REPO / ".whl" / "requirements.txt").is_file():  # made here by `make wheelhouse`
+        assert sum(f.stat().st_size for f in (REPO / ".whl").iterdir()) <= wheelhouse.MAX_MIB * 2**20
+        assert not list((REPO / ".whl").glob("torch-*"))
 
 
 def host_python(root: Path) -> Path:
@@ -54,6 +62,7 @@ def wheels(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_the_host_python_lacks_what_the_wheelhouse_brings(tmp_path):
     python = host_python(tmp_path / "host")
     probe = "import torch, torchvision, numpy, PIL, yaml, sklearn, pip; import importlib.util as u; " \
@@ -62,6 +71,7 @@ def test_the_host_python_lacks_what_the_wheelhouse_brings(tmp_path):
     assert done.returncode == 0 and done.stdout.split() == ["True", "True"], done.stderr[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root for unshare -n")
 def test_smoke_check_runs_offline_from_a_fresh_clone_with_the_wheelhouse(tmp_path, tmp_path_factory):
     clone = tmp_path / "clone"
