@@ -611,16 +611,6 @@ def measure_end_to_end(spec: dict) -> dict:
             **peak_memory()}
 
 
-def train_has_flag(name: str) -> bool:
-    sys.path.insert(0, str(REPO / "src"))
-    import dataclasses
-
-    from train_pytorch_model.config import TrainConfig
-
-    return name in {f.name for f in dataclasses.fields(TrainConfig)}
-
-
-
 MEASUREMENTS = {"ceiling": measure_ceiling, "eval_ceiling": measure_eval_ceiling, "train": measure_train,
                 "baseline": measure_baseline, "decode": measure_decode, "index": measure_index,
                 "supply": measure_supply, "end_to_end": measure_end_to_end}
@@ -650,7 +640,6 @@ def throughput_suite(args, out: Path) -> dict:
             write_untrained_model_directory(data / f"untrained_{model}", ModelSpec(model), None)
     warmup, steps, print_freq = (2, 4, 2) if quick else (30, 300, 30)
     cap = 5 if quick else args.max_seconds
-    gpu_decode_in_train = train_has_flag("decode")
     results, skipped, failed = [], [], []
 
     def e2e_rows(kind: str, batch: int) -> Path:
@@ -703,9 +692,6 @@ def throughput_suite(args, out: Path) -> dict:
     for name, measure, spec in plan():
         left = args.budget_seconds - (time.perf_counter() - started)
         if measure == "end_to_end":
-            if spec["decode"] == "gpu" and not gpu_decode_in_train:
-                skipped.append((name, "train has no --decode flag yet"))
-                continue
             spec = {**spec, "train_dir": str(e2e_rows(spec["kind"], spec["batch_size"])),
                     "untrained_model": str(data / f"untrained_{spec['model']}"), "train_images": 0}
         need = 30 if quick else (150 if spec.get("compile") else spec["max_seconds"] + 30)

@@ -28,7 +28,7 @@ from train_pytorch_model.image_directory import load_image_directory
 from train_pytorch_model.models import Classifier
 from train_pytorch_model.preprocessing import Preprocessing, decode_image
 from train_pytorch_model.train import Trainer, autocast, can_compile, make_optimizer, make_scaler
-from train_pytorch_model.train_command import resolve, resolve_precision
+from train_pytorch_model.train_command import build_model, resolve_precision, settle
 
 CPU = torch.device("cpu")
 
@@ -74,11 +74,13 @@ def test_auto_precision_on_gpu_follows_bf16_support(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
 
 
-def resolved(*flags: str) -> TrainConfig:
-    return resolve(TrainConfig.from_args(parse_train_args(*flags)), Context(CPU))
+def settled(untrained, *flags: str) -> TrainConfig:
+    model, spec = build_model(untrained, 2)
+    return settle(TrainConfig.from_args(parse_train_args(*flags)), Context(CPU), spec, model, 100)[0]
 
 
-def test_resolve_settles_the_speed_switches_for_cpu():
+def test_settle_decides_the_speed_switches_for_cpu(resnet18_dir):
+    resolved = lambda *flags: settled(resnet18_dir, *flags)
     config = resolved()
     assert (config.precision, config.channels_last, config.compile, config.device) == ("fp32", False, False, "cpu")
     config = resolved("--precision", "bf16", "--channels-last", "true", "--compile", "true")
@@ -236,12 +238,13 @@ def test_compile_keeps_state_dict_keys_and_trains():
         assert model(images).shape == (4, 3)
 
 
-def test_compile_without_a_cpp_compiler_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplog):
+def test_compile_without_a_cpp_compiler_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplog,
+                                                                          resnet18_dir):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, clang++ or c++
     monkeypatch.delenv("CXX", raising=False)
     with caplog.at_level(logging.WARNING):
         assert can_compile(CPU) is False
-        assert resolved("--compile", "true").compile is False
+        assert settled(resnet18_dir, "--compile", "true").compile is False
     assert "no C++ compiler" in caplog.text
 
 

@@ -64,6 +64,7 @@ from .legacy_format import (
     safe_join,
     write_text,
 )
+from .limits import MAX_EXTRACTED_BYTES
 from .model_directory import staged_output, training_samples
 from .preprocessing import probe_image
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, find_table, write_mltable
@@ -106,8 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "file, file_name, filename)")
     parser.add_argument("--label-column", default=None,
                         help="a table's label column (default: the first of label, category, class)")
-    parser.add_argument("--max-extracted-gib", type=float, default=32.0,
-                        help="stop when an archive unpacks to more than this many GiB (zip-bomb guard; default 32)")
+    parser.add_argument("--max-extracted-gib", type=float, default=MAX_EXTRACTED_BYTES / 2**30,
+                        help="stop when an archive unpacks to more than this many GiB (zip-bomb guard; default "
+                             "%(default)g)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def convert(source: Path, out: Path, *, max_extracted_bytes: int = 32 * 2**30, to: str = "image_directory",
+def convert(source: Path, out: Path, *, max_extracted_bytes: int = MAX_EXTRACTED_BYTES, to: str = "image_directory",
             image_column: str | None = None, label_column: str | None = None) -> Conversion:
     """Write the ImageDirectory (or MLTable, `to="mltable"`) for `source` to `out` (atomically) and say what
     was converted."""

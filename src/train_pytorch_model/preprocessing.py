@@ -24,6 +24,7 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms import v2
 
 from .errors import InvalidPreprocessingError, quote
+from .limits import AUGMENTATIONS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 # Decompression bombs: Pillow checks the header's size on open; decode_image turns its warning (over half this
 # many pixels) into a refusal, so no image decodes to more than ~89 megapixels (268 MB of RGB).
@@ -36,8 +37,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("flip_crop", "crop", "none")
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
 
 
 class ImageDecodeError(Exception):

@@ -46,6 +46,7 @@ from .distributed import pick_device
 from .errors import DirectoryNotFoundError, InvalidDatasetError, InvalidModelDirectoryError, InvalidParameterError
 from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
 from .legacy_format import read_json
+from .limits import MAX_EXTRACTED_BYTES
 from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory, staged_output
 from .predictions import (
     ERROR_COLUMN,
@@ -61,7 +62,6 @@ from .predictions import (
 log = logging.getLogger(__name__)
 
 RUN_ID = re.compile(r"[\w-]{1,64}", re.ASCII)  # MLflow's hex ids and Azure ML's job names
-MAX_EXTRACTED_BYTES = 32 * 2**30  # an archive given to score is unpacked to a temporary folder, at most this much
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of one, or one or more image files")
     parser.add_argument("--scored-data", required=True, type=Path,
                         help=f"output folder (new or empty) for {SCORED_PARQUET} and {SCORED_CSV}")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--num-workers", default=None, type=auto_or_int, metavar="auto|N",
-                        help="image decoding processes (default auto)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
+    parser.add_argument("--num-workers", default="auto", type=auto_or_int, metavar="auto|N",
+                        help="image decoding processes (default %(default)s)")
     parser.add_argument("--image-column", default=None, metavar="NAME", help="image path column of a table input")
     parser.add_argument("--label-column", default=None, metavar="NAME", help="label column of a table input")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
