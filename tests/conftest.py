@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,24 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = REPO / "examples"  # the designer fixtures, bundled so a lone clone passes
+RESNET18 = SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"
+# train's flags for a run of seconds on this CPU: tests add --epochs, --batch-size etc. as they need.
+FAST_TRAIN = ("--image-size", "32", "--num-workers", "0")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (closed again: a server or a refusal test takes it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def copy_writable(src: Path, dst: Path) -> Path:
+    """copytree without the fixtures' read-only modes."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    for folder, _, _ in os.walk(dst):
+        os.chmod(folder, 0o755)
+    return dst
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import SHARED_FIXTURES, run_cli, write_image_folder
+from conftest import SHARED_FIXTURES, copy_writable, run_cli, write_image_folder
 from train_pytorch_model.cli import main
 from train_pytorch_model.errors import InvalidModelDirectoryError
 from train_pytorch_model.image_directory import load_image_directory
@@ -40,13 +40,6 @@ LEGACY = SHARED_FIXTURES / "legacy_image_directory"
 RESNET18 = SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"
 DENSENET121 = SHARED_FIXTURES / "legacy_untrained_model" / "densenet121"
 
-
-def copy_writable(src: Path, dst: Path) -> Path:
-    """copytree without the fixtures' read-only modes."""
-    shutil.copytree(src, dst, copy_function=shutil.copyfile)
-    for folder, _, _ in os.walk(dst):
-        os.chmod(folder, 0o755)
-    return dst
 
 
 class World:
@@ -121,7 +114,7 @@ def params(**overrides):
 
 def case(id, arrange, error, names, fix, **kw):
     c = Case(id, arrange, error, names, fix, **kw)
-    return pytest.param(c, id=id, marks=c.marks)
+    return pytest.param(c, id=id, marks=[*c.marks, *([pytest.mark.slow] if c.subprocess else [])])
 
 
 def write(path_of: Callable[[World], Path], content: str | bytes):

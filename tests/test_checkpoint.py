@@ -172,6 +172,7 @@ print("never reached")
 """
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_step_blocked_in_a_read_within_the_grace_period(tmp_path):
     fifo = tmp_path / "stalled"
     os.mkfifo(fifo)

@@ -259,6 +259,7 @@ def test_code_must_be_a_local_folder(probe_component, tmp_path):
         run_component(probe_component, {"data": str(tmp_path / "d")}, {"out": str(tmp_path / "o")})
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_on_the_last_stderr_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "train_pytorch_model", "run-component", str(COMPONENT),
@@ -272,6 +273,7 @@ def test_cli_reports_errors_on_the_last_stderr_line(tmp_path):
 # --- the real component, end to end ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_component_yaml_trains_and_registers_end_to_end(tmp_path):
     """component.yaml -> run-component -> train, on the bundled fixtures, with a local registry."""
     import mlflow

@@ -248,6 +248,7 @@ def test_a_zip_member_with_a_300_character_name_is_skipped_by_name(tmp_path, cap
     assert len((tmp_path / "out" / "images.lst").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_a_fifo_among_the_images_is_skipped_not_read(tmp_path):
     tree = make_tree(tmp_path / "tree")
     os.mkfifo(tree / "cat" / "blocked.png")

@@ -13,6 +13,8 @@ from sklearn.datasets import load_digits
 
 from train_pytorch_model import demo
 
+pytestmark = pytest.mark.slow  # processes, servers or long runs: in `make test`, not in `make test-fast`
+
 
 def test_digit_folders_are_stratified_real_digits(tmp_path):
     split = demo.write_digit_folders(tmp_path, per_class=12)

@@ -62,3 +62,23 @@ def test_sweep_job_validates_and_searches_inputs_of_the_component():
     component = load_component(REPO / "component.yaml")
     assert set(sweep.search_space) <= set(component.inputs), set(sweep.search_space) - set(component.inputs)
 
+
+
+def test_the_scripted_online_deployment_runs_the_azure_ml_scoring_script():
+    deployment = load_online_deployment(DEPLOY / "online-deployment-scripted.yml")
+    endpoint = load_online_endpoint(DEPLOY / "online-endpoint.yml")
+    assert deployment.endpoint_name == endpoint.name
+    assert deployment.model == load_online_deployment(DEPLOY / "online-deployment.yml").model
+    code = DEPLOY / deployment.code_configuration.code
+    assert (code / deployment.code_configuration.scoring_script).is_file()
+    pip = deployment.environment.conda_file["dependencies"][-1]["pip"]
+    assert "azureml-inference-server-http==1.5.1" in pip  # the version tests/test_azureml_serving.py runs
+    pinned = {line for line in (REPO / "pyproject.toml").read_text().split('"') if line.startswith("torch")}
+    assert pinned <= set(pip), pinned - set(pip)
+
+
+def test_request_files_hold_both_azure_ml_shapes():
+    automl = json.loads((DEPLOY / "requests" / "automl-input-data.json").read_text())["input_data"]
+    catalog = json.loads((DEPLOY / "requests" / "catalog-input-data.json").read_text())["input_data"]
+    assert automl["columns"] == ["image"] and isinstance(automl["data"][0], str)
+    assert isinstance(catalog, list) and catalog == automl["data"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,22 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, free_port
 from train_pytorch_model.data import ShardSampler, build_dataset, collate, training_loader
 from train_pytorch_model.image_directory import load_image_directory
 from train_pytorch_model.model_directory import read_trained_model_directory
 from train_pytorch_model.preprocessing import Preprocessing
 
+pytestmark = pytest.mark.slow  # processes, servers or long runs: in `make test`, not in `make test-fast`
+
 TRAIN = {"a": 10, "b": 10, "c": 9}
 VALID = {"a": 5, "b": 4, "c": 4}  # 13 rows: rank 0 holds 7, rank 1 holds 6 -> 2 and 1 validation batches of 6
 OUTPUT_FILES = ("model", "index_to_label.csv", "model_spec.yaml", "_schema.json", "_samples.json", "_meta.yaml",
                 "MLmodel", "metrics.csv", "training_curves.png", "training_info.json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(untrained, train_dir, valid_dir, out, *extra) -> list[str]:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import precision_recall_fscore_support
 
+from conftest import free_port
 from train_pytorch_model.cli import main
 from train_pytorch_model.evaluate import evaluate_table
 
@@ -186,17 +187,15 @@ def test_the_evaluate_run_is_tagged_with_the_training_run_and_back(tmp_path):
     assert tags["train_pytorch_model.evaluation_run_id"] == evaluation.info.run_id
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_falls_back_to_a_local_store_in_seconds(tmp_path):
     """Nothing listens on the port: one short probe, a warning, and the run goes to ./mlflow.db (no minutes of
     MLflow's HTTP retries). A real process, so MLflow's own retry settings are the defaults."""
-    import socket
     import subprocess
     import sys
     import time
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # nothing listens there
     digits_table().to_parquet(tmp_path / "scored.parquet", index=False)
     work = tmp_path / "work"
     work.mkdir()

@@ -109,6 +109,7 @@ def test_export_component_validates_and_its_command_parses(tmp_path):
     assert (args.exported_model, args.format) == (tmp_path / "out", "onnx")
 
 
+@pytest.mark.slow
 def test_onnx_without_the_export_extra_is_a_named_error(exported, tmp_path):
     """A real process in which onnxruntime cannot be imported (as without `pip install '.[export]'`)."""
     import subprocess

@@ -108,6 +108,7 @@ def assert_loadable(out: Path) -> None:
     assert trained.classes == ["a", "b"] and isinstance(trained.model, Classifier)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_leaves_nothing_or_everything(tmp_path):
     base, reports = run_kill_trials(tmp_path, "normal", trials=10)
     reference = files_below(base / "reference")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from train_pytorch_model import gpu_decode
+from train_pytorch_model import gpu_decode, preprocessing
 from train_pytorch_model.data import EpochTaggedSampler, ImageDataset, build_dataset
 from train_pytorch_model.gpu_decode import Plan, build_gpu_dataset, decode_batch, orient
 from train_pytorch_model.image_directory import load_image_directory
@@ -168,9 +168,9 @@ def test_bounds_refuse_before_decoding(folder, monkeypatch, tmp_path):
     prep = Preprocessing(image_size=32)
     _, gpu = both_paths(folder, prep, train=True)
     row = rows_by_name(folder)["imagenet.jpg"]
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100_000)
-    assert "187500 pixels) exceeds limit of 100000 pixels" in gpu[row][4]
-    monkeypatch.setattr(gpu_decode, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(preprocessing, "MAX_IMAGE_PIXELS", 100_000)  # the CPU path's own bounds, shared
+    assert "more than 100000 pixels (decompression-bomb guard)" in gpu[row][4]
+    monkeypatch.setattr(preprocessing, "MAX_IMAGE_FILE_BYTES", 1000)
     assert "more than the 1000 allowed" in gpu[row][4]
     with pytest.raises(gpu_decode.ImageDecodeError, match="not a regular file"):
         gpu_decode._header(tmp_path, 37)

@@ -240,6 +240,7 @@ def test_a_non_utf8_class_folder_fails_at_load_naming_the_folder(tmp_path):
         load_image_directory(root, "Training")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["images.lst", "_schema.json", "_meta.yaml"])
 def test_a_fifo_metadata_file_is_refused_promptly(tmp_path, name):
     root = write_meta_directory(tmp_path / "d", [("image/a.png", "x")], [{"id": 0, "name": "x"}])

@@ -187,6 +187,7 @@ def test_bad_csv_rows_are_named_by_line(tmp_path, line, expected):
         load_image_directory(folder, "Training")
 
 
+@pytest.mark.slow
 def test_a_fifo_as_mltable_or_csv_is_refused_promptly(tmp_path):
     """A named pipe would block a read forever: it is refused before any read, in a real process."""
     for name in ("MLTable", "labels.csv"):
@@ -262,6 +263,7 @@ def test_a_csv_trains_through_the_cli(tmp_path):
     assert json.loads((out / "training_info.json").read_text())["classes"] == ["cat", "dog"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mltable", "csv"])
 def test_mltable_and_csv_train_through_run_component(tmp_path, kind):
     data = labeled_mltable(tmp_path) if kind == "mltable" else labeled_csv(tmp_path)

@@ -41,6 +41,7 @@ def last_line(result: subprocess.CompletedProcess) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_dot_dot_into_an_existing_folder_is_not_new(tmp_path):
     existing = tmp_path / "out" / "existing"
     existing.mkdir(parents=True)
@@ -91,6 +92,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precreated", [False, True], ids=["new folder", "empty mount point"])
 def test_a_second_writer_is_refused_before_it_starts(tmp_path, precreated):
     out = tmp_path / "out"
@@ -172,6 +174,7 @@ def _small_file_size_limit():
     resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_midway_is_a_named_error_and_leaves_nothing(tmp_path):
     out = tmp_path / "untrained"
     result = run_cli("init-model", "--model-name", "resnet18", "--untrained-model", str(out),

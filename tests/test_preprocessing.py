@@ -59,6 +59,7 @@ def test_a_header_claiming_too_many_pixels_is_refused_before_decoding(tmp_path):
     assert "decompression-bomb" in probe_image(path)
 
 
+@pytest.mark.slow
 def test_a_fifo_image_is_skipped_by_name_not_read(tmp_path):
     fifo = tmp_path / "blocked.png"
     os.mkfifo(fifo)

@@ -33,6 +33,7 @@ def trained_dir(tmp_path_factory, request):
     return out
 
 
+@pytest.mark.slow
 def test_serves_from_its_own_code_copy_without_the_package_installed(trained_dir, legacy_image_dir):
     image = next((legacy_image_dir / "image").iterdir())
     result = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_PACKAGE, str(trained_dir), str(image)],
@@ -54,6 +55,9 @@ def test_bad_input_is_a_named_error(trained_dir):
     model = mlflow.pyfunc.load_model(str(trained_dir))
     with pytest.raises(InvalidDatasetError, match="Row 0: 'image' is not a readable image"):
         model.predict(pd.DataFrame({"image": [b"not an image"]}))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"  # never handed to Ghostscript
+    with pytest.raises(InvalidDatasetError, match="Row 0: 'image' is not a readable image .*cannot identify"):
+        model.predict(pd.DataFrame({"image": [eps]}))
     with pytest.raises(InvalidDatasetError, match="not valid base64"):
         model.predict(pd.DataFrame({"image": ["%%%"]}))
     # Past MLflow's schema check (a caller of the loader itself): still named errors.

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # processes, servers or long runs: in `make test`, not in `make test-fast`
+
 README = (REPO / "README.md").read_text()
 BLOCK = re.compile(r"(?:<!-- (?P<marker>[^>]*) -->\n)?```(?P<language>\w+)\n(?P<body>.*?)```", re.S)
 LINKED = ("examples", "src", "components", "component.yaml", "deploy", "environment", "pipeline.yml", "sweep.yml")

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # processes, servers or long runs: in `make test`, not in `make test-fast`
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe.py"
 

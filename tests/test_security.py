@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import pickle
 import re
-import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import SHARED_FIXTURES, run_cli, write_image_folder
+from conftest import SHARED_FIXTURES, copy_writable, run_cli, write_image_folder
 from train_pytorch_model.cli import main
 from train_pytorch_model.data import build_dataset
 from train_pytorch_model.errors import InvalidDatasetError, InvalidModelDirectoryError
@@ -40,12 +38,6 @@ from train_pytorch_model.preprocessing import Preprocessing
 RESNET18 = SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"
 FAST = ["--epochs", "1", "--image-size", "32", "--batch-size", "4", "--num-workers", "0"]
 
-
-def copy_writable(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, copy_function=shutil.copyfile)
-    for folder, _, _ in os.walk(dst):
-        os.chmod(folder, 0o755)
-    return dst
 
 
 def train_argv(model: Path, train: Path, valid: Path, out: Path) -> list[str]:
@@ -82,6 +74,7 @@ def test_probe_module_really_creates_its_marker(probe_module):
     ("builtins", "eval"),
     ("azureml.designer.modules.dl.pytorch.initialize_models.vision.classification.resnet", "PROBE"),
 ])
+@pytest.mark.slow
 def test_model_spec_module_and_class_are_never_imported(tmp_path, probe_module, capsys, module, cls):
     name, marker = probe_module
     model = copy_writable(RESNET18, tmp_path / "model")
@@ -267,6 +260,7 @@ def test_training_on_links_out_fails_naming_them(tmp_path, outside_image, capsys
 # --- the environment never reaches logs, files or MLflow ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_secrets_in_the_environment_are_not_logged_or_saved(tmp_path):
     secrets = {
         "AZUREML_SECRET": f"azml-{uuid.uuid4().hex}",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,14 @@ import pandas as pd
 import pytest
 from mlflow.models import Model
 
-from conftest import REPO, train_tiny_model, write_image_folder
+from conftest import REPO, free_port, train_tiny_model, write_image_folder
 from train_pytorch_model.pyfunc import _load_pyfunc
+
+pytestmark = pytest.mark.slow  # processes, servers or long runs: in `make test`, not in `make test-fast`
 
 REQUESTS = REPO / "deploy" / "requests"
 CLASSES = ["cat", "dog", "fox"]
 START_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +42,7 @@ def trained(tmp_path_factory) -> Path:
 def server(trained, tmp_path_factory):
     """One server for the module: it takes seconds to start. The venv's bin goes first on PATH, where
     MLflow looks for `uvicorn`."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(trained),

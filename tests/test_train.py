@@ -34,6 +34,7 @@ def read_metrics(out) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_cli_trains_resnet18_on_the_legacy_fixtures(cli, tmp_path, legacy_image_dir, resnet18_dir):
     out = tmp_path / "trained"
     result = cli("train", "--untrained-model", str(resnet18_dir), "--training-data", str(legacy_image_dir),
@@ -64,6 +65,7 @@ def test_cli_trains_resnet18_on_the_legacy_fixtures(cli, tmp_path, legacy_image_
     assert probabilities.shape == (2, 3) and abs(probabilities.sum(axis=1) - 1).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_cli_trains_densenet121(cli, tmp_path, legacy_image_dir, densenet121_dir):
     out = tmp_path / "trained"
     result = cli("train", "--untrained-model", str(densenet121_dir), "--training-data", str(legacy_image_dir),
@@ -201,6 +203,7 @@ def test_metrics_are_logged_per_epoch_to_mlflow(tmp_path, make_image_folder, res
     assert {"metrics.csv", "training_curves.png"} <= artifacts
 
 
+@pytest.mark.slow
 def test_not_labeled_training_data_is_refused(cli, tmp_path, resnet18_dir):
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -293,6 +296,7 @@ def test_fine_tuning_controls_train_and_are_recorded(tmp_path, make_image_folder
     assert before is None or before  # the untrained directory is never modified
 
 
+@pytest.mark.slow
 def test_progress_is_a_bar_on_a_terminal_and_lines_with_eta_in_logs(tmp_path, make_image_folder, resnet18_dir):
     import fcntl
     import pty

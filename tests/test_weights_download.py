@@ -19,6 +19,7 @@ import torch
 import torchvision
 from azure.ai.ml import load_component
 
+from conftest import free_port
 from train_pytorch_model.cli import main
 from train_pytorch_model.errors import PretrainedWeightsNotFoundError, WeightsHashMismatchError
 from train_pytorch_model.models import hub_cache_path, imagenet_weights_file
@@ -91,12 +92,6 @@ def server():
     srv.server_close()
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_download_lands_in_the_hub_cache_and_is_checked(server, weights, torch_home):
     state, data, name = weights
     server.files[f"/{name}"] = data
@@ -140,7 +135,7 @@ def test_a_file_whose_content_does_not_match_its_name_is_refused(server, weights
 
 
 def test_an_unreachable_source_names_the_url_and_the_alternatives(weights, tmp_path, capsys):
-    url = f"http://127.0.0.1:{closed_port()}/{weights[2]}"
+    url = f"http://127.0.0.1:{free_port()}/{weights[2]}"
     out = tmp_path / "untrained"
     assert main(["init-model", "--model-name", ARCH, "--untrained-model", str(out), "--weights-url", url]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
@@ -170,7 +165,7 @@ def test_a_connection_cut_every_time_is_a_clean_error(server, weights):
 def test_the_next_source_is_tried_when_one_is_unreachable(server, weights):
     _, data, name = weights
     server.files[f"/{name}"] = data
-    dead = f"http://127.0.0.1:{closed_port()}/{name}"
+    dead = f"http://127.0.0.1:{free_port()}/{name}"
     assert pretrained_weights(ARCH, [dead, server.url(name)], attempts=1).read_bytes() == data
     with pytest.raises(PretrainedWeightsNotFoundError, match="could not be downloaded"):
         pretrained_weights(ARCH, [dead], attempts=2, backoff_s=0)

@@ -168,6 +168,7 @@ def payload_of(state: TrainingState, identity: dict) -> dict:
         # The best weights usually are this epoch's: store them once.
         "best_state": None if best_is_current else state.best_state,
         "best_is_current": best_is_current,
+        "best_predictions": state.best_predictions,
         "history": [dataclasses.asdict(m) for m in state.history],
         "rng": rng_states(),
     }
@@ -264,6 +265,10 @@ def invalid_field(checkpoint: dict) -> str | None:
         value = stopping.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= next_epoch:
             return f"early_stopping.{key} {quote(value)} is not an epoch count of this run"
+    predictions = checkpoint.get("best_predictions")
+    if predictions is not None and not (isinstance(predictions, torch.Tensor) and predictions.dtype == torch.int64
+                                        and predictions.dim() == 2 and predictions.shape[1] == 2):
+        return "best_predictions: not (true, predicted) class pairs"
     history = checkpoint.get("history")
     if not isinstance(history, list) or len(history) != next_epoch or not all(isinstance(m, dict) for m in history):
         return f"history: not {next_epoch} epochs of metrics"
@@ -308,6 +313,7 @@ def restore(checkpoint: dict, state: TrainingState, path: Path) -> None:
         ) from None
     state.best_state = cpu_state_dict(state.evaluated_model) if checkpoint["best_is_current"] \
         else checkpoint["best_state"]
+    state.best_predictions = checkpoint.get("best_predictions")  # absent in checkpoints written before it was kept
     state.next_epoch = checkpoint["next_epoch"]
     if checkpoint["cpu_threads"] != torch.get_num_threads() and not torch.cuda.is_initialized():
         # The CPU kernels' summation order depends on the thread count: keep it, and the bits.

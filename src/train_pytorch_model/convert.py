@@ -16,27 +16,32 @@ path order (table order for tables), so the same input always gives the same out
 that is left out is reported on stderr with the reason; hidden files and folders (.DS_Store,
 __MACOSX, ...) are never data and are ignored silently.
 
-Archives are extracted into the output's staging folder, never outside it: members with
-absolute paths, `..`, links or special files are skipped, and extraction stops at
+Archives are extracted (archives.py, shared with `score`) into the output's staging folder, never outside
+it: members with absolute paths, `..`, links or special files are skipped, and extraction stops at
 `--max-extracted-gib` (zip bombs; sizes are counted as bytes are written, not trusted from headers).
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import shutil
-import stat
 import sys
-import tarfile
-import zipfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .archives import (
+    ARCHIVE_SUFFIXES,
+    MAX_EXTRACTED_GIB,
+    MAX_EXTRACTED_HELP,
+    archive_in,
+    extract_archive,
+    extracted_bytes_limit,
+    is_archive,
+    space_hint,
+)
 from .errors import (
     DirectoryEmptyError,
     DirectoryNotFoundError,
@@ -64,21 +69,17 @@ from .legacy_format import (
     safe_join,
     write_text,
 )
-from .limits import MAX_EXTRACTED_BYTES
 from .model_directory import staged_output, training_samples
 from .preprocessing import probe_image
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, find_table, write_mltable
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 IMAGE_LIST = "images.lst"
 SCHEMA_FILE = "_schema.json"
 SAMPLES_FILE = "_samples.json"
 IMAGE_FOLDER = "image"
 MAX_NAMED_SKIPS = 200
-COPY_CHUNK = 1 << 20
-MAX_NAME_BYTES = 255  # one path component, as every common file system allows
 FORMATS = ("image_directory", "mltable")
 
 
@@ -107,16 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "file, file_name, filename)")
     parser.add_argument("--label-column", default=None,
                         help="a table's label column (default: the first of label, category, class)")
-    parser.add_argument("--max-extracted-gib", type=float, default=MAX_EXTRACTED_BYTES / 2**30,
-                        help="stop when an archive unpacks to more than this many GiB (zip-bomb guard; default "
-                             "%(default)g)")
+    parser.add_argument("--max-extracted-gib", type=float, default=MAX_EXTRACTED_GIB, help=MAX_EXTRACTED_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.max_extracted_gib > 0:
-        raise InvalidParameterError("Max extracted GiB", args.max_extracted_gib, "must be a number > 0")
-    result = convert(args.input, args.image_directory, max_extracted_bytes=int(args.max_extracted_gib * 2**30),
-                     to=args.to, image_column=args.image_column, label_column=args.label_column)
+    limit = extracted_bytes_limit(args.max_extracted_gib)
+    result = convert(args.input, args.image_directory, max_extracted_bytes=limit, to=args.to,
+                     image_column=args.image_column, label_column=args.label_column)
     report_skipped(result.skipped)
     classes = f"{len(result.categories)} classes" if result.categories is not None else "unlabeled"
     kind = "MLTable" if args.to == "mltable" else "ImageDirectory"
@@ -125,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def convert(source: Path, out: Path, *, max_extracted_bytes: int = MAX_EXTRACTED_BYTES, to: str = "image_directory",
+def convert(source: Path, out: Path, *, max_extracted_bytes: int = int(MAX_EXTRACTED_GIB * 2**30),
+            to: str = "image_directory",
             image_column: str | None = None, label_column: str | None = None) -> Conversion:
     """Write the ImageDirectory (or MLTable, `to="mltable"`) for `source` to `out` (atomically) and say what
     was converted."""
@@ -140,7 +139,7 @@ def convert(source: Path, out: Path, *, max_extracted_bytes: int = MAX_EXTRACTED
             skipped: list[tuple[str, str]] = []
             archive = _archive_in(source)
             if archive is not None:
-                root = extract_archive(archive, extracted, max_extracted_bytes, skipped)
+                root = extract_archive(archive, extracted, max_extracted_bytes, skipped, _output_write_error)
             else:
                 root = source
             result = scan(root, to, image_column, label_column)
@@ -162,30 +161,25 @@ def convert(source: Path, out: Path, *, max_extracted_bytes: int = MAX_EXTRACTED
     return result
 
 
+def _output_write_error(path: Path, exc: OSError) -> OutputDirectoryError:
+    """convert extracts into its output's staging folder: a failed write there is an output error."""
+    return OutputDirectoryError(f"Cannot write extracted file '{path}': {exc.strerror or exc}{space_hint(exc)}.")
+
+
 # --- finding the images --------------------------------------------------------------------------------
 
 
-def _is_archive(path: Path) -> bool:
-    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
 def _archive_in(source: Path) -> Path | None:
-    """The archive to unpack: `source` itself, or the only entry of a folder."""
-    if source.is_file():
-        if source.name == MLTABLE_FILE or source.name.lower().endswith(TABLE_SUFFIXES):
-            return None
-        if not _is_archive(source):
-            raise InvalidDatasetError(
-                f"Input '{source}' is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)}); "
-                "give a folder of images or an archive of one."
-            )
-        return source
-    entries = [e for e in source.iterdir() if not is_hidden(e.name)]
-    if not entries:
+    """The archive to unpack (archives.archive_in); a file that is neither an archive nor a table is refused."""
+    if source.is_file() and source.name != MLTABLE_FILE and not source.name.lower().endswith(TABLE_SUFFIXES) \
+            and not is_archive(source):
+        raise InvalidDatasetError(
+            f"Input '{source}' is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)}); "
+            "give a folder of images or an archive of one."
+        )
+    if source.is_dir() and not any(not is_hidden(e.name) for e in source.iterdir()):
         raise DirectoryEmptyError(f"Input folder '{source}' is empty.")
-    if len(entries) == 1 and entries[0].is_file() and _is_archive(entries[0]):
-        return entries[0]
-    return None
+    return archive_in(source)
 
 
 def scan(root: Path, to: str = "image_directory", image_column: str | None = None,
@@ -263,135 +257,6 @@ def _check_file(relative: str, path: Path, real_root: str, suffix: bool = True) 
     if not resolves_inside(real_root, path):
         return "symbolic link to a file outside the input folder"
     return probe_image(path)
-
-
-# --- archives --------------------------------------------------------------------------------------------
-
-
-def extract_archive(archive: Path, target: Path, max_bytes: int, skipped: list[tuple[str, str]]) -> Path:
-    """Unpack regular files of `archive` into `target`; returns the folder that holds the data."""
-    target.mkdir(parents=True)
-    budget = _Budget(archive, max_bytes)
-    try:
-        if archive.name.lower().endswith(".zip"):
-            _extract_zip(archive, target, budget, skipped)
-        else:
-            _extract_tar(archive, target, budget, skipped)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-        raise InvalidDatasetError(f"Archive '{archive}' cannot be read: {exc}.") from None
-    # Archives usually wrap everything in one folder ("dataset/cat/1.jpg"): look through it.
-    root = target
-    while True:
-        entries = [e for e in root.iterdir() if not is_hidden(e.name)]
-        if len(entries) != 1 or not entries[0].is_dir():
-            return root
-        inner = [e for e in entries[0].iterdir() if not is_hidden(e.name)]
-        if any(e.is_file() for e in inner):  # "cat/1.jpg": a one-class ImageFolder, not a wrapper
-            return root
-        root = entries[0]
-
-
-class _MemberNameError(Exception):
-    """A member's name the file system refuses: that member is skipped."""
-
-
-class _Budget:
-    def __init__(self, archive: Path, max_bytes: int):
-        self.archive, self.max_bytes, self.used = archive, max_bytes, 0
-
-    def take(self, count: int) -> None:
-        self.used += count
-        if self.used > self.max_bytes:
-            raise InvalidDatasetError(
-                f"Archive '{self.archive}' unpacks to more than {self.max_bytes / 2**30:.3g} GiB "
-                "(--max-extracted-gib); raise the limit if the archive is genuine."
-            )
-
-
-def _member_path(target: Path, name: str) -> tuple[Path | None, str | None]:
-    """Where a member goes, or (None, reason) for one that must not be extracted (or None, None: hidden)."""
-    clean = name.rstrip("/")
-    if clean.startswith("/") or (len(clean) > 1 and clean[1] == ":"):
-        return None, "absolute path in the archive"
-    parts = [part for part in clean.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        return None, "path leads outside the archive ('..')"
-    path = safe_join(target, clean)
-    if path is None or not parts:
-        return None, "unsafe path in the archive"
-    if any(is_hidden(part) for part in parts):
-        return None, None
-    if any(len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES for part in parts):
-        return None, f"a name in the path is longer than {MAX_NAME_BYTES} bytes"
-    return path, None
-
-
-def _copy_stream(reader, path: Path, budget: _Budget) -> None:
-    """Copy a member's bytes, counting them against the budget. FileExistsError for a duplicate name."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = open(path, "xb")  # "x": a duplicate member name never overwrites an earlier one
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL, errno.ENOTDIR, errno.EISDIR):
-            raise _MemberNameError(exc.strerror or str(exc)) from None  # this member's name: skip it
-        raise OutputDirectoryError(f"Cannot write extracted file '{path}': {exc.strerror or exc}.") from None
-    with writer:
-        while chunk := reader.read(COPY_CHUNK):
-            budget.take(len(chunk))
-            try:
-                writer.write(chunk)
-            except OSError as exc:
-                raise OutputDirectoryError(f"Cannot write extracted file '{path}': {exc.strerror or exc}.") from None
-
-
-def _extract_zip(archive: Path, target: Path, budget: _Budget, skipped) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        def members():
-            for info in zf.infolist():
-                if info.is_dir():
-                    continue
-                refusal = ("symbolic link (links are never extracted)" if stat.S_ISLNK(info.external_attr >> 16)
-                           else "encrypted member" if info.flag_bits & 0x1 else None)
-                yield info.filename, refusal, lambda info=info: zf.open(info)
-        _extract_members(members(), target, budget, skipped)
-
-
-def _extract_tar(archive: Path, target: Path, budget: _Budget, skipped) -> None:
-    # Iterating reads the (compressed) stream once, in order: no seeking back in .tar.gz.
-    with tarfile.open(archive, "r:*") as tf:
-        def members():
-            for member in tf:
-                if member.isdir():
-                    continue
-                refusal = ("link (links are never extracted)" if member.issym() or member.islnk()
-                           else "not a regular file" if not member.isreg() else None)
-                yield member.name, refusal, lambda member=member: tf.extractfile(member)
-        _extract_members(members(), target, budget, skipped)
-
-
-def _extract_members(members, target: Path, budget: _Budget, skipped: list[tuple[str, str]]) -> None:
-    """Extract (name, refusal or None, opener) members; the ones that must not or cannot be extracted are
-    skipped by name with the reason, and the others still extracted."""
-    for name, refusal, opener in members:
-        path, reason = _member_path(target, name)
-        if path is not None and refusal:
-            path, reason = None, refusal
-        if path is None:
-            if reason:
-                skipped.append((name, reason))
-            continue
-        try:
-            with opener() as reader:
-                _copy_stream(reader, path, budget)
-        except FileExistsError:
-            skipped.append((name, "duplicate name in the archive"))
-        except _MemberNameError as exc:
-            skipped.append((name, f"the name cannot be a file here ({exc})"))
-        except (zipfile.BadZipFile, NotImplementedError, zlib.error, EOFError) as exc:  # a damaged zip member
-            path.unlink(missing_ok=True)
-            skipped.append((name, f"cannot be extracted ({type(exc).__name__}: {str(exc)[:120]})"))
 
 
 # --- writing -------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
-from .legacy_format import resolves_inside
 from .preprocessing import ImageDecodeError, Preprocessing, decode_image
 
 log = logging.getLogger(__name__)
@@ -48,9 +47,7 @@ class ImageDataset(Dataset):
         target = self.targets[index]
         path = self.directory.path(index)
         try:
-            if not resolves_inside(self.real_root, path):
-                raise ImageDecodeError("the path (or a symlink on it) leads outside the input folder")
-            image = decode_image(path, self.size_hint)
+            image = decode_image(path, self.size_hint, inside=self.real_root)  # the input opener refuses links out
             with torch.random.fork_rng(devices=[]):
                 # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
                 # every accelerator backend, 0.1 ms per image.

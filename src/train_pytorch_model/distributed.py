@@ -58,6 +58,21 @@ class Context:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows (an int64 (n, k) tensor; n may differ, even be 0), concatenated in rank order, on
+        every rank. Padded to the longest, as all_gather needs equal shapes."""
+        if not self.distributed:
+            return rows
+        count = torch.tensor([len(rows)], dtype=torch.int64, device=self.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count)
+        counts = [int(c.item()) for c in counts]
+        padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+        padded[:len(rows)] = rows
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
     def any_rank(self, *flags: bool) -> list[bool]:
         """For each flag: is it true on at least one rank? (Every rank gets the same answer.)"""
         if not self.distributed:

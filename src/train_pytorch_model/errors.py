@@ -58,6 +58,11 @@ class OutputDirectoryError(TrainPyTorchModelError):
     """The output folder cannot be written: not empty, not writable, or a file."""
 
 
+class TemporaryFolderError(TrainPyTorchModelError):
+    """The temporary folder (TMPDIR) cannot hold what a command unpacks there (an archive given to `score`):
+    full, over quota or not writable. Not the output's fault."""
+
+
 class InvalidDatasetError(TrainPyTorchModelError):
     """An ImageDirectory cannot be used for training: bad files, bad rows, bad categories."""
 

@@ -14,10 +14,6 @@ the device decoder refuses (e.g. truncated) is decoded by PIL in the main proces
 
 from __future__ import annotations
 
-import io
-import os
-import stat
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +26,15 @@ from torchvision.transforms.v2 import functional as TF
 from .data import ImageDataset, build_dataset, sample_seed
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
-from .legacy_format import resolves_inside
-from .preprocessing import MAX_RESIZE_ASPECT, ImageDecodeError, Preprocessing, decode_image
+from .preprocessing import (
+    MAX_RESIZE_ASPECT,
+    ImageDecodeError,
+    Preprocessing,
+    decode_image,
+    opened_image,
+    read_image_file,
+)
 
-# A bigger file is refused before it is read (a 180-megapixel JPEG at quality 95 is ~60 MB).
-MAX_FILE_BYTES = 128 * 2**20
 # Decoded pixels held on the device at once while a batch is decoded: 256 ImageNet images take ~50 M, 256
 # 12-megapixel photos would take 3 G (9 GB of uint8), so big photos are decoded in chunks of this many pixels.
 DECODE_PIXELS_PER_CHUNK = 256 * 2**20
@@ -65,32 +65,16 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def _header(path, size_hint: int | None) -> tuple[bytes, Image.Image, tuple[int, int]]:
-    """The file's bytes and its lazily opened image (format, mode, draft size known; nothing decoded)."""
-    try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageDecodeError("not a regular file")
-        if info.st_size > MAX_FILE_BYTES:
-            raise ImageDecodeError(f"file of {info.st_size} bytes, more than the {MAX_FILE_BYTES} allowed")
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise ImageDecodeError(f"file grew past the {MAX_FILE_BYTES} bytes allowed while read")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))  # refuses more than Image.MAX_IMAGE_PIXELS, as the CPU path
-            full = image.size
-            if size_hint and image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES:
-                image.draft("RGB", (size_hint, size_hint))  # the CPU path's decode scale, for its crop box
-        return data, image, full
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
-    except PermissionError:
-        raise ImageDecodeError("permission denied") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            EOFError) as exc:
-        raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+def _header(path, size_hint: int | None, inside=None) -> tuple[bytes, Image.Image, tuple[int, int]]:
+    """The file's bytes and its lazily opened image (format, mode, draft size known; nothing decoded), read,
+    bounded and classified by the CPU path's own opener (`preprocessing.opened_image`): a bad file gets the
+    same reason on both paths."""
+    data = read_image_file(path, inside)
+    with opened_image(data) as image:
+        full = image.size
+        if size_hint and image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES:
+            image.draft("RGB", (size_hint, size_hint))  # the CPU path's decode scale, for its crop box
+    return data, image, full
 
 
 class GpuDecodeDataset(torch.utils.data.Dataset):
@@ -125,9 +109,7 @@ class GpuDecodeDataset(torch.utils.data.Dataset):
         target = self.cpu.targets[index]
         path = self.cpu.directory.path(index)
         try:
-            if not resolves_inside(self.cpu.real_root, path):
-                raise ImageDecodeError("the path (or a symlink on it) leads outside the input folder")
-            data, image, full = _header(path, self.cpu.size_hint)
+            data, image, full = _header(path, self.cpu.size_hint, self.cpu.real_root)
         except ImageDecodeError as exc:
             return None, None, target, index, str(exc)
         if self.preprocessing.image_size is None or image.format != "JPEG" or image.mode not in DEVICE_JPEG_MODES:

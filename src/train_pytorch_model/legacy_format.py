@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import TrainPyTorchModelError
+from .input_files import UnreadableInputError, open_input, parent_of, resolves_inside  # noqa: F401 (re-exported)
 
 META_FILE = "_meta.yaml"
 MAX_METADATA_BYTES = 64 * 2**20  # _schema.json with a million categories fits; nothing legitimate is larger
@@ -55,38 +55,33 @@ def write_text(path: Path, text: str) -> None:
     Path(path).write_text(text, encoding="utf-8", newline="\n")
 
 
-def open_regular(path: Path, error_type: type[TrainPyTorchModelError], max_bytes: int | None = MAX_METADATA_BYTES):
-    """Open `path` for binary reading, refusing anything that is not a regular file (a FIFO or a device would
-    block the read forever) and, when `max_bytes` is set, a file larger than that."""
+SAME_FOLDER = object()  # `inside` default: a metadata file is read only where it lies, never through a link out
+
+
+def open_regular(path: Path, error_type: type[TrainPyTorchModelError], max_bytes: int | None = MAX_METADATA_BYTES,
+                 *, inside=SAME_FOLDER):
+    """Open `path` for binary reading through the one input opener (input_files.open_input): a regular file
+    only (a FIFO or a device would block the read forever), inside `inside` (default: its own folder; None: any
+    path, for a file the user named), and when `max_bytes` is set, not larger than that. Refusals name the file,
+    never its content."""
     try:
-        # O_NONBLOCK: opening a FIFO without a writer returns at once instead of waiting for one.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise error_type(f"'{path}' is missing; restore it, or regenerate the folder it belongs to.") from None
-    except OSError as exc:
-        raise error_type(f"'{path}' cannot be read: {exc.strerror or exc}. Check the file and its permissions.") \
+        return open_input(path, inside=parent_of(path) if inside is SAME_FOLDER else inside, max_bytes=max_bytes)
+    except UnreadableInputError as exc:
+        if exc.missing:
+            raise error_type(f"'{path}' is missing; restore it, or regenerate the folder it belongs to.") from None
+        if exc.strerror is not None:
+            raise error_type(f"'{path}' cannot be read: {exc.strerror}. Check the file and its permissions.") from None
+        if exc.size is not None:
+            raise error_type(f"'{path}' is {exc.size} bytes; files of this kind are at most {max_bytes} bytes. "
+                             "Regenerate the file.") from None
+        raise error_type(f"'{path}' cannot be used: {exc.reason}. Replace it with a regular file inside the folder.") \
             from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise error_type(f"'{path}' is not a regular file (a pipe, device or folder); replace it with a file.")
-        if max_bytes is not None and info.st_size > max_bytes:
-            raise error_type(
-                f"'{path}' is {info.st_size} bytes; files of this kind are at most {max_bytes} bytes. "
-                "Regenerate the file."
-            )
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
-def read_yaml(path: Path, error_type: type[TrainPyTorchModelError]) -> Any:
+def read_yaml(path: Path, error_type: type[TrainPyTorchModelError], *, inside=SAME_FOLDER) -> Any:
     """Parse YAML with the safe loader (never constructs Python objects), refusing anchors and aliases:
     metadata never needs them, and a few hundred bytes of nested aliases expand to gigabytes."""
-    return parse_yaml(read_text(path, error_type), str(path), error_type)
+    return parse_yaml(read_text(path, error_type, inside=inside), str(path), error_type)
 
 
 def parse_yaml(text: str, name: str, error_type: type[TrainPyTorchModelError]) -> Any:
@@ -114,8 +109,8 @@ def parse_yaml(text: str, name: str, error_type: type[TrainPyTorchModelError]) -
         ) from None
 
 
-def read_json(path: Path, error_type: type[TrainPyTorchModelError]) -> Any:
-    text = read_text(path, error_type)
+def read_json(path: Path, error_type: type[TrainPyTorchModelError], *, inside=SAME_FOLDER) -> Any:
+    text = read_text(path, error_type, inside=inside)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -127,9 +122,11 @@ def read_json(path: Path, error_type: type[TrainPyTorchModelError]) -> Any:
         raise error_type(f"'{path}' cannot be read as JSON: {str(exc)[:200]}. Fix or regenerate the file.") from None
 
 
-def read_text(path: Path, error_type: type[TrainPyTorchModelError], max_bytes: int = MAX_METADATA_BYTES) -> str:
-    """A small text file (metadata): regular files only, at most `max_bytes`, UTF-8 (a BOM is dropped)."""
-    with open_regular(path, error_type, max_bytes) as handle:
+def read_text(path: Path, error_type: type[TrainPyTorchModelError], max_bytes: int = MAX_METADATA_BYTES, *,
+              inside=SAME_FOLDER) -> str:
+    """A small text file (metadata): regular files only, inside `inside`, at most `max_bytes`, UTF-8 (a BOM is
+    dropped)."""
+    with open_regular(path, error_type, max_bytes, inside=inside) as handle:
         try:
             data = handle.read(max_bytes + 1)
         except OSError as exc:
@@ -143,10 +140,11 @@ def read_text(path: Path, error_type: type[TrainPyTorchModelError], max_bytes: i
         raise error_type(f"'{path}' is not UTF-8 text (line {line}, byte {exc.start}); save it as UTF-8.") from None
 
 
-def iter_lines(path: Path, error_type: type[TrainPyTorchModelError]) -> Iterator[tuple[int, str]]:
+def iter_lines(path: Path, error_type: type[TrainPyTorchModelError], *,
+               inside=SAME_FOLDER) -> Iterator[tuple[int, str]]:
     """Yield (line number, text) of a UTF-8 text file of any length, streaming; every line at most
     MAX_LINE_BYTES. Decoding is per line, so an undecodable byte is reported on its own line."""
-    with open_regular(path, error_type, max_bytes=None) as handle:
+    with open_regular(path, error_type, max_bytes=None, inside=inside) as handle:
         number = 0
         while True:
             try:
@@ -168,9 +166,10 @@ def iter_lines(path: Path, error_type: type[TrainPyTorchModelError]) -> Iterator
                 ) from None
 
 
-def iter_json_lines(path: Path, error_type: type[TrainPyTorchModelError]) -> Iterator[tuple[int, dict]]:
+def iter_json_lines(path: Path, error_type: type[TrainPyTorchModelError], *,
+                    inside=SAME_FOLDER) -> Iterator[tuple[int, dict]]:
     """Yield (line number, row) from a JSON-lines file, streaming: memory stays flat."""
-    for number, line in iter_lines(path, error_type):
+    for number, line in iter_lines(path, error_type, inside=inside):
         if not line.strip():
             continue
         try:
@@ -233,10 +232,3 @@ def is_safe_relative(relative: str) -> bool:
     if relative.startswith("/") or (len(relative) > 1 and relative[1] == ":"):
         return False
     return ".." not in relative.split("/")
-
-
-def resolves_inside(root: Path, path: Path) -> bool:
-    """True when `path` (after following symlinks) is inside `root`."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)

@@ -6,9 +6,6 @@ from __future__ import annotations
 # The square side images are resized/cropped to: train's --image-size, a trained model's recipe, component.yaml.
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
 
-# An archive given to convert or score is unpacked to a folder, at most this much.
-MAX_EXTRACTED_BYTES = 32 * 2**30
-
 AUGMENTATIONS = ("flip_crop", "crop", "none")
 OPTIMIZERS = ("adamw", "sgd")
 # Weight decay when --weight-decay is auto: the original's for SGD, the usual AdamW value (docs/recipe.md).

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, OutputDirectoryError, quote
+from .input_files import UnreadableInputError, read_input
 from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside, write_text
 from .models import (
     FAMILIES,
@@ -55,6 +56,7 @@ MODEL_INFO_FILE = "model_info.json"  # untrained directory: architecture, weight
 README_FILE = "README.txt"  # architectures beyond designer's 13: who can read the directory
 TASK_TYPE = "MultiClassification"
 MAX_CLASSES = 100_000  # a tampered num_classes must not build a gigantic head
+MAX_SAMPLE_BYTES = 16 * 2**20  # an image copied into _samples.json
 
 
 @dataclass
@@ -369,7 +371,9 @@ def finished_output(out: str | os.PathLike, run_identity: str) -> bool:
 
 
 def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
-    """`_samples.json` rows (spec 2.4): the first rows, image bytes base64-encoded."""
+    """`_samples.json` rows (spec 2.4): the first rows, image bytes base64-encoded. The bytes are read through
+    the input opener as training reads images: a file that is a link out of the folder, not a regular file
+    or larger than MAX_SAMPLE_BYTES is written as null, never copied into the model."""
     samples = []
     column_names = [c["name"] for c in schema.get("columnAttributes", [])]
     for i in range(min(count, len(directory))):
@@ -377,8 +381,9 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
         for name in column_names:
             if name == "image":
                 try:
-                    row[name] = base64.b64encode(directory.path(i).read_bytes()).decode("ascii")
-                except OSError:
+                    data = read_input(directory.path(i), inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
+                    row[name] = base64.b64encode(data).decode("ascii")
+                except UnreadableInputError:
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
                 row[name] = directory.categories[directory.labels[i]]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
-import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,11 +22,21 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms import v2
 
 from .errors import InvalidPreprocessingError, quote
+from .input_files import UnreadableInputError, open_input, read_input
 from .limits import AUGMENTATIONS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
-# Decompression bombs: Pillow checks the header's size on open; decode_image turns its warning (over half this
-# many pixels) into a refusal, so no image decodes to more than ~89 megapixels (268 MB of RGB).
-Image.MAX_IMAGE_PIXELS = 178_956_970
+# Decompression bombs: `_opened` refuses more than MAX_IMAGE_PIXELS from the header, before decoding, so no
+# image decodes to more than 89 million pixels (268 MB of RGB). Pillow's own guard stays as a backstop (it
+# warns at its limit and refuses at twice it): set to ours, it can never let more through.
+MAX_IMAGE_PIXELS = 89_478_485
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# The largest image file read: an uncompressed 16-bit RGBA image at the pixel limit (716 MB) fits.
+MAX_IMAGE_FILE_BYTES = 1 << 30
+# Only raster formats are ever opened (Pillow would hand EPS bytes to Ghostscript, and tries dozens of
+# formats on any file). A camera JPEG that Pillow calls MPO opens through JPEG.
+RASTER_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Rows converted at a time from 16-bit / 32-bit greyscale to 8 bits: no full-size temporary copy.
+CONVERT_PIXELS_PER_CHUNK = 1 << 20
 # The longest side a resize may produce, as a multiple of the resize size: a 65535x1 image would otherwise be
 # resized to 110x7.2 million pixels. Longer sides are scaled down to fit (the crop pads what is missing).
 MAX_RESIZE_ASPECT = 4
@@ -43,75 +51,98 @@ class ImageDecodeError(Exception):
     """A file is not a usable image; `data.py` decides whether to skip it."""
 
 
-def _open(source: str | Path | bytes):
-    """A binary stream for Pillow; for a path, a regular file only (a FIFO or device would block forever)."""
-    if isinstance(source, (bytes, bytearray)):
-        return io.BytesIO(source)
-    fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ImageDecodeError("not a regular file (a pipe, device or folder)")
-    if hasattr(os, "set_blocking"):
-        os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+def read_image_file(path: str | Path, inside: str | Path | None) -> bytes:
+    """An image file's bytes through the one input opener (inside `inside`, regular, at most
+    MAX_IMAGE_FILE_BYTES), or ImageDecodeError with the reason every decode path reports."""
+    try:
+        return read_input(path, inside=inside, max_bytes=MAX_IMAGE_FILE_BYTES)
+    except UnreadableInputError as exc:
+        raise ImageDecodeError(exc.reason) from None
 
 
 @contextlib.contextmanager
-def _opened(source: str | Path | bytes) -> Iterator[Image.Image]:
-    """Pillow's lazy image (header read, pixels not decoded), refusing more than MAX_IMAGE_PIXELS / 2 pixels;
-    the file is closed on exit (Pillow does not close a stream it was given), so load the pixels inside."""
-    try:
-        stream = _open(source)
-    except FileNotFoundError:
-        raise ImageDecodeError("file not found") from None
-    except PermissionError:
-        raise ImageDecodeError("permission denied") from None
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read the file ({exc.strerror or exc})") from None
+def opened_image(source: str | Path | bytes, inside: str | Path | None = None) -> Iterator[Image.Image]:
+    """Pillow's lazy image (header read, pixels not decoded) of a file or of bytes: the one place the CPU and the
+    GPU decode paths open images, so a bad file gets the same reason on both. A file goes through the input
+    opener (`inside`, regular, bounded); only RASTER_FORMATS are tried; more than MAX_IMAGE_PIXELS by the
+    header is refused before decoding. The file is closed on exit, so load the pixels inside."""
+    if isinstance(source, (bytes, bytearray)):
+        stream = io.BytesIO(source)
+    else:
+        try:
+            stream = open_input(source, inside=inside, max_bytes=MAX_IMAGE_FILE_BYTES)
+        except UnreadableInputError as exc:
+            raise ImageDecodeError(exc.reason) from None
     with stream, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             # Not closed with the stream: a loaded image no longer needs the file, and close() would free its pixels.
-            image = Image.open(stream)
+            image = Image.open(stream, formats=RASTER_FORMATS)
             if image.width < 1 or image.height < 1:
                 raise ImageDecodeError("the image has no pixels")
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError("too many pixels")
             yield image
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageDecodeError(
-                f"DecompressionBombError: the image has more than {Image.MAX_IMAGE_PIXELS // 2} pixels "
+                f"DecompressionBombError: the image has more than {MAX_IMAGE_PIXELS} pixels "
                 "(decompression-bomb guard)") from None
-        except (OSError, ValueError, SyntaxError, ZeroDivisionError, IndexError, TypeError, EOFError) as exc:
+        except Image.UnidentifiedImageError:
+            raise ImageDecodeError("UnidentifiedImageError: cannot identify image file (formats read: "
+                                   f"{', '.join(RASTER_FORMATS)})") from None
+        except (OSError, ValueError, SyntaxError, ZeroDivisionError, IndexError, TypeError, EOFError,
+                MemoryError) as exc:
             raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
 
-def probe_image(path: str | Path) -> str | None:
+def probe_image(path: str | Path, inside: str | Path | None = None) -> str | None:
     """None when the file is an image Pillow can open within the pixel bound (header only), else why not."""
     try:
-        with _opened(path):
+        with opened_image(path, inside):
             return None
     except ImageDecodeError as exc:
         return f"not a readable image ({exc})"
 
 
-def decode_image(source: str | Path | bytes, size_hint: int | None = None) -> Image.Image:
-    """Open an image file or bytes as RGB, honouring EXIF orientation.
+def decode_image(source: str | Path | bytes, size_hint: int | None = None, *,
+                 inside: str | Path | None = None) -> Image.Image:
+    """Open an image file (inside the input folder `inside`, see `opened_image`) or bytes as RGB, honouring
+    EXIF orientation.
 
     16-bit greyscale is scaled to 8 bits (convert('RGB') would clip it white); palette and
     alpha images are converted (alpha dropped, as designer did); animated images use frame 0.
     `size_hint` lets JPEG decode at a reduced scale (draft mode): much faster for big photos.
     """
-    with _opened(source) as image:
-        if size_hint and image.format == "JPEG":
+    with opened_image(source, inside) as image:
+        if size_hint and image.format in ("JPEG", "MPO"):
             image.draft("RGB", (size_hint, size_hint))
         image.load()  # decode now, while the file is open
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the decoded pixels
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float32)
-            scale = 257.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 1.0
-            return Image.fromarray((array / scale).clip(0, 255).astype(np.uint8)).convert("RGB")
+            return _to_8_bits(image).convert("RGB")
         if image.mode == "P":
             return image.convert("RGBA").convert("RGB")
         return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit integer) greyscale -> 8-bit "L", in strips of rows: memory is the output plus one
+    strip, never a full-size float copy. 16-bit values are divided by 257 (65535 -> 255); 32-bit values too
+    when any exceeds 255, else taken as they are."""
+    width, height = image.size
+    rows = max(1, CONVERT_PIXELS_PER_CHUNK // width)
+    strips = [(top, min(height, top + rows)) for top in range(0, height, rows)]
+    scale = 257
+    if not image.mode.startswith("I;16"):
+        low, high = image.getextrema()
+        scale = 257 if high > 255 else 1
+    out = np.empty((height, width), dtype=np.uint8)
+    for top, bottom in strips:
+        strip = np.asarray(image.crop((0, top, width, bottom)))
+        if strip.dtype.byteorder not in ("=", "|"):
+            strip = strip.astype(strip.dtype.newbyteorder("="))
+        np.clip(strip // scale if scale != 1 else strip, 0, 255, out=out[top:bottom], casting="unsafe")
+    return Image.fromarray(out)
 
 
 class _BoundedResize(v2.Transform):

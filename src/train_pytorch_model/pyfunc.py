@@ -6,8 +6,10 @@ pickle and no install of our package: `mlflow.pyfunc.load_model(dir).predict(df)
 
 Input: a DataFrame with column `image` holding raw image bytes or base64 (text or bytes), which is
 what every request format of `mlflow models serve` becomes (`dataframe_split`, `dataframe_records`,
-`inputs`, `instances`, CSV), and what Azure ML's `{"input_data": {"columns": [...], "data": [...]}}`
-becomes on a managed online endpoint. The MLmodel carries a signature and an input example (one
+`inputs`, `instances`, CSV), and what Azure ML's two request shapes become: AutoML's
+`{"input_data": {"columns": ["image"], "data": [...]}}` and the catalog models' `{"input_data": ["<base64>", ...]}`
+(`request_frame`, which `deploy/azureml/score.py` calls too). Image URLs are refused by name: the model never
+uses the network. The MLmodel carries a signature and an input example (one
 small image), so `mlflow.models.get_serving_input` and Azure ML's test tab have a request to show.
 Output: the predictions table of `predictions.py`: `Scored Labels` and `Scored Probabilities_<class>`.
 """
@@ -26,6 +28,7 @@ import pandas as pd
 import torch
 
 from .errors import InvalidDatasetError, quote
+from .image_directory import ImageDirectory
 from .model_directory import TrainedModel, read_trained_model_directory
 from .predictions import SCORED_LABELS, probability_column
 from .preprocessing import ImageDecodeError, decode_image
@@ -37,6 +40,7 @@ EXAMPLE_SIDE = 32  # pixels of the input example's longer side: a request body o
 IMAGE_COLUMN = "image"
 _BASE64 = re.compile(rb"[A-Za-z0-9+/\s]*={0,2}\s*")
 _DATA_URL = re.compile(rb"data:[\w/+.-]*;base64,")
+_URL = re.compile(rb"\s*[A-Za-z][A-Za-z0-9+.-]{1,15}://")  # https://, azureml://, wasbs://, file://, ...
 
 
 def image_bytes(value, row: int) -> bytes:
@@ -56,6 +60,10 @@ def image_bytes(value, row: int) -> bytes:
                                   "per image; send a smaller image.")
     if len(value) > 2 * MAX_IMAGE_BYTES:  # base64 of the largest allowed image, line breaks included, is smaller
         raise too_big
+    if is_text and _URL.match(value):
+        url = quote(value[:60].decode(errors="replace"))
+        raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is a URL ({url}); the model never fetches from the "
+                                  "network: send the image file base64-encoded.")
     text = _DATA_URL.sub(b"", value[:64], count=1) + value[64:] if value.startswith(b"data:") else value
     data = None
     if _BASE64.fullmatch(text):
@@ -89,7 +97,7 @@ class ImageClassifierPyfunc:
         return torch.cat([model(prep.normalize(batch)).softmax(dim=1) for batch in groups])
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
-        frame = _as_frame(model_input)
+        frame = request_frame(model_input)
         if IMAGE_COLUMN not in frame.columns:
             raise InvalidDatasetError(f"Input needs a column '{IMAGE_COLUMN}' (image bytes or base64); "
                                       f"got columns {quote(list(frame.columns))}.")
@@ -112,17 +120,29 @@ class ImageClassifierPyfunc:
         return result
 
 
-def _as_frame(model_input) -> pd.DataFrame:
-    """A DataFrame from what predict is given; Azure ML's `{"input_data": {"columns", "data"}}` too."""
-    if isinstance(model_input, pd.DataFrame):
-        return model_input
+def request_frame(model_input) -> pd.DataFrame:
+    """A DataFrame with an `image` column from what predict is given, Azure ML's request bodies included:
+    `{"input_data": {"columns": [...], "data": [...]}}` (AutoML's shape) and `{"input_data": [...]}`
+    (the catalog models' shape: one image per item). A one-column frame with no column names, which is
+    what a bare list becomes on the way in, is taken as the image column."""
     if isinstance(model_input, dict) and set(model_input) == {"input_data"}:
         body = model_input["input_data"]
         if isinstance(body, dict) and "data" in body:
-            return pd.DataFrame(body["data"], columns=body.get("columns"), index=body.get("index"))
-        model_input = body
+            model_input = _frame(body["data"], columns=body.get("columns"), index=body.get("index"))
+        elif isinstance(body, list):
+            model_input = pd.DataFrame({IMAGE_COLUMN: body})
+        else:
+            raise InvalidDatasetError("'input_data' must be a list of images or {'columns': [...], 'data': [...]}; "
+                                      f"got {type(body).__name__}.")
+    frame = model_input if isinstance(model_input, pd.DataFrame) else _frame(model_input)
+    if IMAGE_COLUMN not in frame.columns and list(frame.columns) == [0]:
+        frame = frame.rename(columns={0: IMAGE_COLUMN})
+    return frame
+
+
+def _frame(data, **kwargs) -> pd.DataFrame:
     try:
-        return pd.DataFrame(model_input)
+        return pd.DataFrame(data, **kwargs)
     except (ValueError, TypeError) as exc:
         raise InvalidDatasetError(f"Input cannot be read as a table with an '{IMAGE_COLUMN}' column: {exc}.") from None
 
@@ -132,10 +152,11 @@ def _load_pyfunc(data_path: str) -> ImageClassifierPyfunc:
     return ImageClassifierPyfunc(read_trained_model_directory(data_path))
 
 
-def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *, example_image: Path | None = None) -> None:
+def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *,
+                      examples: ImageDirectory | None = None) -> None:
     """Add MLmodel, environment files, an input example and a copy of this package to `stage` (the
-    legacy files stay). `example_image`: an image the example is made from (a training image), shrunk
-    to a thumbnail; without it the example is a grey square."""
+    legacy files stay). `examples`: the training data, whose first image, shrunk to a thumbnail, is the
+    example; without it the example is a grey square."""
     import mlflow
     from mlflow.models import Model, ModelSignature
     from mlflow.models.utils import _save_example  # what MLflow's own flavors call: example + serving example
@@ -164,20 +185,22 @@ def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *, exampl
                        + [ColSpec("double", probability_column(c)) for c in classes]),
     )
     model = Model(signature=signature, metadata=metadata)
-    _save_example(model, pd.DataFrame({IMAGE_COLUMN: [example_png(example_image)]}), str(stage))
+    _save_example(model, pd.DataFrame({IMAGE_COLUMN: [example_png(examples)]}), str(stage))
     mlflow.pyfunc.add_to_model(model, loader_module=__name__, code="code",
                                conda_env="conda.yaml", python_env="python_env.yaml")
     model.save(str(stage / "MLmodel"))
 
 
-def example_png(source: Path | None) -> bytes:
-    """A PNG thumbnail (longer side EXAMPLE_SIDE) of `source`, or a grey square: the input example."""
+def example_png(examples: ImageDirectory | None) -> bytes:
+    """A PNG thumbnail (longer side EXAMPLE_SIDE) of the first image of `examples`, or a grey square: the
+    input example. Read through the input opener, as training reads it (never a link out of the folder, a
+    FIFO or a device)."""
     from PIL import Image
 
     image = Image.new("RGB", (EXAMPLE_SIDE, EXAMPLE_SIDE), (128, 128, 128))
-    if source is not None:
+    if examples is not None and len(examples):
         try:
-            image = decode_image(source, EXAMPLE_SIDE)
+            image = decode_image(examples.path(0), EXAMPLE_SIDE, inside=examples.root)
             image.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
         except ImageDecodeError:
             pass  # the example only illustrates the request: a grey square does as well

@@ -26,10 +26,8 @@ import argparse
 import logging
 import os
 import re
-import tarfile
 import tempfile
 import time
-import zipfile
 from array import array
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,14 +37,26 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from .archives import (
+    MAX_EXTRACTED_GIB,
+    MAX_EXTRACTED_HELP,
+    archive_in,
+    extract_archive,
+    extracted_bytes_limit,
+    space_hint,
+)
 from .config import auto_or_int
-from .convert import extract_archive
 from .data import ImageDataset, default_num_workers
 from .distributed import pick_device
-from .errors import DirectoryNotFoundError, InvalidDatasetError, InvalidModelDirectoryError, InvalidParameterError
+from .errors import (
+    DirectoryNotFoundError,
+    InvalidDatasetError,
+    InvalidModelDirectoryError,
+    InvalidParameterError,
+    TemporaryFolderError,
+)
 from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
 from .legacy_format import read_json
-from .limits import MAX_EXTRACTED_BYTES
 from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory, staged_output
 from .predictions import (
     ERROR_COLUMN,
@@ -77,17 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default=None, metavar="NAME", help="image path column of a table input")
     parser.add_argument("--label-column", default=None, metavar="NAME", help="label column of a table input")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    parser.add_argument("--max-extracted-gib", type=float, default=MAX_EXTRACTED_GIB,
+                        help="an archive is unpacked to a temporary folder (TMPDIR): " + MAX_EXTRACTED_HELP)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidParameterError("Batch size", args.batch_size, "must be an integer >= 1")
+    max_extracted_bytes = extracted_bytes_limit(args.max_extracted_gib)
     device = pick_device(args.device)
     trained = read_trained_model_directory(args.trained_model)
     workers = default_num_workers(device) if args.num_workers is None else args.num_workers
     started = time.perf_counter()
     columns = dict(image_column=args.image_column, label_column=args.label_column)
-    with images_to_score(args.image_directory, **columns) as directory:
+    with images_to_score(args.image_directory, max_extracted_bytes=max_extracted_bytes, **columns) as directory:
         table = score_directory(trained, directory, device=device, batch_size=args.batch_size, num_workers=workers)
     seconds = time.perf_counter() - started
     table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
@@ -102,18 +115,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 @contextmanager
-def images_to_score(paths: list[Path], **columns):
-    """The ImageDirectory for `--image-directory`: a folder, an archive (unpacked to a temporary folder
-    for the duration), or image files."""
+def images_to_score(paths: list[Path], max_extracted_bytes: int = int(MAX_EXTRACTED_GIB * 2**30), **columns):
+    """The ImageDirectory for `--image-directory`: a folder, an archive or a folder holding only one
+    (archives.archive_in; unpacked to a temporary folder for the duration), or image files."""
     paths = [Path(p) for p in paths]
     for path in paths:
         if not path.exists():
             raise DirectoryNotFoundError(f"Scoring data '{path}' does not exist.")
     single = paths[0] if len(paths) == 1 else None
-    if single is not None and single.is_file() and (zipfile.is_zipfile(single) or tarfile.is_tarfile(single)):
+    archive = archive_in(single) if single is not None else None
+    if archive is not None:
         with tempfile.TemporaryDirectory(prefix="score-") as temporary:
             skipped: list[tuple[str, str]] = []
-            root = extract_archive(single, Path(temporary) / "images", MAX_EXTRACTED_BYTES, skipped)
+            root = extract_archive(archive, Path(temporary) / "images", max_extracted_bytes, skipped,
+                                   _temporary_write_error)
             if skipped:
                 log.warning("%d archive members were not extracted, e.g. '%s': %s", len(skipped), *skipped[0])
             yield load_image_directory(root, "Scoring", keep_unlabeled=True, **columns)
@@ -121,6 +136,14 @@ def images_to_score(paths: list[Path], **columns):
         yield load_image_directory(single, "Scoring", keep_unlabeled=True, **columns)
     else:
         yield image_files_directory(paths)
+
+
+def _temporary_write_error(path: Path, exc: OSError) -> TemporaryFolderError:
+    return TemporaryFolderError(
+        f"Cannot unpack the archive to the temporary folder ('{path}': {exc.strerror or exc}{space_hint(exc)}). "
+        "This is the temporary extraction folder, not --scored-data: free space there, point TMPDIR at a "
+        "larger disk, or score the unpacked folder."
+    )
 
 
 def image_files_directory(paths: list[Path]) -> ImageDirectory:

@@ -21,7 +21,6 @@ is the index (one path and one label id per row), whatever the table's size.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import os
 from array import array
@@ -37,6 +36,7 @@ from .legacy_format import (
     is_hidden,
     is_safe_relative,
     iter_json_lines,
+    iter_lines,
     open_regular,
     parse_yaml,
     read_text,
@@ -92,13 +92,14 @@ def find_table(root: Path, error: Error) -> Path | None:
 
 def read_table(path: Path, columns: Columns, keep_unlabeled: bool, error: Error) -> TableIndex:
     """Index an `MLTable` file or a CSV/TSV/Parquet/JSONL table. Image paths are relative to its folder."""
-    rows = _RowCollector(path.parent, keep_unlabeled, error)
+    root = path.parent  # every file read stays inside it (input_files.open_input)
+    rows = _RowCollector(root, keep_unlabeled, error)
     if path.name == MLTABLE_FILE:
         for data_file, kind, options in _read_mltable_spec(path, error):
-            rows.add_all(_iter_rows(data_file, kind, options, columns, error))
+            rows.add_all(_iter_rows(data_file, root, kind, options, columns, error))
         layout = "mltable"
     else:
-        rows.add_all(_iter_rows(path, _kind_of(path, error), {}, columns, error))
+        rows.add_all(_iter_rows(path, root, _kind_of(path, error), {}, columns, error))
         layout = "table"
     return rows.finish(layout, path)
 
@@ -108,7 +109,7 @@ def read_table(path: Path, columns: Columns, keep_unlabeled: bool, error: Error)
 
 def _read_mltable_spec(path: Path, error: Error) -> list[tuple[Path, str, dict]]:
     """(data file, kind, reader options) for each `paths:` entry, checked against the documented format."""
-    spec = parse_yaml(read_text(path, InvalidDatasetError), str(path), InvalidDatasetError)
+    spec = parse_yaml(read_text(path, InvalidDatasetError, inside=path.parent), str(path), InvalidDatasetError)
     if not isinstance(spec, dict):
         raise error(f"'{path.name}' must be a YAML mapping with 'paths' and 'transformations'.")
     entries = spec.get("paths")
@@ -186,12 +187,12 @@ def _pick(header: list[str], wanted: str | None, defaults: tuple[str, ...], what
     return None
 
 
-def _iter_rows(path: Path, kind: str, options: dict, columns: Columns, error: Error) -> Iterator[tuple]:
-    """Yield (where, image value, label value, has label column) for each row of one data file."""
+def _iter_rows(path: Path, root: Path, kind: str, options: dict, columns: Columns, error: Error) -> Iterator[tuple]:
+    """Yield (where, image value, label value, has label column) for each row of one data file inside `root`."""
     name = path.name
     if kind == "jsonl":
         image = label = None
-        for number, row in iter_json_lines(path, InvalidDatasetError):
+        for number, row in iter_json_lines(path, InvalidDatasetError, inside=root):
             if image is None:
                 header = list(row)
                 image = _pick(header, columns.image, IMAGE_COLUMNS, "image", f"'{name}' line {number}", error, True)
@@ -200,46 +201,44 @@ def _iter_rows(path: Path, kind: str, options: dict, columns: Columns, error: Er
                 raise error(f"'{name}' line {number} has no {quote(image)} field.")
             yield f"'{name}' line {number}", row[image], row.get(label) if label else None, label is not None
     elif kind == "parquet":
-        yield from _iter_parquet(path, columns, error)
+        yield from _iter_parquet(path, root, columns, error)
     else:
-        yield from _iter_delimited(path, options, columns, error)
+        yield from _iter_delimited(path, root, options, columns, error)
 
 
-def _iter_delimited(path: Path, options: dict, columns: Columns, error: Error) -> Iterator[tuple]:
+def _iter_delimited(path: Path, root: Path, options: dict, columns: Columns, error: Error) -> Iterator[tuple]:
     delimiter = options.get("delimiter", DELIMITERS.get(path.suffix.lower(), ","))
     if not isinstance(delimiter, str) or len(delimiter) != 1:
         raise error(f"'{path.name}': delimiter {quote(delimiter)} must be one character.")
     if options.get("header", "all_files_same_headers") == "no_header":
         raise error(f"'{path.name}': a table without a header row cannot name its image and label columns.")
-    with open_regular(path, InvalidDatasetError, max_bytes=None) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-        reader = csv.reader(text, delimiter=delimiter)
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise error(f"'{path.name}' is empty; it needs a header row naming the image and label columns.")
-            image = _pick(header, columns.image, IMAGE_COLUMNS, "image", f"'{path.name}'", error, True)
-            label = _pick(header, columns.label, LABEL_COLUMNS, "label", f"'{path.name}'", error, False)
-            image_at, label_at = header.index(image), header.index(label) if label else None
-            for row in reader:
-                if not row or row == [""]:
-                    continue
-                where = f"'{path.name}' line {reader.line_num}"
-                if len(row) != len(header):
-                    raise error(f"{where} has {len(row)} fields; the header has {len(header)}.")
-                yield where, row[image_at], row[label_at] if label else None, label is not None
-        except UnicodeDecodeError:
-            raise error(f"'{path.name}' line {reader.line_num + 1} is not UTF-8 text; save the table as UTF-8.") \
-                from None
-        except csv.Error as exc:
-            raise error(f"'{path.name}' line {reader.line_num} cannot be read as a table: {exc}.") from None
+    # legacy_format.iter_lines decodes and bounds each line (MAX_LINE_BYTES), so a bad byte or an endless line
+    # is named on its own line; csv joins the lines of a quoted field that spans several.
+    lines = (line for _, line in iter_lines(path, InvalidDatasetError, inside=root))
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise error(f"'{path.name}' is empty; it needs a header row naming the image and label columns.")
+        image = _pick(header, columns.image, IMAGE_COLUMNS, "image", f"'{path.name}'", error, True)
+        label = _pick(header, columns.label, LABEL_COLUMNS, "label", f"'{path.name}'", error, False)
+        image_at, label_at = header.index(image), header.index(label) if label else None
+        for row in reader:
+            if not row or row == [""]:
+                continue
+            where = f"'{path.name}' line {reader.line_num}"
+            if len(row) != len(header):
+                raise error(f"{where} has {len(row)} fields; the header has {len(header)}.")
+            yield where, row[image_at], row[label_at] if label else None, label is not None
+    except csv.Error as exc:
+        raise error(f"'{path.name}' line {reader.line_num} cannot be read as a table: {exc}.") from None
 
 
-def _iter_parquet(path: Path, columns: Columns, error: Error) -> Iterator[tuple]:
+def _iter_parquet(path: Path, root: Path, columns: Columns, error: Error) -> Iterator[tuple]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with open_regular(path, InvalidDatasetError, max_bytes=None) as raw:
+    with open_regular(path, InvalidDatasetError, max_bytes=None, inside=root) as raw:
         try:
             table = pq.ParquetFile(raw)
             header = table.schema_arrow.names

@@ -186,6 +186,9 @@ class EvalResult:
     loss: float
     top1: float
     top5: float | None  # None with fewer than 5 classes
+    # This rank's (true class, predicted class) per validation image, still on the device: the best epoch's
+    # become the validation confusion matrix.
+    predictions: torch.Tensor | None = None
 
 
 @dataclass
@@ -224,6 +227,7 @@ class TrainingState:
     early_stopping: EarlyStopping
     ema: AveragedModel | None = None
     best_state: dict | None = None
+    best_predictions: torch.Tensor | None = None  # (true, predicted) of every validation image at the best epoch
     history: list[EpochMetrics] = field(default_factory=list)
     next_epoch: int = 0
 
@@ -411,6 +415,7 @@ class Trainer:
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # loss, top-1, top-5, images
         k = min(5, self.num_classes)
+        pairs = []
         for batch in self.valid_loader:
             images, targets = self.to_device(batch)
             self.valid_bad.record(batch.failures)
@@ -424,10 +429,13 @@ class Trainer:
             sums[1] += hits[:, 0].sum()
             sums[2] += hits.any(dim=1).sum()
             sums[3] += len(targets)
+            pairs.append(torch.stack((targets, logits.argmax(1)), dim=1))
+        predictions = torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.int64, device=self.ctx.device)
         loss_sum, top1, top5, seen = self.ctx.all_reduce_sum(sums.tolist())  # the one sync of a validation
         if seen == 0:
-            return EvalResult(loss=math.inf, top1=0.0, top5=None)
-        return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None)
+            return EvalResult(loss=math.inf, top1=0.0, top5=None, predictions=predictions)
+        return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None,
+                          predictions=predictions)
 
     def fit(self, state: TrainingState, on_epoch_end, progress: Silent = Silent(),
             stop_requested=never) -> TrainingState:
@@ -457,6 +465,8 @@ class Trainer:
             state.history.append(metrics)
             if state.early_stopping.step(epoch, validated.loss, validated.top1):
                 state.best_state = cpu_state_dict(model)  # a copy: the live weights keep changing
+                # Read at the epoch end, and only when it is the best: no sync in the validation loop.
+                state.best_predictions = self.ctx.gather_rows(validated.predictions).cpu()
             state.next_epoch = epoch + 1
             stop = self.ctx.broadcast_flag(state.early_stopping.should_stop)
             on_epoch_end(state, metrics, stopping=stop)

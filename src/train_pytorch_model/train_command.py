@@ -56,6 +56,7 @@ from .model_directory import (
 from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
 from .preprocessing import Preprocessing
 from .progress import Progress, Silent, fit_width, format_seconds
+from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
 from .tracking import Tracker, redact
 from .train import (
     EarlyStopping,
@@ -457,13 +458,15 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
                   ctx: distributed.Context) -> None:
     write_trained_model(config.trained_model, state.raw_model, spec, data.classes, preprocessing, data.train,
                         is_cuda=ctx.device.type == "cuda", history=state.history, summary=summary, params=params,
-                        run_id=tracker.run_id)  # params carry run_identity: a restart finds its own output
+                        run_id=tracker.run_id,  # params carry run_identity: a restart finds its own output
+                        best_predictions=state.best_predictions,
+                        samples=augmented_samples(data, preprocessing, config.random_seed))
     print(f"Trained model written to {config.trained_model}: epoch {summary['best_epoch']} of "
           f"{summary['epochs_run']} run, the one with the {BEST_BY[config.early_stopping_metric]} (valid loss "
           f"{summary['best_valid_loss']:.4f}, top-1 {summary['best_valid_top1'] or 0:.1%}).", flush=True)
     tracker.log_metrics({"best_epoch": summary["best_epoch"], "best_valid_loss": summary["best_valid_loss"],
                          "best_valid_top1": summary["best_valid_top1"] or 0.0}, step=len(state.history))
-    for name in ("metrics.csv", "training_curves.png"):
+    for name in TRAINING_FILES:  # shown on the run's page in `mlflow ui` and Azure ML studio
         tracker.log_artifact(str(config.trained_model / name))
     if config.registered_model_name:
         from .registry import register_model
@@ -474,9 +477,9 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
 
 def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], preprocessing: Preprocessing,
                         train_dir: ImageDirectory, *, is_cuda: bool, history: list[EpochMetrics], summary: dict,
-                        params: dict, run_id: str | None) -> None:
+                        params: dict, run_id: str | None, best_predictions: torch.Tensor | None = None,
+                        samples: list[tuple[torch.Tensor, int]] = ()) -> None:
     from .pyfunc import save_mlflow_model
-    from .reports import plot_training_curves, write_metrics_csv
 
     with staged_output(out) as stage:
         schema = train_dir.schema
@@ -486,10 +489,26 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
             extra_info={"training": {**params, **summary, "mlflow_run_id": run_id}},
             run_identity=params.get("run_identity"),
         )
-        write_metrics_csv(stage / "metrics.csv", history)
-        plot_training_curves(stage / "training_curves.png", history)
+        write_training_report(stage, history, summary["best_epoch"], classes, best_predictions, samples)
         save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes},
-                          example_image=train_dir.path(0))
+                          examples=train_dir)
+
+
+def augmented_samples(data: Data, preprocessing: Preprocessing, seed: int) -> list[tuple[torch.Tensor, int]]:
+    """A few training images of each class (the first classes), cropped and flipped as in the first epoch."""
+    class_index = {name: i for i, name in enumerate(data.classes)}
+    dataset = build_dataset(data.train, class_index, preprocessing, train=True, seed=seed)
+    rows: dict[int, list[int]] = {}
+    for row, target in enumerate(dataset.targets):
+        if target < MOSAIC_CLASSES and len(rows.setdefault(target, [])) < MOSAIC_PER_CLASS:
+            rows[target].append(row)
+    samples = []
+    for target in sorted(rows):
+        for row in rows[target]:
+            image, _, _, error = dataset[row]
+            if error is None:
+                samples.append((image, target))
+    return samples
 
 
 def translate_runtime_error(exc: RuntimeError, batch_size: int) -> TrainPyTorchModelError | RuntimeError:

@@ -1,0 +1,126 @@
+"""The trained model behind the real Azure ML inference server (`azureml-inference-server-http`, what managed
+online endpoints run), started on 127.0.0.1 with deploy/azureml/score.py: both Azure ML request shapes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from conftest import REPO, free_port, train_tiny_model, write_image_folder
+
+pytestmark = pytest.mark.slow
+
+REQUESTS = REPO / "deploy" / "requests"
+CLASSES = ["cat", "dog", "fox"]
+# The server pins its own OpenTelemetry and pydantic: `make venv` installs it into a folder of its own beside
+# the venv's packages, as Azure ML's inference image keeps it apart from the model's environment.
+SERVER_PACKAGES = Path(sys.prefix) / "azureml-serving"  # sys.prefix: the venv
+START_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    return train_tiny_model(tmp_path_factory.mktemp("azureml-serving"), CLASSES)
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    assert (SERVER_PACKAGES / "azureml_inference_server_http").is_dir(), f"run `make venv`: no {SERVER_PACKAGES}"
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("azmlinfsrv-log") / "server.log"
+    # AZUREML_MODEL_DIR is the folder Azure ML mounts the registered model under.
+    env = {**os.environ, "AZUREML_MODEL_DIR": str(trained.parent), "PYTHONPATH": str(SERVER_PACKAGES)}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "azureml_inference_server_http.amlserver",
+             "--entry_script", str(REPO / "deploy" / "azureml" / "score.py"), "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=trained.parent, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"azmlinfsrv exited: {log_path.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no answer in {START_TIMEOUT_S}s: {log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
+
+
+def score(url: str, body) -> tuple[int, object]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/score", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def images(trained) -> list[bytes]:
+    root = write_image_folder(trained.parent / "requests", {name: 1 for name in CLASSES}, seed=11)
+    return [next((root / name).iterdir()).read_bytes() for name in CLASSES]
+
+
+def expected(trained: Path, images: list[bytes]) -> pd.DataFrame:
+    return mlflow.pyfunc.load_model(str(trained)).predict(pd.DataFrame({"image": images}))
+
+
+def check(answer, want: pd.DataFrame) -> None:
+    got = pd.DataFrame(answer)
+    assert list(got["Scored Labels"]) == list(want["Scored Labels"])
+    columns = [f"Scored Probabilities_{c}" for c in CLASSES]
+    assert (got[columns] - want[columns]).abs().to_numpy().max() < 1e-5
+
+
+def test_automl_and_catalog_request_shapes_return_predictions(server, trained, images):
+    texts = [base64.b64encode(image).decode() for image in images]
+    want = expected(trained, images)
+    for body in ({"input_data": {"columns": ["image"], "data": texts}},   # AutoML for images
+                 {"input_data": {"columns": ["image"], "data": [[t] for t in texts]}},  # a split DataFrame
+                 {"input_data": texts}):                                   # the model catalog's models
+        status, answer = score(server, body)
+        assert status == 200, (body.keys(), answer)
+        check(answer, want)
+
+
+def test_the_request_files_in_deploy_are_answered(server, trained):
+    for name in ("automl-input-data.json", "catalog-input-data.json", "online-input-data.json"):
+        body = json.loads((REQUESTS / name).read_text())
+        data = body["input_data"]["data"] if isinstance(body["input_data"], dict) else body["input_data"]
+        image = base64.b64decode(data[0][0] if isinstance(data[0], list) else data[0])
+        status, answer = score(server, body)
+        assert status == 200, (name, answer)
+        assert [row["Scored Labels"] for row in answer] == list(expected(trained, [image])["Scored Labels"])
+
+
+def test_urls_bad_images_and_bad_json_are_a_400_with_the_error_line(server, images):
+    good = base64.b64encode(images[0]).decode()
+    status, answer = score(server, {"input_data": [good, "https://example.com/cat.jpg"]})
+    assert status == 400 and "InvalidDatasetError: Row 1: 'image' is a URL" in answer["error"]
+    assert "never fetches from the network" in answer["error"]
+    status, answer = score(server, {"input_data": [base64.b64encode(b"not an image").decode()]})
+    assert status == 400 and "Row 0: 'image' is not a readable image" in answer["error"]
+    status, answer = score(server, b"{not json")
+    assert status == 400 and answer["error"].startswith("JSONDecodeError")
+    status, answer = score(server, {"input_data": 42})
+    assert status == 400 and "'input_data' must be a list of images" in answer["error"]
