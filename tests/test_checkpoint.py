@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from train_pytorch_model import checkpoint
+from train_pytorch_model import checkpoint, preemption
 from train_pytorch_model.cli import main
 from train_pytorch_model.errors import CheckpointMismatchError, TrainingInterruptedError
 from train_pytorch_model.image_directory import load_image_directory
@@ -145,7 +145,7 @@ def test_rng_states_round_trip():
 def test_sigterm_in_the_steps_sets_the_flag_elsewhere_stops_at_once_and_the_handler_is_restored():
     before = signal.getsignal(signal.SIGTERM)
     message = lambda: TrainingInterruptedError("stopped")
-    with checkpoint.StopOnSigterm(message) as stop:
+    with preemption.StopOnSigterm(message) as stop:
         with stop.deferred():
             assert not stop()
             os.kill(os.getpid(), signal.SIGTERM)
@@ -154,7 +154,7 @@ def test_sigterm_in_the_steps_sets_the_flag_elsewhere_stops_at_once_and_the_hand
         stop._timer.cancel()
     assert signal.getsignal(signal.SIGTERM) == before
     with pytest.raises(TrainingInterruptedError, match="stopped"):
-        with checkpoint.StopOnSigterm(message):  # not in the steps: reading inputs, writing outputs
+        with preemption.StopOnSigterm(message):  # not in the steps: reading inputs, writing outputs
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) == before
@@ -162,9 +162,9 @@ def test_sigterm_in_the_steps_sets_the_flag_elsewhere_stops_at_once_and_the_hand
 
 BLOCKED_STEP = """
 import os, sys
-from train_pytorch_model import checkpoint
+from train_pytorch_model import preemption
 from train_pytorch_model.errors import TrainingInterruptedError
-with checkpoint.StopOnSigterm(lambda: TrainingInterruptedError("stopped"), grace_seconds=1) as stop:
+with preemption.StopOnSigterm(lambda: TrainingInterruptedError("stopped"), grace_seconds=1) as stop:
     with stop.deferred():
         print("reading", flush=True)
         open(sys.argv[1]).read()  # a FIFO nobody writes: blocks like a read on a stalled mount
@@ -202,7 +202,7 @@ def test_sigterm_before_training_starts_ends_the_command_at_once_with_143(tmp_pa
     process.send_signal(signal.SIGTERM)
     code, stderr = finish(process)
     assert code == 143, stderr[-2000:]
-    assert time.monotonic() - started < checkpoint.GRACE_SECONDS + 10
+    assert time.monotonic() - started < preemption.GRACE_SECONDS + 10
     assert stderr.strip().splitlines()[-1].startswith("TrainingInterruptedError: ")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

@@ -179,3 +179,21 @@ def test_two_simulated_nodes_sharing_one_output_path(tmp_path, make_image_folder
     assert one_node.returncode == 0, one_node.stderr[-4000:]
     two_nodes, reference = (torch.load(out / "model", weights_only=True) for out in (shared_out, one_node_out))
     assert all(torch.equal(two_nodes[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:0"])
+def test_a_gpu_index_is_refused_by_name_when_several_processes_run(monkeypatch, device):
+    """Every rank would take that one GPU: refused before joining the process group (on any machine)."""
+    from train_pytorch_model import distributed
+    from train_pytorch_model.errors import InvalidParameterError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    with pytest.raises(InvalidParameterError, match=f"value '{device}' is invalid: this job runs 2 processes"):
+        distributed.setup(device)
+    assert distributed.pick_device("cpu", 1, 2) == torch.device("cpu")  # no index: still fine
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidParameterError, match="no CUDA GPU"):  # one process: the index is the user's choice
+            distributed.pick_device(device, 0, 1)

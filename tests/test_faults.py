@@ -156,7 +156,7 @@ def test_sigkill_on_a_mounted_output_never_shows_markers_early(tmp_path):
     assert any((base / f"out{r['trial']}" / "MLmodel").exists() for r in reports[1:]), reports
 
     # Our leftover staging folder does not block the next run into the same (mounted) folder.
-    from train_pytorch_model.model_directory import check_output_folder, staged_output
+    from train_pytorch_model.output_folder import check_output_folder, staged_output
     stale = base / "rerun"
     (stale / ".partial-left-by-a-killed-run").mkdir(parents=True)
     check_output_folder(stale)

@@ -14,10 +14,10 @@ from train_pytorch_model.model_directory import (
     ModelSpec,
     read_model_spec,
     read_untrained_model_directory,
-    staged_output,
     write_untrained_model_directory,
 )
 from train_pytorch_model.models import Classifier, build_net, imagenet_weights_file
+from train_pytorch_model.output_folder import staged_output
 
 
 def test_reads_both_fixtures(resnet18_dir, densenet121_dir):

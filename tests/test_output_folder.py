@@ -17,15 +17,9 @@ from pathlib import Path
 import pytest
 
 from train_pytorch_model.errors import OutputDirectoryError
-from train_pytorch_model.model_directory import (
-    ModelSpec,
-    check_output_folder,
-    finished_output,
-    release_output,
-    staged_output,
-    write_legacy_trained_files,
-)
+from train_pytorch_model.model_directory import ModelSpec, finished_output, write_legacy_trained_files
 from train_pytorch_model.models import Classifier, build_net
+from train_pytorch_model.output_folder import check_output_folder, release_output, staged_output
 from train_pytorch_model.preprocessing import Preprocessing
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -79,7 +73,7 @@ def test_an_output_inside_or_around_an_input_is_refused(tmp_path, where):
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from train_pytorch_model.model_directory import check_output_folder, staged_output
+    from train_pytorch_model.output_folder import check_output_folder, staged_output
     out, ready, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     check_output_folder(out)          # before "training": takes the lock
     ready.write_text("locked")

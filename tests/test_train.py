@@ -245,38 +245,88 @@ def test_a_checkpoint_dir_inside_the_output_is_refused_before_training(tmp_path,
     assert 'InvalidParameterError: Parameter "Checkpoint dir"' in err and "Epoch 1" not in err
 
 
-def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_image_folder, resnet18_dir, monkeypatch):
-    """0 host syncs per step outside print steps: the count of .item()/.tolist()/.cpu() is the same for 3 and
-    9 steps."""
+# Host reads: each waits for the device on a GPU. Counted where our code or torch's weight averaging (the EMA's
+# old per-step sync) reads a value, outside the workers' work (a dataset's __getitem__, collate: host data only).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+COUNTED_FILES = ("train_pytorch_model", f"torch{os.sep}optim{os.sep}swa_utils.py")
+
+
+def count_host_reads(monkeypatch, calls: list):
+    for name in HOST_READS:
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            frame = sys._getframe(1)
+            if any(part in frame.f_code.co_filename for part in COUNTED_FILES):
+                outer = frame
+                while outer is not None and outer.f_code.co_name not in ("__getitem__", "collate"):
+                    outer = outer.f_back
+                if outer is None:
+                    calls.append(f"{_name} {frame.f_code.co_filename.rsplit(os.sep, 1)[-1]}:{frame.f_lineno}")
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"ema_decay": 0.9},
+    {"mixup": 0.2, "cutmix": 1.0},
+    {"class_weights": "balanced", "label_smoothing": 0.1},
+    {"decode": "gpu"},
+], ids=["plain", "ema", "mixup-cutmix", "class-weights", "decode-gpu"])
+def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_image_folder, resnet18_dir, monkeypatch,
+                                                               options):
+    """0 host syncs per step outside print steps, with every option: the count of host reads (.item(),
+    .tolist(), bool(), ...) is the same for 3 and 9 steps."""
     from train_pytorch_model import distributed, train_command
     from train_pytorch_model.config import TrainConfig
     from train_pytorch_model.preprocessing import Preprocessing
 
-    def count_reads(images_per_class: int) -> int:
-        data_dir = make_image_folder(f"d{images_per_class}", {"a": images_per_class, "b": images_per_class})
+    def count_reads(images_per_class: int) -> list:
+        data_dir = make_image_folder(f"d{images_per_class}", {"a": images_per_class, "b": images_per_class},
+                                     suffix=".jpg")
         ctx = distributed.Context(torch.device("cpu"))
         config = TrainConfig(untrained_model=resnet18_dir, training_data=data_dir, validation_data=data_dir,
                              trained_model=tmp_path / "o", image_size=32, batch_size=2, num_workers=0,
-                             print_freq=1000, epochs=1)
+                             print_freq=1000, epochs=1, **options)
         data = train_command.read_data(config, ctx)
         model, spec = train_command.build_model(resnet18_dir, 2)
         config, _ = train_command.settle(config, ctx, spec, model, training_images=len(data.train))
         trainer = train_command.make_trainer(config, ctx, data, Preprocessing(32))
         state = train_command.make_training_state(model, config, ctx, len(trainer.train_loader))
         calls = []
-        for name in ("item", "tolist", "cpu"):
-            def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
-                # Our code's reads (torch's CPU Adam reads its step counters; the fused CUDA one does not).
-                if "train_pytorch_model" in sys._getframe(1).f_code.co_filename:
-                    calls.append(_name)
-                return _original(self, *args, **kwargs)
-            monkeypatch.setattr(torch.Tensor, name, counted)
+        count_host_reads(monkeypatch, calls)
         trainer.train_epoch(state, 0)
         monkeypatch.undo()
         assert len(trainer.train_loader) == images_per_class
-        return len(calls)
+        return calls
 
-    assert 1 <= count_reads(3) == count_reads(9) <= 3
+    few, many = count_reads(3), count_reads(9)
+    assert 1 <= len(few) == len(many) <= 3, (few, many)
+
+
+def test_the_old_ema_update_is_caught_by_the_host_read_count(monkeypatch):
+    """The count above sees AveragedModel's per-step reads of its counter, which WeightAverage has not."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from train_pytorch_model.train import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    old = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    new = WeightAverage(model, 0.9)
+    counts = []
+    for ema in (old, new):
+        calls = []
+        count_host_reads(monkeypatch, calls)
+        for _ in range(3):
+            ema.update_parameters(model)
+        monkeypatch.undo()
+        counts.append(len(calls))
+    assert counts[0] >= 3 and counts[1] == 0, counts
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    expected = new.module[0].weight * 0.9 + model[0].weight * 0.1
+    new.update_parameters(model)
+    assert torch.allclose(new.module[0].weight, expected)
+    assert int(new.n_averaged) == 5 and set(new.state_dict()) == set(old.state_dict())
 
 
 @pytest.mark.parametrize("flags", [

@@ -12,31 +12,24 @@
   the same weights, bit for bit on CPU, as one that was never interrupted.
 - A checkpoint written for other inputs (classes, model, data, hyperparameters, process count) is
   refused with CheckpointMismatchError naming each difference.
-- `StopOnSigterm`: SIGTERM (preemption, `torchrun` shutting down, a cancelled job) during the
-  training steps sets a flag: the trainer stops at the next (agreed) step, abandons the epoch in
-  progress and the command exits with TrainingInterruptedError (exit code 143). The last epoch's
-  checkpoint is already on disk; the rerun repeats the abandoned epoch from it. Outside the steps
-  (reading inputs, writing outputs), or when the steps do not come back within `GRACE_SECONDS` (a read
-  blocked on a stalled mount), the process ends at once with the same error and exit code.
+- What a SIGTERM does to a run is preemption.py's; `CheckpointWriter.interrupted_error` says what
+  the checkpoint on disk holds at that moment.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
-import math
 import os
 import random
-import signal
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import preemption
 from .errors import (
     CheckpointMismatchError,
     OutputDirectoryError,
@@ -45,14 +38,13 @@ from .errors import (
     quote,
 )
 from .image_directory import ImageDirectory
-from .models import cpu_state_dict
-from .train import EpochMetrics, TrainingState, cpu_copy
+from .models import cpu_copy
+from .train import TrainingState
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT = 2
-GRACE_SECONDS = 20.0  # how long a SIGTERM waits for the training steps to stop by themselves
 
 
 # --- what the checkpoint must match --------------------------------------------------------------
@@ -150,28 +142,17 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise error
 
+    def interrupted_error(self, epochs: int) -> TrainingInterruptedError:
+        """The error of a run stopped by SIGTERM now. The write in flight finishes first: what the message says is
+        on disk must be."""
+        with contextlib.suppress(TrainPyTorchModelError):
+            self.join()
+        return preemption.interrupted_error(self.directory, self.saved_epochs, epochs)
+
 
 def payload_of(state: TrainingState, identity: dict) -> dict:
-    finished_epoch = state.next_epoch - 1
-    best_is_current = state.best_state is not None and state.early_stopping.best_epoch == finished_epoch
-    return {
-        "format": FORMAT,
-        "identity": identity,
-        "next_epoch": state.next_epoch,
-        "cpu_threads": torch.get_num_threads(),
-        "model": state.raw_model.state_dict(),
-        "ema": state.ema.state_dict() if state.ema is not None else None,
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "scaler": state.scaler.state_dict(),
-        "early_stopping": state.early_stopping.state_dict(),
-        # The best weights usually are this epoch's: store them once.
-        "best_state": None if best_is_current else state.best_state,
-        "best_is_current": best_is_current,
-        "best_predictions": state.best_predictions,
-        "history": [dataclasses.asdict(m) for m in state.history],
-        "rng": rng_states(),
-    }
+    return {"format": FORMAT, "identity": identity, "cpu_threads": torch.get_num_threads(), "rng": rng_states(),
+            **state.state_dict()}
 
 
 def write(directory: Path, payload: dict) -> Path:
@@ -228,51 +209,18 @@ def read(directory: Path) -> dict | None:
     return checkpoint
 
 
-def _is_state_dict(value) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
-
-
 def invalid_field(checkpoint: dict) -> str | None:
     """The first field that is not what `payload_of` writes, or None. Nothing in a checkpoint is trusted."""
     identity = checkpoint.get("identity")
     epochs = identity.get("epochs") if isinstance(identity, dict) else None
     if not isinstance(epochs, int):
         return "identity: not the identity of a run"
-    next_epoch = checkpoint.get("next_epoch")
-    if not isinstance(next_epoch, int) or isinstance(next_epoch, bool) or not 1 <= next_epoch <= epochs:
-        return f"next_epoch {quote(next_epoch)} is not between 1 and {epochs}"
     threads = checkpoint.get("cpu_threads")
     if not isinstance(threads, int) or not 1 <= threads <= 4096:
         return f"cpu_threads {quote(threads)}"
-    for key in ("model", "optimizer", "scheduler", "scaler", "early_stopping", "rng"):
-        if not isinstance(checkpoint.get(key), dict):
-            return f"{key}: missing or not a mapping"
-    if not _is_state_dict(checkpoint["model"]):
-        return "model: not a state dict"
-    if checkpoint.get("ema") is not None and not _is_state_dict(checkpoint["ema"]):
-        return "ema: not a state dict"
-    if not isinstance(checkpoint.get("best_is_current"), bool):
-        return "best_is_current: not true/false"
-    if not checkpoint["best_is_current"] and checkpoint.get("best_state") is not None \
-            and not _is_state_dict(checkpoint["best_state"]):
-        return "best_state: not a state dict"
-    stopping = checkpoint["early_stopping"]
-    for key in ("best_loss", "best_top1"):
-        if not isinstance(stopping.get(key), (int, float)) or isinstance(stopping.get(key), bool) \
-                or math.isnan(stopping[key]):
-            return f"early_stopping.{key} {quote(stopping.get(key))} is not a number"
-    for key in ("best_epoch", "bad_epochs", "epochs_seen"):
-        value = stopping.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= next_epoch:
-            return f"early_stopping.{key} {quote(value)} is not an epoch count of this run"
-    predictions = checkpoint.get("best_predictions")
-    if predictions is not None and not (isinstance(predictions, torch.Tensor) and predictions.dtype == torch.int64
-                                        and predictions.dim() == 2 and predictions.shape[1] == 2):
-        return "best_predictions: not (true, predicted) class pairs"
-    history = checkpoint.get("history")
-    if not isinstance(history, list) or len(history) != next_epoch or not all(isinstance(m, dict) for m in history):
-        return f"history: not {next_epoch} epochs of metrics"
-    return None
+    if not isinstance(checkpoint.get("rng"), dict):
+        return "rng: missing or not a mapping"
+    return TrainingState.invalid_field(checkpoint, epochs)
 
 
 def load(directory: Path, ctx) -> dict | None:
@@ -285,7 +233,7 @@ def load(directory: Path, ctx) -> dict | None:
             error = exc
     checkpoint, error = ctx.broadcast_object((checkpoint, error))
     if error is not None:
-        error.all_ranks = True  # raised by every rank at once: nobody is left waiting
+        error.raised_on_every_rank = True  # nobody is left waiting
         raise error
     return checkpoint
 
@@ -293,113 +241,14 @@ def load(directory: Path, ctx) -> dict | None:
 def restore(checkpoint: dict, state: TrainingState, path: Path) -> None:
     """Put the checkpoint into a freshly built state. Call last before fitting: it resets the RNGs."""
     try:
-        state.raw_model.load_state_dict(checkpoint["model"])
-        state.optimizer.load_state_dict(checkpoint["optimizer"])
-        state.scheduler.load_state_dict(checkpoint["scheduler"])
-        if (checkpoint["ema"] is None) != (state.ema is None):
-            raise ValueError("the checkpoint was written with another --ema-decay setting")
-        if state.ema is not None:
-            state.ema.load_state_dict(checkpoint["ema"])
-        if checkpoint["scaler"] and state.scaler.is_enabled():
-            state.scaler.load_state_dict(checkpoint["scaler"])
-        state.early_stopping.load_state_dict(checkpoint["early_stopping"])
-        fields = [f.name for f in dataclasses.fields(EpochMetrics)]  # tolerant of a column added since
-        state.history = [EpochMetrics(**{name: m.get(name) for name in fields}) for m in checkpoint["history"]]
+        state.load_state_dict(checkpoint)
         set_rng_states(checkpoint["rng"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise CheckpointMismatchError(
             f"Checkpoint '{path}' does not fit this model and run ({str(exc).splitlines()[0][:300]}). Give an empty "
             "--checkpoint-dir to train from the start."
         ) from None
-    state.best_state = cpu_state_dict(state.evaluated_model) if checkpoint["best_is_current"] \
-        else checkpoint["best_state"]
-    state.best_predictions = checkpoint.get("best_predictions")  # absent in checkpoints written before it was kept
-    state.next_epoch = checkpoint["next_epoch"]
     if checkpoint["cpu_threads"] != torch.get_num_threads() and not torch.cuda.is_initialized():
         # The CPU kernels' summation order depends on the thread count: keep it, and the bits.
         log.info("Using %d CPU threads, as the run that wrote the checkpoint did.", checkpoint["cpu_threads"])
         torch.set_num_threads(checkpoint["cpu_threads"])
-
-
-# --- SIGTERM -----------------------------------------------------------------------------------------
-
-def interrupted(directory: Path | None, saved_epochs: int | None, epochs: int, *,
-                all_ranks: bool) -> TrainingInterruptedError:
-    """The error that ends a run stopped by SIGTERM, saying what the checkpoint on disk holds. `all_ranks`:
-    every rank stopped at the same agreed step (otherwise the other ranks are told, as for any failure)."""
-    if not directory:
-        kept = "no --checkpoint-dir was given, so the progress is lost"
-    elif not saved_epochs:
-        kept = f"the checkpoint folder '{directory}' holds no finished epoch yet: the same command starts again"
-    else:
-        kept = (f"the checkpoint in '{directory}' holds {saved_epochs} finished epoch(s): run the same command again "
-                f"to resume from epoch {saved_epochs + 1}")
-    error = TrainingInterruptedError(f"Training of {epochs} epoch(s) stopped by SIGTERM; {kept}.")
-    error.all_ranks = all_ranks
-    return error
-
-
-class Terminated(BaseException):
-    """Raised by the SIGTERM handler; StopOnSigterm turns it into TrainingInterruptedError."""
-
-
-class StopOnSigterm:
-    """While active, SIGTERM ends the run with TrainingInterruptedError (exit 143).
-
-    Inside `deferred()` (the training steps) it only sets the flag `requested` (call the object to read
-    it) and the trainer stops at its next step; if the steps have not stopped `grace_seconds` later, or a
-    second SIGTERM comes, the process ends at once. Outside `deferred()` it raises at once."""
-
-    def __init__(self, message, grace_seconds: float = GRACE_SECONDS):
-        self.message = message  # () -> TrainingInterruptedError, built when the signal comes
-        self.grace_seconds = grace_seconds
-        self.requested = False
-        self._deferring = False
-        self._previous = None
-        self._pid = os.getpid()
-        self._timer: threading.Timer | None = None
-
-    def __enter__(self) -> StopOnSigterm:
-        self._pid = os.getpid()
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._timer is not None:
-            self._timer.cancel()
-        signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-        if exc_type is Terminated:
-            raise self.message() from None
-        return False
-
-    @contextlib.contextmanager
-    def deferred(self):
-        self._deferring = True
-        try:
-            yield self
-        finally:
-            self._deferring = False
-
-    def _handle(self, signum, frame) -> None:
-        if os.getpid() != self._pid:
-            # A DataLoader worker (forked with this handler) signalled with its whole process group:
-            # it keeps serving until the training process stops at its next step and shuts it down.
-            return
-        again, self.requested = self.requested, True
-        if self._timer is None:
-            self._timer = threading.Timer(self.grace_seconds, self._exit_now)
-            self._timer.daemon = True
-            self._timer.start()
-        if again or not self._deferring:
-            raise Terminated()  # a BaseException: no `except Exception` on the way (logging's) swallows it
-        log.warning("SIGTERM received: training stops at the next step.")
-
-    def _exit_now(self) -> None:
-        """The steps did not come back (a read blocked on a stalled mount, a FIFO): end the process."""
-        error = self.message()
-        print(f"{type(error).__name__}: {error} (the running step did not stop within {self.grace_seconds:g} s)",
-              file=sys.stderr, flush=True)
-        os._exit(error.exit_code)
-
-    def __call__(self) -> bool:
-        return self.requested

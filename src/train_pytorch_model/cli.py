@@ -21,9 +21,10 @@ import traceback
 
 from .config import integer
 from .errors import ModuleOutOfMemoryError, TrainPyTorchModelError, UnexpectedError, UsageError
+from .preemption import Terminated, command_interrupted, install_early_handler
 
-# command name -> (module with add_arguments, module with run, one-line help). Modules import lazily: `--help`
-# stays instant.
+# command name -> (module of its arguments, module of its `run`, one-line help). Modules import lazily: `--help`
+# stays instant, and `run`'s module (torch) only once the arguments parsed.
 COMMANDS = {
     "train": ("config", "train_command",
               "train a classifier from an untrained model directory and labeled training and validation images"),
@@ -69,8 +70,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == command:
             importlib.import_module(f"{__package__}.{arguments_module}").add_arguments(sub)
-            sub.set_defaults(_run=lambda args, module=run_module: importlib.import_module(
-                f"{__package__}.{module}").run(args))  # train's run imports torch: only once the arguments parsed
+            sub.set_defaults(_run_module=f"{__package__}.{run_module}")
     return parser
 
 
@@ -88,13 +88,18 @@ def configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program itself (the `train-pytorch-model` script): SIGTERM from now on is named
+        install_early_handler()
     configure_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    args = None
     try:
-        return int(args._run(args) or 0)
+        args = build_parser(argv[0] if argv else None).parse_args(argv)
+        return int(importlib.import_module(args._run_module).run(args) or 0)
     except TrainPyTorchModelError as exc:
         return report(exc)
+    except Terminated:  # SIGTERM before (or outside) a command's own handling: imports, argument checks
+        return report(command_interrupted())
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130

@@ -69,7 +69,8 @@ from .legacy_format import (
     safe_join,
     write_text,
 )
-from .model_directory import staged_output, training_samples
+from .model_directory import training_samples
+from .output_folder import staged_output
 from .preprocessing import probe_image
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, find_table, write_mltable
 

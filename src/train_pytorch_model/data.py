@@ -42,6 +42,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.directory)
 
+    @property
+    def item_bytes(self) -> int:
+        """What one row costs in flight from a worker (make_loader sizes its prefetch from it): a decoded image."""
+        return 3 * (self.size_hint or 224) ** 2
+
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         target = self.targets[index]
@@ -69,6 +74,11 @@ class Batch:
 
     def pin_memory(self) -> Batch:
         return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.failures)
+
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 images and the targets on `device` (non-blocking from pinned memory); gpu_decode.GpuBatch
+        has the same method, so the training loop moves either kind alike."""
+        return self.images.to(device, non_blocking=True), self.targets.to(device, non_blocking=True)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -176,13 +186,14 @@ def make_loader(dataset: ImageDataset, sampler: Sampler, *, batch_size: int, dro
                 num_workers: int, device: torch.device, local_world_size: int = 1,
                 generator: torch.Generator | None = None) -> DataLoader:
     workers = num_workers > 0
-    image_bytes = 3 * (dataset.size_hint or 224) ** 2
+    # Sized by what travels from the workers: decoded images, or the encoded files under --decode gpu.
+    batch_bytes = batch_size * dataset.item_bytes
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         collate_fn=getattr(dataset, "collate", collate),  # a dataset may bring its own (gpu_decode's)
         num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
         persistent_workers=workers, generator=generator,
-        prefetch_factor=prefetch_factor(num_workers, batch_size * image_bytes, local_world_size) if workers else None,
+        prefetch_factor=prefetch_factor(num_workers, batch_bytes, local_world_size) if workers else None,
     )
 
 

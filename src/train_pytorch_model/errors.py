@@ -28,6 +28,9 @@ class TrainPyTorchModelError(Exception):
     """Base class: a failure the user can fix by changing inputs or parameters."""
 
     exit_code = 1
+    # Raised by every process of a distributed job at the same point (a bad checkpoint all read, an agreed stop):
+    # nothing to tell the others. Otherwise distributed.teardown tells them, so none is left waiting.
+    raised_on_every_rank = False
 
     def __init__(self, message: str):
         # One line: the CLI's contract is that the last stderr line is the whole error.
@@ -96,11 +99,14 @@ class CheckpointMismatchError(TrainPyTorchModelError):
     """A resume checkpoint was written for other inputs (other classes or model)."""
 
 
-class TrainingInterruptedError(TrainPyTorchModelError):
-    """SIGTERM stopped training; the command can be run again to resume from the last checkpoint."""
+class CommandInterruptedError(TrainPyTorchModelError):
+    """SIGTERM stopped a command (preemption, a cancelled job); nothing was written: run it again."""
 
     exit_code = 143  # 128 + SIGTERM, as if the signal had ended the process: never mistaken for success
-    all_ranks = True  # every rank raises it at the same step: nothing to tell the others
+
+
+class TrainingInterruptedError(CommandInterruptedError):
+    """SIGTERM stopped training; the command can be run again to resume from the last checkpoint."""
 
 
 class ModuleOutOfMemoryError(TrainPyTorchModelError):

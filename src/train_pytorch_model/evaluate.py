@@ -219,7 +219,7 @@ def _text(value) -> str:
 def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame) -> None:
     import pandas as pd
 
-    from .model_directory import staged_output  # imports torch: only when writing
+    from .output_folder import staged_output
 
     with staged_output(out) as stage:
         # Strict JSON: a NaN or Infinity would be a bug here, and is not JSON for most readers.

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .errors import ExportError, InvalidParameterError
-from .model_directory import TrainedModel, read_trained_model_directory, staged_output
+from .model_directory import TrainedModel, read_trained_model_directory
+from .output_folder import staged_output
 
 log = logging.getLogger(__name__)
 

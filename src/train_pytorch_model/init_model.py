@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .model_directory import check_output_folder, release_output, write_untrained_model_directory
+    from .model_directory import write_untrained_model_directory
+    from .output_folder import check_output_folder, release_output
 
     # A weights file or URL means pretrained, whatever --pretrained says: the component always passes
     # `--pretrained <value>`, and connecting "weights" should be enough there.

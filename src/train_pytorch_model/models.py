@@ -15,6 +15,7 @@ stacked `Linear(1000, C)` after the ImageNet logits, which we read but never wri
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -223,6 +224,20 @@ def cpu_state_dict(model: nn.Module) -> OrderedDict:
     version metadata goes along (torch.save keeps it; MNASNet and BatchNorm read it when loading)."""
     state = model.state_dict()
     return _rekey(state, lambda k: k, {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()})
+
+
+def cpu_copy(obj):
+    """`obj` with every tensor copied to the CPU (for a checkpoint written while training goes on)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        copied = type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a state dict's module versions (load_state_dict reads them)
+            copied._metadata = copy.deepcopy(obj._metadata)
+        return copied
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _rekey(state: dict, rename, values: dict | None = None) -> OrderedDict:

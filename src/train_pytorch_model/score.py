@@ -57,7 +57,8 @@ from .errors import (
 )
 from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
 from .legacy_format import read_json
-from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory, staged_output
+from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory
+from .output_folder import staged_output
 from .predictions import (
     ERROR_COLUMN,
     LABEL_COLUMN,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import copy
+import dataclasses
 import logging
 import math
 import os
@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
+from . import preemption
 from .config import TrainConfig
 from .data import BadImageTracker
 from .distributed import Context
-from .errors import TrainingDivergedError
-from .gpu_decode import GpuBatch, decode_batch
+from .errors import TrainingDivergedError, quote
 from .models import cpu_state_dict, head_of
 from .preprocessing import Preprocessing
 from .progress import Silent
@@ -139,11 +139,33 @@ def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+class WeightAverage(AveragedModel):
+    """An exponential moving average of the weights and buffers (AveragedModel's state dict, so checkpoints
+    keep their keys) whose update never waits for the device. AveragedModel's own update reads its step
+    counter, a CPU tensor, and copies it to the device every step: a host sync per step. Here the average
+    starts as the weights themselves (W_0, as torch's EMA formula states) and every update is one lerp kernel
+    per dtype; the counter is only counted, on the host."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+        self.n_averaged += 1  # the copy made above is the first average
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+        torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], 1 - self.decay)
+        counts = [i for i, t in enumerate(averaged) if not t.is_floating_point()]  # BatchNorm's batch counters
+        if counts:
+            torch._foreach_copy_([averaged[i] for i in counts], [current[i] for i in counts])
+        self.n_averaged += 1
+
+
+def make_ema(model: nn.Module, decay: float) -> WeightAverage | None:
     """An exponential moving average of the weights (and buffers), validated and saved instead of the weights."""
-    if not decay:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return WeightAverage(model, decay) if decay else None
 
 
 def make_batch_mix(config: TrainConfig, num_classes: int):
@@ -203,17 +225,10 @@ class EpochMetrics:
     valid_top5: float | None
     data_wait_fraction: float
     seconds: float
+    decode_fallbacks: int | None = None  # --decode gpu: JPEGs the device decoder refused, decoded by PIL instead
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
-
-
-class Interrupted(Exception):
-    """The stop request (SIGTERM) ended `fit` before `epoch` (0-based) was complete; that epoch must run again."""
-
-    def __init__(self, epoch: int):
-        super().__init__(f"interrupted before epoch {epoch + 1} was complete")
-        self.epoch = epoch
 
 
 @dataclass
@@ -241,18 +256,83 @@ class TrainingState:
         """What is validated and saved: the EMA of the weights when there is one."""
         return self.ema.module if self.ema is not None else self.raw_model
 
+    def state_dict(self) -> dict:
+        """Live references (the checkpoint writer copies them to the CPU at once)."""
+        finished_epoch = self.next_epoch - 1
+        best_is_current = self.best_state is not None and self.early_stopping.best_epoch == finished_epoch
+        return {
+            "next_epoch": self.next_epoch,
+            "model": self.raw_model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "early_stopping": self.early_stopping.state_dict(),
+            # The best weights usually are this epoch's: stored once.
+            "best_state": None if best_is_current else self.best_state,
+            "best_is_current": best_is_current,
+            "best_predictions": self.best_predictions,
+            "history": [dataclasses.asdict(m) for m in self.history],
+        }
 
-class NeverStop:
-    """The stop request of a run nothing can stop (StopOnSigterm's interface: call it, or defer in the steps)."""
+    def load_state_dict(self, state: dict) -> None:
+        """Back to where `state_dict` was taken (into a freshly built state of the same run). Raises ValueError,
+        KeyError, TypeError or RuntimeError when `state` does not fit."""
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if (state["ema"] is None) != (self.ema is None):
+            raise ValueError("the checkpoint was written with another --ema-decay setting")
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        fields = [f.name for f in dataclasses.fields(EpochMetrics)]  # tolerant of a column added since
+        self.history = [EpochMetrics(**{name: m.get(name) for name in fields}) for m in state["history"]]
+        self.best_state = cpu_state_dict(self.evaluated_model) if state["best_is_current"] else state["best_state"]
+        self.best_predictions = state.get("best_predictions")  # absent in checkpoints written before it was kept
+        self.next_epoch = state["next_epoch"]
 
-    def __call__(self) -> bool:
-        return False
+    @staticmethod
+    def invalid_field(state: dict, epochs: int) -> str | None:
+        """The first field of a `state_dict` (read from an untrusted file) that is not what it writes, or None."""
+        next_epoch = state.get("next_epoch")
+        if not isinstance(next_epoch, int) or isinstance(next_epoch, bool) or not 1 <= next_epoch <= epochs:
+            return f"next_epoch {quote(next_epoch)} is not between 1 and {epochs}"
+        for key in ("model", "optimizer", "scheduler", "scaler", "early_stopping"):
+            if not isinstance(state.get(key), dict):
+                return f"{key}: missing or not a mapping"
+        if not _is_state_dict(state["model"]):
+            return "model: not a state dict"
+        if state.get("ema") is not None and not _is_state_dict(state["ema"]):
+            return "ema: not a state dict"
+        if not isinstance(state.get("best_is_current"), bool):
+            return "best_is_current: not true/false"
+        if not state["best_is_current"] and state.get("best_state") is not None \
+                and not _is_state_dict(state["best_state"]):
+            return "best_state: not a state dict"
+        stopping = state["early_stopping"]
+        for key in ("best_loss", "best_top1"):
+            if not isinstance(stopping.get(key), (int, float)) or isinstance(stopping.get(key), bool) \
+                    or math.isnan(stopping[key]):
+                return f"early_stopping.{key} {quote(stopping.get(key))} is not a number"
+        for key in ("best_epoch", "bad_epochs", "epochs_seen"):
+            value = stopping.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value <= next_epoch:
+                return f"early_stopping.{key} {quote(value)} is not an epoch count of this run"
+        predictions = state.get("best_predictions")
+        if predictions is not None and not (isinstance(predictions, torch.Tensor) and predictions.dtype == torch.int64
+                                            and predictions.dim() == 2 and predictions.shape[1] == 2):
+            return "best_predictions: not (true, predicted) class pairs"
+        history = state.get("history")
+        if not isinstance(history, list) or len(history) != next_epoch or not all(isinstance(m, dict) for m in history):
+            return f"history: not {next_epoch} epochs of metrics"
+        return None
 
-    def deferred(self):
-        return contextlib.nullcontext()
 
-
-never = NeverStop()
+def _is_state_dict(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
 class Trainer:
@@ -270,20 +350,13 @@ class Trainer:
         self.recent = collections.deque()  # uint8 training batches kept for BatchNorm re-estimation
         self._next_epoch_batches = None  # (epoch, iterator) started before validation
 
-    def load(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's uint8 images and targets on the device: copied (pinned, non-blocking), or decoded there
-        (`--decode gpu`: a GpuBatch; rows that fail to decode leave it, into `batch.failures`)."""
-        if isinstance(batch, GpuBatch):
-            images = decode_batch(batch, self.ctx.device)
-        else:
-            images = batch.images.to(self.ctx.device, non_blocking=True)
-        return images, batch.targets.to(self.ctx.device, non_blocking=True)
-
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return self.preprocessing.normalize(images).contiguous(memory_format=self.memory_format)
 
     def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = self.load(batch)
+        """Normalised images and targets on the device. A batch moves itself there: copied (data.Batch) or
+        decoded there (`--decode gpu`: rows that fail to decode leave it, into `batch.failures`)."""
+        images, targets = batch.to_device(self.ctx.device)
         return self.normalize(images), targets
 
     def _batches(self, epoch: int):
@@ -311,7 +384,7 @@ class Trainer:
             self.recent.popleft()
 
     def train_epoch(self, state: TrainingState, epoch: int, progress: Silent = Silent(),
-                    stop_requested=never) -> TrainResult:
+                    stop_requested=preemption.never) -> TrainResult:
         """One epoch. Raises Interrupted when a stop was requested on some rank (the epoch is abandoned)."""
         model, config, ctx = state.model, self.config, self.ctx
         model.train()
@@ -327,16 +400,17 @@ class Trainer:
             # Single process: the stop flag is checked every step (a Python bool, no sync). DDP ranks agree on it
             # at print steps, together with divergence, so they all stop at the same step.
             if not ctx.distributed and stop_requested():
-                raise Interrupted(epoch)
-            pixels, targets = self.load(batch)
+                raise preemption.Interrupted(epoch)
+            pixels, targets = batch.to_device(ctx.device)
             self.train_bad.record(batch.failures)
             # BatchNorm cannot train on one image, and only bad files make batches this small (drop_last): a
             # step with no weight keeps DDP ranks in lockstep without a per-step agreement. (len() of a device
             # tensor is its shape: no sync.)
             weight = 1.0 if len(targets) >= 2 else 0.0
-            if weight == 0.0:
-                pixels = torch.zeros(2, 3, config.image_size, config.image_size, dtype=torch.uint8, device=ctx.device)
-                targets = torch.zeros(2, dtype=torch.int64, device=ctx.device)
+            if weight == 0.0:  # a whole batch of zeros: a compiled model sees no new shape
+                pixels = torch.zeros(config.batch_size, 3, config.image_size, config.image_size, dtype=torch.uint8,
+                                     device=ctx.device)
+                targets = torch.zeros(config.batch_size, dtype=torch.int64, device=ctx.device)
             else:  # the filler batch is no training image: it stays out of the BatchNorm re-estimation
                 self._keep_for_bn(pixels)
             images = self.normalize(pixels)
@@ -380,9 +454,18 @@ class Trainer:
                 f"Lower --learning-rate (now {self.config.learning_rate:g}), or check the untrained model's weights."
             )
         if stop:
-            raise Interrupted(epoch)
+            raise preemption.Interrupted(epoch)
+
+    def _decode_fallbacks(self) -> float | None:
+        """`--decode gpu`: the JPEGs the device decoder has refused so far, over all ranks (at epoch ends only)."""
+        if self.config.decode != "gpu":
+            return None
+        from .gpu_decode import decoder_for
+
+        return self.ctx.all_reduce_sum([decoder_for(self.ctx.device).fallbacks])[0]
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # --compile: one graph, the training step's (fit says why)
     def recalibrate_batchnorm(self, model: nn.Module) -> None:
         """Re-estimate BatchNorm running statistics as exact averages over the recent training images.
 
@@ -405,6 +488,7 @@ class Trainer:
         model.train(was_training)
 
     @torch.inference_mode()
+    @torch.compiler.set_stance("force_eager")  # --compile: one graph, the training step's (fit says why)
     def evaluate(self, model: nn.Module) -> EvalResult:
         """Loss, top-1 and top-5 over the whole validation set, summed exactly over ranks.
 
@@ -438,15 +522,19 @@ class Trainer:
                           predictions=predictions)
 
     def fit(self, state: TrainingState, on_epoch_end, progress: Silent = Silent(),
-            stop_requested=never) -> TrainingState:
+            stop_requested=preemption.never) -> TrainingState:
         """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics, stopping)` logs and checkpoints.
 
         `stop_requested()` is this rank's wish to stop (SIGTERM); it is agreed over all ranks during the epoch
-        and after every epoch's `on_epoch_end`, and raises Interrupted."""
+        and after every epoch's `on_epoch_end`, and raises Interrupted.
+
+        With `--compile`, only the training step runs compiled (one graph: its batches all have one shape, the
+        filler batch included); BatchNorm re-estimation and validation run the same module eagerly."""
         if state.early_stopping.should_stop:  # resumed from the checkpoint of a run that had stopped
             return state
         for epoch in range(state.next_epoch, self.config.epochs):
             started = time.perf_counter()
+            fallbacks = self._decode_fallbacks()
             lr = state.optimizer.param_groups[-1]["lr"]  # the head's (the last group)
             with stop_requested.deferred():
                 trained = self.train_epoch(state, epoch, progress, stop_requested)
@@ -461,7 +549,8 @@ class Trainer:
                 epoch=epoch + 1, lr=lr, train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_images_per_second=trained.images_per_second, valid_loss=validated.loss,
                 valid_top1=validated.top1, valid_top5=validated.top5, data_wait_fraction=trained.data_wait_fraction,
-                seconds=time.perf_counter() - started)
+                seconds=time.perf_counter() - started,
+                decode_fallbacks=None if fallbacks is None else int(self._decode_fallbacks() - fallbacks))
             state.history.append(metrics)
             if state.early_stopping.step(epoch, validated.loss, validated.top1):
                 state.best_state = cpu_state_dict(model)  # a copy: the live weights keep changing
@@ -475,19 +564,5 @@ class Trainer:
                          state.early_stopping.best_epoch + 1, state.early_stopping.bad_epochs)
                 break
             if epoch + 1 < self.config.epochs and self.ctx.any_rank(stop_requested())[0]:
-                raise Interrupted(epoch + 1)
+                raise preemption.Interrupted(epoch + 1)
         return state
-
-
-def cpu_copy(obj):
-    """`obj` with every tensor copied to the CPU (for a checkpoint written while training goes on)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        copied = type(obj)((k, cpu_copy(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a state dict's module versions (load_state_dict reads them)
-            copied._metadata = copy.deepcopy(obj._metadata)
-        return copied
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return copy.deepcopy(obj)

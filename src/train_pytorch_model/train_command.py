@@ -8,7 +8,6 @@ Each phase is one function below, in that order. The input is one `TrainConfig` 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, preemption
 from .azureml_v1 import log_epoch_v1
 from .config import TrainConfig
 from .data import (
@@ -38,22 +37,19 @@ from .errors import (
     ModuleOutOfMemoryError,
     TrainingDivergedError,
     TrainingFailedError,
-    TrainingInterruptedError,
     TrainPyTorchModelError,
 )
 from .image_directory import ImageDirectory, load_image_directory, require_labeled
 from .model_directory import (
     INFO_FILE,
     ModelSpec,
-    check_output_folder,
     finished_output,
     read_untrained_model_directory,
-    release_output,
-    staged_output,
     training_samples,
     write_legacy_trained_files,
 )
 from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
+from .output_folder import check_output_folder, release_output, staged_output
 from .preprocessing import Preprocessing
 from .progress import Progress, Silent, fit_width, format_seconds
 from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
@@ -61,7 +57,6 @@ from .tracking import Tracker, redact
 from .train import (
     EarlyStopping,
     EpochMetrics,
-    Interrupted,
     Trainer,
     TrainingState,
     can_compile,
@@ -95,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
     writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None)
-    with checkpoint.StopOnSigterm(lambda: interrupted_error(config, writer)) as stop_requested:
+    with preemption.StopOnSigterm(lambda: writer.interrupted_error(config.epochs)) as stop_requested:
         seed_everything(config.random_seed)  # before the model's random initialisation
         data = read_data(config, ctx)
         model, spec = build_model(config.untrained_model, len(data.classes))
@@ -377,7 +372,7 @@ def resume(config: TrainConfig, ctx: distributed.Context, state: TrainingState, 
 # --- 5. fit ------------------------------------------------------------------------------------------------------
 
 def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: TrainingState, tracker: Tracker,
-        writer: checkpoint.CheckpointWriter, identity: dict, stop_requested: checkpoint.StopOnSigterm) -> TrainingState:
+        writer: checkpoint.CheckpointWriter, identity: dict, stop_requested: preemption.StopOnSigterm) -> TrainingState:
     """Every epoch, logged and checkpointed; SIGTERM ends it with TrainingInterruptedError (exit 143)."""
     if ctx.is_main:
         log.info("Training on %s (%d process(es)): %d training and %d validation images, %d classes, batch %d, %s, "
@@ -397,14 +392,8 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
         writer.save(state, identity)
 
     try:
-        state = trainer.fit(state, on_epoch_end, progress, stop_requested=stop_requested)
-    except (Interrupted, RuntimeError) as exc:
-        # (A SIGTERM to the whole process group also ends the DataLoader workers: a RuntimeError here.)
-        if isinstance(exc, RuntimeError) and not stop_requested():
-            raise
-        error = interrupted_error(config, writer)
-        error.all_ranks = isinstance(exc, Interrupted)  # every rank stopped at the same agreed step
-        raise error from None
+        with preemption.stopping_cleanly(stop_requested):
+            state = trainer.fit(state, on_epoch_end, progress, stop_requested=stop_requested)
     finally:
         progress.close()
     writer.join()
@@ -423,12 +412,6 @@ def epoch_line(m: EpochMetrics, config: TrainConfig, best: bool) -> str:
     if best:
         parts.append(f"best so far ({BEST_BY[config.early_stopping_metric]})")
     return fit_width(parts)
-
-
-def interrupted_error(config: TrainConfig, writer: checkpoint.CheckpointWriter) -> TrainingInterruptedError:
-    with contextlib.suppress(TrainPyTorchModelError):
-        writer.join()  # what the message says is on disk must be
-    return checkpoint.interrupted(config.checkpoint_dir, writer.saved_epochs, config.epochs, all_ranks=False)
 
 
 def summarize(state: TrainingState, config: TrainConfig) -> dict:
