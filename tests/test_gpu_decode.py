@@ -173,7 +173,7 @@ def test_bounds_refuse_before_decoding(folder, monkeypatch, tmp_path):
     monkeypatch.setattr(preprocessing, "MAX_IMAGE_FILE_BYTES", 1000)
     assert "more than the 1000 allowed" in gpu[row][4]
     with pytest.raises(gpu_decode.ImageDecodeError, match="not a regular file"):
-        gpu_decode._header(tmp_path, 37)
+        gpu_decode._header(tmp_path)
 
 
 def test_a_symlink_out_of_the_folder_is_refused(tmp_path):

@@ -16,7 +16,7 @@ from array import array
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
@@ -52,12 +52,15 @@ class ImageDataset(Dataset):
         target = self.targets[index]
         path = self.directory.path(index)
         try:
-            image = decode_image(path, self.size_hint, inside=self.real_root)  # the input opener refuses links out
+            # The input opener refuses links out of the folder. The training transform opens the file itself.
+            load = getattr(self.transform, "load", None)
+            image = None if load else decode_image(path, self.size_hint, inside=self.real_root)
             with torch.random.fork_rng(devices=[]):
                 # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
                 # every accelerator backend, 0.1 ms per image.
                 torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-                return self.transform(image), target, index, None
+                pixels = load(path, self.size_hint, inside=self.real_root) if load else self.transform(image)
+            return pixels, target, index, None
         except ImageDecodeError as exc:
             return None, target, index, str(exc)
         except FileNotFoundError:
@@ -68,7 +71,7 @@ class ImageDataset(Dataset):
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 NCHW
+    images: torch.Tensor  # uint8 NCHW (channels_last from data.collate)
     targets: torch.Tensor  # int64 N
     failures: list[tuple[int, str]]  # (row, reason) of rows left out of this batch
 
@@ -85,16 +88,24 @@ class Batch:
 
 
 def collate(items) -> Batch:
+    """One uint8 NCHW batch, written once: in a worker, straight into the shared memory that carries it to the
+    training process (default_collate's stack). Images that are views of HWC memory (both transforms' are)
+    stack into NHWC, which seen as NCHW is channels_last: no transposing copy anywhere."""
     good = [item for item in items if item[0] is not None]
     failures = [(item[2], item[3]) for item in items if item[0] is None]
     if not good:
         return Batch(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), failures)
-    shapes = {tuple(item[0].shape) for item in good}
+    images = [item[0] for item in good]
+    shapes = {tuple(image.shape) for image in images}
     if len(shapes) > 1:
         raise InvalidDatasetError(
             f"images in one batch have different sizes {sorted(shapes)[:3]}; set --image-size to resize them."
         )
-    return Batch(torch.stack([item[0] for item in good]), torch.tensor([item[1] for item in good]), failures)
+    if all(image.permute(1, 2, 0).is_contiguous() for image in images):
+        stacked = default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    else:
+        stacked = default_collate(images)
+    return Batch(stacked, torch.tensor([item[1] for item in good]), failures)
 
 
 class EpochTaggedSampler(Sampler):

@@ -2,11 +2,12 @@
 
 The DataLoader workers do only what is cheap: read the file's bytes, read its size and EXIF orientation from
 the header (no decode), and draw the sample's random-resized-crop box and flip bit from the same per-sample
-generator, on the same (JPEG draft-scaled, oriented) size as the CPU path, so both paths crop the same part of
-every image. A batch travels as O(1) tensors whatever its size (the JPEGs' bytes packed end to end, the rows the workers
-decoded, the targets): one shared-memory handle each, not one per image. `GpuBatch.to_device` then decodes the
-JPEGs in batched calls on the device and crops, resizes (antialiased) and flips each image there. On a CPU device
-the very same code runs with torchvision's CPU decoder, which is how it is tested.
+generator as the CPU path (`RandomCropFlip.params` on the full-size oriented image), so both paths crop the
+same part of every image. A batch travels as O(1) tensors whatever its size (the JPEGs' bytes packed end to
+end, the rows the workers decoded, the targets): one shared-memory handle each, not one per image.
+`GpuBatch.to_device` then decodes the JPEGs in batched calls on the device and crops, resizes (antialiased) and
+flips each image there. On a CPU device the very same code runs with torchvision's CPU decoder, which is how it
+is tested.
 
 Stream safety (pytorch/vision#9606): torchvision's CUDA `decode_jpeg` allocates its outputs on the caller's
 current stream but decodes on a stream of its own without waiting, and nvJPEG's hardware engine does not honour
@@ -36,9 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .data import ImageDataset, build_dataset, sample_seed
@@ -50,6 +50,7 @@ from .preprocessing import (
     ImageDecodeError,
     Preprocessing,
     decode_image,
+    exif_orientation,
     opened_image,
     read_image_file,
 )
@@ -86,15 +87,13 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def _header(path, size_hint: int | None, inside=None) -> tuple[bytes, Image.Image, tuple[int, int]]:
-    """The file's bytes and its lazily opened image (format, mode, draft size known; nothing decoded), read,
+def _header(path, inside=None) -> tuple[bytes, Image.Image, tuple[int, int]]:
+    """The file's bytes and its lazily opened image (format, mode, size known; nothing decoded), read,
     bounded and classified by the CPU path's own opener (`preprocessing.opened_image`): a bad file gets the
     same reason on both paths."""
     data = read_image_file(path, inside)
     with opened_image(data) as image:
         full = image.size
-        if size_hint and image.format == "JPEG" and image.mode in DEVICE_JPEG_MODES:
-            image.draft("RGB", (size_hint, size_hint))  # the CPU path's decode scale, for its crop box
     return data, image, full
 
 
@@ -106,9 +105,7 @@ class GpuDecodeDataset(torch.utils.data.Dataset):
 
     def __init__(self, cpu: ImageDataset, preprocessing: Preprocessing, train: bool):
         self.cpu, self.preprocessing = cpu, preprocessing
-        self.crop = v2.RandomResizedCrop(preprocessing.image_size or 1, scale=(0.5, 1.0))
         self.augment = train and preprocessing.augmentation != "none"
-        self.flip = train and preprocessing.augmentation == "flip_crop"
 
     def __len__(self) -> int:
         return len(self.cpu)
@@ -146,7 +143,7 @@ class GpuDecodeDataset(torch.utils.data.Dataset):
         target = self.cpu.targets[index]
         path = self.cpu.directory.path(index)
         try:
-            data, image, full = _header(path, self.cpu.size_hint, self.cpu.real_root)
+            data, image, full = _header(path, self.cpu.real_root)
         except ImageDecodeError as exc:
             return None, None, target, index, str(exc)
         if self.preprocessing.image_size is None or image.format != "JPEG" or image.mode not in DEVICE_JPEG_MODES:
@@ -155,25 +152,16 @@ class GpuDecodeDataset(torch.utils.data.Dataset):
         return data, self._plan(image, full, epoch, index), target, index, None
 
     def _plan(self, image: Image.Image, full: tuple[int, int], epoch: int, index: int) -> Plan:
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-        orientation = orientation if orientation in range(1, 9) else 1
-        (width, height), (draft_w, draft_h) = full, image.size
-        if orientation >= 5:
-            width, height, draft_w, draft_h = height, width, draft_h, draft_w
-        size = self.preprocessing.image_size
+        orientation = exif_orientation(image)
+        width, height = full if orientation < 5 else full[::-1]
         box, flip = None, False
         if self.augment:
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(sample_seed(self.cpu.seed, epoch, index))
-                # The CPU path's draws, in its order, on the size it crops (JPEG draft scale): only the
-                # shape of the stand-in is read.
-                params = self.crop.make_params([torch.empty(1, 1, 1).expand(3, draft_h, draft_w)])
-                flip = self.flip and bool(torch.rand(1) < 0.5)
-            sy, sx = height / draft_h, width / draft_w
-            top, left = round(params["top"] * sy), round(params["left"] * sx)
-            box = (top, left, min(height - top, max(1, round(params["height"] * sy))),
-                   min(width - left, max(1, round(params["width"] * sx))))
-        return Plan(orientation, height, width, box, flip, size, self.preprocessing.resize_size)
+                # The CPU path's own draws (RandomCropFlip.params) on the same full-size oriented image.
+                box, flip = self.cpu.transform.params(height, width)
+        return Plan(orientation, height, width, box, flip, self.preprocessing.image_size,
+                    self.preprocessing.resize_size)
 
 
 @dataclass

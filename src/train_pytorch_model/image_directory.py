@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .categories import MAX_CLASSES, category_list_problem
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError, quote
 from .legacy_format import (
     is_hidden,
@@ -126,8 +127,9 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
 
 
 def check_categories(categories: list[str] | None, layout: str, error) -> None:
-    """Category names end up in JSON, CSV and MLflow: each must be text that UTF-8 can encode (a folder
-    name with undecodable bytes arrives as surrogate escapes), caught here rather than after training."""
+    """The class list obeys categories.py's rules (count, names, no duplicates or look-alikes), whatever layout
+    it came from; caught here rather than after training. A folder name with undecodable bytes (it arrives as
+    surrogate escapes) is named by its bytes."""
     for name in categories or ():
         try:
             name.encode("utf-8")
@@ -135,6 +137,9 @@ def check_categories(categories: list[str] | None, layout: str, error) -> None:
             what = "class folder" if layout == "image_folder" else "category"
             raw = os.fsencode(name) if layout == "image_folder" else name
             raise error(f"{what} name {quote(raw)} is not valid UTF-8 text; rename it.") from None
+    problem = category_list_problem(categories) if categories is not None else None
+    if problem:
+        raise error(f"{problem}.")
 
 
 # --- meta route -------------------------------------------------------------------------------------------
@@ -246,6 +251,8 @@ def _parse_categories(raw, error) -> list[str]:
     """Category names in id order. Gaps in ids are closed up (the original padded them with 'Others')."""
     if not isinstance(raw, list) or not raw:
         raise error("the annotation column has no 'categories' list; add [{\"id\": 0, \"name\": ...}, ...].")
+    if len(raw) > MAX_CLASSES:  # before building anything from a million entries
+        raise error(f"_schema.json lists {len(raw)} categories, more than the {MAX_CLASSES} allowed.")
     by_id: dict[int, str] = {}
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .categories import MAX_CLASSES, category_list_problem
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, quote
 from .input_files import UnreadableInputError, read_input
 from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside, write_text
@@ -51,7 +52,6 @@ INFO_FILE = "training_info.json"
 MODEL_INFO_FILE = "model_info.json"  # untrained directory: architecture, weights source, preprocessing defaults
 README_FILE = "README.txt"  # architectures beyond designer's 13: who can read the directory
 TASK_TYPE = "MultiClassification"
-MAX_CLASSES = 100_000  # a tampered num_classes must not build a gigantic head
 MAX_SAMPLE_BYTES = 16 * 2**20  # an image copied into _samples.json
 
 
@@ -180,7 +180,7 @@ def read_untrained_model_directory(path: str | os.PathLike) -> tuple[ModelSpec, 
     spec = read_model_spec(path)
     weights = _weights_path(path)
     if weights is not None:
-        return spec, _load_model(weights, spec)
+        return spec, _load_model(weights, spec, inside=path)
     if spec.pretrained:
         cached = find_cached_weights(spec.model_name)
         if cached is None:
@@ -202,8 +202,8 @@ def _weights_path(directory: Path) -> Path | None:
     return weights
 
 
-def _load_model(weights: Path, spec: ModelSpec) -> Classifier:
-    state = load_weights_file(weights, spec.model_name, spec.flag_value)
+def _load_model(weights: Path, spec: ModelSpec, inside: Path | None = None) -> Classifier:
+    state = load_weights_file(weights, spec.model_name, spec.flag_value, inside=inside)
     return load_legacy_state(spec.model_name, spec.flag_value, state, str(weights))
 
 
@@ -223,7 +223,7 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
     weights = _weights_path(path)
     if weights is None:
         raise InvalidModelDirectoryError(f'ModelDirectory "{path}" has no weights file \'{WEIGHTS_FILE}\'.')
-    model = _load_model(weights, spec)
+    model = _load_model(weights, spec, inside=path)
     info_path = path / INFO_FILE
     if info_path.is_file():
         info = read_json(info_path, InvalidModelDirectoryError)
@@ -233,7 +233,7 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
                 f"'{info_path}' needs a 'classes' list and a 'preprocessing' object; "
                 "the trained model directory is damaged: train it again."
             )
-        classes = [str(c) for c in info["classes"]]
+        classes = info["classes"]
         try:
             preprocessing = Preprocessing.from_dict(info["preprocessing"])
         except (TypeError, ValueError):
@@ -247,6 +247,12 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
         raise InvalidModelDirectoryError(
             f"'{source}' has an invalid preprocessing recipe ({preprocessing}); the trained model directory is "
             "damaged: use an intact copy, or train again."
+        )
+    problem = category_list_problem(classes)
+    if problem:  # a tampered list: ["a", "a"] would give one probability column the other class's value
+        raise InvalidModelDirectoryError(
+            f"'{source}' has an invalid class list: {problem}. The trained model directory is damaged or was "
+            "edited: use an intact copy, or train again."
         )
     if len(classes) != model.num_classes:
         raise InvalidModelDirectoryError(

@@ -351,7 +351,8 @@ class Trainer:
         self._next_epoch_batches = None  # (epoch, iterator) started before validation
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return self.preprocessing.normalize(images).contiguous(memory_format=self.memory_format)
+        # The layout is set on the uint8 batch, a quarter of the float's bytes (a no-op when it already has it).
+        return self.preprocessing.normalize(images.contiguous(memory_format=self.memory_format))
 
     def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images and targets on the device. A batch moves itself there: copied (data.Batch) or
