@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import logging
 import os
@@ -23,7 +24,17 @@ import torch
 from .categories import MAX_CLASSES, category_list_problem
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, quote
 from .input_files import UnreadableInputError, read_input
-from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside, write_text
+from .legacy_format import (
+    META_FILE,
+    dump_json,
+    dump_yaml,
+    read_json,
+    read_meta,
+    read_text,
+    read_yaml,
+    resolves_inside,
+    write_text,
+)
 from .models import (
     FAMILIES,
     MODEL_FAMILY,
@@ -41,7 +52,7 @@ from .models import (
     pretrained_missing_error,
 )
 from .output_folder import staged_output
-from .preprocessing import Preprocessing
+from .preprocessing import ImageDecodeError, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +276,13 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
 
 def _read_label_map(path: Path, num_classes: int) -> list[str]:
     names = [str(i) for i in range(num_classes)]
-    if path.is_file():
+    if os.path.lexists(path):
+        text = read_text(path, InvalidModelDirectoryError)  # the input opener: inside the directory, bounded
         try:
-            with open(path, newline="", encoding="utf-8") as handle:
-                for row in list(csv.reader(handle))[1:]:
-                    if len(row) >= 2 and row[0].isascii() and row[0].isdigit() and int(row[0]) < num_classes:
-                        names[int(row[0])] = row[1]
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            for row in list(csv.reader(io.StringIO(text, newline="")))[1:]:
+                if len(row) >= 2 and row[0].isascii() and row[0].isdigit() and int(row[0]) < num_classes:
+                    names[int(row[0])] = row[1]
+        except csv.Error as exc:
             raise InvalidModelDirectoryError(
                 f"'{path}' cannot be read as a label map ({exc}); use an intact copy of the model directory."
             ) from None
@@ -383,9 +394,11 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
         for name in column_names:
             if name == "image":
                 try:
-                    data = read_input(directory.path(i), inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
-                    row[name] = base64.b64encode(data).decode("ascii")
-                except UnreadableInputError:
+                    source = directory.image_source(i)  # a file, or a shard row's bytes
+                    data = source if isinstance(source, bytes) else \
+                        read_input(source, inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
+                    row[name] = base64.b64encode(data).decode("ascii") if len(data) <= MAX_SAMPLE_BYTES else None
+                except (UnreadableInputError, ImageDecodeError):
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
                 row[name] = directory.categories[directory.labels[i]]
