@@ -53,7 +53,7 @@ from .models import (
     pretrained_missing_error,
 )
 from .output_folder import staged_output
-from .preprocessing import AUGMENTATIONS, Preprocessing
+from .preprocessing import AUGMENTATIONS, ImageDecodeError, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -410,9 +410,11 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
         for name in column_names:
             if name == "image":
                 try:
-                    data = read_input(directory.path(i), inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
-                    row[name] = base64.b64encode(data).decode("ascii")
-                except UnreadableInputError:
+                    source = directory.image_source(i)  # a file, or a shard row's bytes
+                    data = source if isinstance(source, bytes) else \
+                        read_input(source, inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
+                    row[name] = base64.b64encode(data).decode("ascii") if len(data) <= MAX_SAMPLE_BYTES else None
+                except (UnreadableInputError, ImageDecodeError):
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
                 row[name] = directory.categories[directory.labels[i]]

@@ -52,6 +52,7 @@ from .models import Classifier, adapt_to_classes, build_net, preprocessing_defau
 from .output_folder import check_output_folder, release_output, staged_output
 from .preprocessing import Preprocessing
 from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
+from .shard_data import process_streams
 from .tracking import Tracker, redact
 from .train import (
     EarlyStopping,
@@ -98,7 +99,8 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
         config = settle_for_model(config, spec, data, ctx, model)
         identity = checkpoint.run_identity(
             model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
-            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
+            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity(),
+            data_streams=training_streams(config, ctx, data))
         if already_written(config, ctx, identity):
             return json.loads((config.trained_model / INFO_FILE).read_text())["training"]
         if ctx.is_main:  # now, not after hours of training
@@ -302,8 +304,18 @@ def build_model(untrained_model: Path, num_classes: int) -> tuple[Classifier, Mo
     return model, spec
 
 
+def training_streams(config: TrainConfig, ctx: distributed.Context, data: Data) -> int | None:
+    """How many streams Parquet shards are read in (the batches depend on it; shard_data.py); None for files."""
+    if data.train.shards is None:
+        return None
+    return process_streams(data.train.shards.rows, config.num_workers, ctx.world_size, config.batch_size, train=True)
+
+
 def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, preprocessing: Preprocessing) -> Trainer:
     class_index = {name: i for i, name in enumerate(data.classes)}
+    if config.decode == "gpu" and (data.train.shards is not None or data.valid.shards is not None):
+        raise InvalidParameterError("Decode", config.decode, "--decode gpu reads image files; Parquet shards are "
+                                    "decoded on the CPU (--decode cpu)")
     if config.decode == "gpu":
         from .gpu_decode import build_gpu_dataset as builder  # workers read bytes; decode_batch decodes on device
     else:
