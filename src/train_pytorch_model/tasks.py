@@ -112,7 +112,7 @@ class MultiClass:
         return logits.softmax(dim=1)
 
     def describe(self, m) -> str:
-        top5 = f"  top-5 {m.valid_top5:.1%}" if m.valid_top5 is not None else ""
+        top5 = f" top-5 {m.valid_top5:.1%}" if m.valid_top5 is not None else ""
         return f"valid loss {m.valid_loss:.4f} top-1 {m.valid_top1:.1%}{top5}"
 
 
