@@ -107,12 +107,13 @@ class TrainConfig:
                            "(default %(default)s)", group="designer parameters", type=integer)
     # extras
     task: str = _field("auto", "multiclass (one label per image, softmax) or multilabel (a set of labels per image, "
-                       "one sigmoid per class); auto: multilabel when the table's labels are lists (default auto)",
-                       choices=TASKS)
+                       "one sigmoid per class); auto: multilabel when the table's labels are lists "
+                       "(default %(default)s)", choices=TASKS)
     validation_fraction: float = _field(0.2, "without --validation-data: the fraction of training images held out "
-                                        "for validation (default 0.2, as AutoML)", type=float)
+                                        "for validation (default %(default)s, as AutoML)", type=float)
     positive_class_weights: str = _field("none", "multilabel: balanced weighs each class's positive images by "
-                                         "negatives/positives, for rare labels (default none)", choices=CLASS_WEIGHTS)
+                                         "negatives/positives, for rare labels (default %(default)s)",
+                                         choices=CLASS_WEIGHTS)
     image_size: int | None = _field(None, f"square side images are resized/cropped to, {MIN_IMAGE_SIZE} to "
                                     f"{MAX_IMAGE_SIZE}; auto: the architecture's, 224 for designer's DenseNet/ResNet "
                                     "(default %(default)s)", type=auto_or_int, metavar="auto|N", shown="auto")
