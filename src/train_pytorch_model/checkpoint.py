@@ -58,11 +58,16 @@ def data_fingerprint(directory: ImageDirectory) -> str:
 
 
 def run_identity(*, model_name: str, pretrained: bool, classes: list[str], train_dir: ImageDirectory,
-                 valid_dir: ImageDirectory, hyperparameters: dict, world_size: int) -> dict:
-    """Everything that decides the training trajectory. Paths, worker counts and logging are left out."""
-    return {"model_name": model_name, "pretrained": pretrained, "classes": list(classes),
-            "training_data": data_fingerprint(train_dir), "validation_data": data_fingerprint(valid_dir),
-            **hyperparameters, "world_size": world_size}
+                 valid_dir: ImageDirectory, hyperparameters: dict, world_size: int,
+                 data_streams: int | None = None) -> dict:
+    """Everything that decides the training trajectory. Paths, worker counts and logging are left out, except
+    the streams Parquet shards are read in (`data_streams`, from the worker count), which decide their batches."""
+    identity = {"model_name": model_name, "pretrained": pretrained, "classes": list(classes),
+                "training_data": data_fingerprint(train_dir), "validation_data": data_fingerprint(valid_dir),
+                **hyperparameters, "world_size": world_size}
+    if data_streams is not None:
+        identity["data_streams"] = data_streams
+    return identity
 
 
 def check_compatible(checkpoint: dict, identity: dict, path: Path) -> None:

@@ -73,7 +73,7 @@ def run(args) -> int:
 def load_spec(path: Path) -> dict:
     """The component YAML, its shape checked up front (read_yaml refuses aliases and huge files), so that a
     malformed one is a ComponentSpecError naming the field, never a crash later."""
-    spec = read_yaml(path, ComponentSpecError)
+    spec = read_yaml(path, ComponentSpecError, inside=None)  # a file the user named, not part of an input
     if not isinstance(spec, dict) or spec.get("type", "command") != "command" or not spec.get("command"):
         raise ComponentSpecError(f"'{path}' is not a command component: it needs `type: command` and a `command`.")
     if not isinstance(spec["command"], str):

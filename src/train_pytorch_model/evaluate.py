@@ -32,10 +32,12 @@ import argparse
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError, quote
+from .legacy_format import open_regular
 from .predictions import (
     ERROR_COLUMN,
     LABEL_COLUMN,
@@ -74,10 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"output folder of `score`, or a {SCORED_PARQUET} / {SCORED_CSV} file")
     parser.add_argument("--evaluation", required=True, type=Path, help="output folder (new or empty) for the metrics")
     parser.add_argument("--label-column", default=LABEL_COLUMN,
-                        help=f"column with the true labels (default {LABEL_COLUMN})")
+                        help="column with the true labels (default %(default)s)")
     parser.add_argument("--top-k", default="1,3,5",
                         help="comma-separated k for top-k accuracy; values above the class count are left out "
-                             "(default 1,3,5)")
+                             "(default %(default)s)")
     parser.add_argument("--trained-model", type=Path, default=None,
                         help="the model that scored the table: heat maps for the report's gallery of mistakes "
                              "(with --image-directory)")
@@ -133,13 +135,16 @@ def read_scored_table(path: Path) -> pd.DataFrame:
         else:
             raise InvalidDatasetError(f"Scored data folder '{path}' has neither {SCORED_PARQUET} nor {SCORED_CSV}; "
                                       "give the output folder of `score`.")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InvalidDatasetError(f"Scored data '{path}' does not exist.")
     try:
-        if path.suffix.lower() == ".csv":
-            # Labels stay text: "0".."9" must not become numbers, or they no longer match the column names.
-            return unescape_csv(pd.read_csv(path, dtype=str, keep_default_na=False))
-        return pd.read_parquet(path)
+        with open_regular(path, InvalidDatasetError, max_bytes=None) as handle:  # the input opener: no FIFO
+            if path.suffix.lower() == ".csv":
+                # Labels stay text: "0".."9" must not become numbers, or they no longer match the column names.
+                return unescape_csv(pd.read_csv(handle, dtype=str, keep_default_na=False))
+            return pd.read_parquet(handle)
+    except InvalidDatasetError:
+        raise
     except Exception as exc:  # pyarrow/pandas raise many types for one cause
         raise InvalidDatasetError(
             f"Scored data '{path}' cannot be read as a table: {type(exc).__name__}: {str(exc)[:300]}.") from None

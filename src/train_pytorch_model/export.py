@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "--exported-model", dest="exported_model", required=True, type=Path,
                         help="output folder (new or empty) for the files")
     parser.add_argument("--format", default="onnx,pt2",
-                        help=f"comma-separated, of {', '.join(FORMATS)} (default onnx,pt2)")
+                        help=f"comma-separated, of {', '.join(FORMATS)} (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,6 +36,8 @@ from .legacy_format import (
     resolves_inside,
     safe_join,
 )
+from .preprocessing import ImageDecodeError
+from .shards import ShardIndex, ShardReader, read_shard_index, shard_files
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, Columns, find_table, read_table
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class ImageDirectory:
     categories: list[str] | None  # class names in category-id order; None when not labeled
     schema: dict = field(default_factory=dict)  # the `_schema.json` (generated for fallbacks)
     annotation_column: str | None = "category"
+    shards: ShardIndex | None = None  # Parquet shards: `files` then name rows ("<shard> row <n>"), not files
+    _reader: ShardReader | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -68,6 +72,18 @@ class ImageDirectory:
 
     def path(self, i: int) -> Path:
         return self.root / self.files[i]
+
+    def image_source(self, i: int) -> Path | bytes:
+        """What decode_image reads for row i: its file (to open inside `root`), or a shard row's bytes
+        (ImageDecodeError, with the reason, for a row without an image)."""
+        if self.shards is None:
+            return self.path(i)
+        if self._reader is None:  # kept: samples and examples read a few rows, each file opened once
+            self._reader = ShardReader(self.shards)
+        data = self._reader.row_bytes(i)
+        if not isinstance(data, bytes):
+            raise ImageDecodeError(data)
+        return data
 
 
 def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unlabeled: bool = False, *,
@@ -102,7 +118,10 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
         return InvalidDatasetError(f"{role} data '{given}' is not valid: {message}")
 
     meta = read_meta(root, InvalidDatasetError) if table is None else None
-    if table is None and (meta is not None or (os.path.lexists(root / "images.lst")
+    shards = shard_files(given, role, image_column) if meta is None else None
+    if shards is not None:
+        directory = _read_shards(given, shards, role, image_column, label_column, keep_unlabeled, error)
+    elif table is None and (meta is not None or (os.path.lexists(root / "images.lst")
                                                and os.path.lexists(root / "_schema.json"))):
         directory = _read_meta_layout(root, meta or {}, error, keep_unlabeled)
     elif (table := table or find_table(root, error)) is not None:
@@ -142,6 +161,19 @@ def check_categories(categories: list[str] | None, layout: str, error) -> None:
         raise error(f"{problem}.")
 
 
+def _read_shards(given: Path, files: list[Path], role: str, image_column: str | None, label_column: str | None,
+                 keep_unlabeled: bool, error) -> ImageDirectory:
+    index, labels, categories = read_shard_index(given, files, role, image_column, label_column)
+    if categories is not None and not keep_unlabeled and -1 in labels:
+        names = index.row_names()
+        raise error(f"{labels.count(-1)} rows have no label (-1 or empty), first {names[labels.index(-1)]}; "
+                    "training needs a label on every row (score reads unlabeled shards).")
+    if categories is None:
+        labels = array("q", [-1]) * index.rows
+    return ImageDirectory(index.root, "parquet", index.row_names(), range(index.rows), labels, categories,
+                          default_schema(categories), "category" if categories is not None else None, shards=index)
+
+
 # --- meta route -------------------------------------------------------------------------------------------
 
 
@@ -159,7 +191,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
             raise error(f"{quote(name)} (_meta.yaml key '{key}') is a symlink leading outside the folder; "
                         "copy the file in.")
 
-    schema = read_json(safe_join(root, schema_name), InvalidDatasetError)
+    schema = read_json(safe_join(root, schema_name), InvalidDatasetError, inside=root)
     image_ref, annotation_column, categories = _parse_schema(schema, error)
 
     name_to_id = {name: i for i, name in enumerate(categories)} if categories is not None else {}
@@ -167,7 +199,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
     ids, labels = array("q"), array("l")
     unlabeled = 0
     list_path = safe_join(root, list_name)
-    for number, row in iter_json_lines(list_path, InvalidDatasetError):
+    for number, row in iter_json_lines(list_path, InvalidDatasetError, inside=root):
         where = f"{list_name} line {number}"
         info = row.get(image_ref)
         if not isinstance(info, dict):

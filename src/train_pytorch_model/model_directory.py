@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +24,17 @@ import torch
 from .categories import MAX_CLASSES, category_list_problem
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, quote
 from .input_files import UnreadableInputError, read_input
-from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside, write_text
+from .legacy_format import (
+    META_FILE,
+    dump_json,
+    dump_yaml,
+    read_json,
+    read_meta,
+    read_text,
+    read_yaml,
+    resolves_inside,
+    write_text,
+)
 from .models import (
     FAMILIES,
     MODEL_FAMILY,
@@ -42,7 +52,7 @@ from .models import (
     pretrained_missing_error,
 )
 from .output_folder import staged_output
-from .preprocessing import AUGMENTATIONS, Preprocessing
+from .preprocessing import ImageDecodeError, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +254,7 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
         classes = _read_label_map(path / LABEL_MAP_FILE, model.num_classes)
         preprocessing = _legacy_preprocessing(read_yaml(path / SPEC_FILE, InvalidModelDirectoryError))
         source = path / SPEC_FILE
-    if preprocessing is None or not _is_valid(preprocessing):
+    if preprocessing is None:  # (Preprocessing checks its own values: an out-of-range recipe is None here)
         raise InvalidModelDirectoryError(
             f"'{source}' has an invalid preprocessing recipe ({preprocessing}); the trained model directory is "
             "damaged: use an intact copy, or train again."
@@ -266,13 +276,13 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
 
 def _read_label_map(path: Path, num_classes: int) -> list[str]:
     names = [str(i) for i in range(num_classes)]
-    if path.is_file():
+    if os.path.lexists(path):
+        text = read_text(path, InvalidModelDirectoryError)  # the input opener: inside the directory, bounded
         try:
-            with open(path, newline="", encoding="utf-8") as handle:
-                for row in list(csv.reader(handle))[1:]:
-                    if len(row) >= 2 and row[0].isascii() and row[0].isdigit() and int(row[0]) < num_classes:
-                        names[int(row[0])] = row[1]
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            for row in list(csv.reader(io.StringIO(text, newline="")))[1:]:
+                if len(row) >= 2 and row[0].isascii() and row[0].isdigit() and int(row[0]) < num_classes:
+                    names[int(row[0])] = row[1]
+        except csv.Error as exc:
             raise InvalidModelDirectoryError(
                 f"'{path}' cannot be read as a label map ({exc}); use an intact copy of the model directory."
             ) from None
@@ -290,21 +300,6 @@ def _legacy_preprocessing(spec: dict) -> Preprocessing | None:
                 return None
             return Preprocessing(image_size=None, mean=tuple(params["mean"]), std=tuple(params["std"]))
     return Preprocessing(image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3)
-
-
-def _is_valid(p: Preprocessing) -> bool:
-    """Three finite means, three finite positive stds, a sane size and crop, a known augmentation."""
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    return (
-        len(p.mean) == 3 and all(number(v) for v in p.mean)
-        and len(p.std) == 3 and all(number(v) and v > 0 for v in p.std)
-        and (p.image_size is None or (isinstance(p.image_size, int) and not isinstance(p.image_size, bool)
-                                      and 1 <= p.image_size <= 4096))
-        and number(p.crop_fraction) and 0 < p.crop_fraction <= 1
-        and p.augmentation in AUGMENTATIONS
-    )
 
 
 # --- writing -----------------------------------------------------------------------------------------------
@@ -399,9 +394,11 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
         for name in column_names:
             if name == "image":
                 try:
-                    data = read_input(directory.path(i), inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
-                    row[name] = base64.b64encode(data).decode("ascii")
-                except UnreadableInputError:
+                    source = directory.image_source(i)  # a file, or a shard row's bytes
+                    data = source if isinstance(source, bytes) else \
+                        read_input(source, inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
+                    row[name] = base64.b64encode(data).decode("ascii") if len(data) <= MAX_SAMPLE_BYTES else None
+                except (UnreadableInputError, ImageDecodeError):
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
                 row[name] = directory.categories[directory.labels[i]]

@@ -242,7 +242,7 @@ def example_png(examples: ImageDirectory | None) -> bytes:
     image = Image.new("RGB", (EXAMPLE_SIDE, EXAMPLE_SIDE), (128, 128, 128))
     if examples is not None and len(examples):
         try:
-            image = decode_image(examples.path(0), EXAMPLE_SIDE, inside=examples.root)
+            image = decode_image(examples.image_source(0), EXAMPLE_SIDE, inside=examples.root)
             image.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
         except ImageDecodeError:
             pass  # the example only illustrates the request: a grey square does as well

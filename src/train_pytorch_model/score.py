@@ -1,8 +1,8 @@
 """`score`: a trained model directory + images -> a table of predictions (designer's
 "Score Image Model", spec section 4).
 
-Images: an ImageDirectory (or `<class>/<image>` tree or flat folder), a zip/tar of one, a single
-image file, or several image files (`--image-directory a.jpg b.png`).
+Images: an ImageDirectory (or `<class>/<image>` tree or flat folder, table, MLTable, Parquet shards), a
+zip/tar of one, a single image file, or several image files (`--image-directory a.jpg b.png`).
 
 Output folder:
 - `scored.parquet` and `scored.csv`, the same table, one row per image in the directory's row
@@ -49,7 +49,7 @@ from .archives import (
     space_hint,
 )
 from .config import auto_or_int
-from .data import ImageDataset, default_num_workers
+from .data import ImageDataset, default_num_workers, shard_loader
 from .distributed import pick_device
 from .errors import (
     DirectoryNotFoundError,
@@ -104,8 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"images per forward pass (default: {MAX_SCORE_BATCH}, fewer when the model's image size "
                              f"is over 512 px: at most {MAX_BATCH_PIXELS // 2**20} M input pixels per batch)")
-    parser.add_argument("--num-workers", default=None, type=auto_or_int, metavar="auto|N",
-                        help="image decoding processes (default auto)")
+    parser.add_argument("--num-workers", default="auto", type=auto_or_int, metavar="auto|N",
+                        help="image decoding processes (default %(default)s)")
     parser.add_argument("--image-column", default=None, metavar="NAME", help="image path column of a table input")
     parser.add_argument("--label-column", default=None, metavar="NAME", help="label column of a table input")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
@@ -211,8 +211,12 @@ def score_directory(trained: TrainedModel, directory: ImageDirectory, *, device:
     overlay per scored image is written there as <row>.png, and named in column EXPLANATION_COLUMN."""
     prep = trained.preprocessing
     dataset = ImageDataset(directory, array("l", [0] * len(directory)), prep.eval_transform(), prep.resize_size, seed=0)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_keep_items, num_workers=num_workers,
-                        persistent_workers=False, pin_memory=device.type == "cuda")
+    if directory.shards is not None:  # every row once, a row group at a time
+        loader = shard_loader(dataset, train=False, batch_size=batch_size, rank=0, world_size=1,
+                              num_workers=num_workers, collate_fn=_keep_items, device=device)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_keep_items,
+                            num_workers=num_workers, persistent_workers=False, pin_memory=device.type == "cuda")
     model = trained.model.to(device).eval()
     probabilities = np.full((len(directory), len(trained.classes)), np.nan, dtype=np.float32)
     errors = [""] * len(directory)
