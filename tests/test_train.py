@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import sys
+import traceback
+import warnings
 from array import array
 
 import mlflow
@@ -265,6 +267,22 @@ def count_host_reads(monkeypatch, calls: list):
         monkeypatch.setattr(torch.Tensor, name, counted)
 
 
+def count_device_syncs(monkeypatch, calls: list):
+    """On CUDA, torch's own detector (set_sync_debug_mode): every host sync warns; each is kept with where it came
+    from, except the device JPEG decoder's waits on its own stream (gpu_decode: never the training stream)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        stack = traceback.extract_stack()
+        if "synchroniz" in str(message) and not any(frame.name == "_decode_jpegs" for frame in stack):
+            ours = [f"{frame.filename.rsplit(os.sep, 1)[-1]}:{frame.lineno}" for frame in stack
+                    if "train_pytorch_model" in frame.filename]
+            calls.append(f"{message} at {ours[-1] if ours else filename}")
+    warnings.simplefilter("always")
+    monkeypatch.setattr(warnings, "showwarning", show)
+    torch.cuda.set_sync_debug_mode("warn")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch's sync detector needs a CUDA device"))])
 @pytest.mark.parametrize("options", [
     {},
     {"ema_decay": 0.9},
@@ -273,9 +291,9 @@ def count_host_reads(monkeypatch, calls: list):
     {"decode": "gpu"},
 ], ids=["plain", "ema", "mixup-cutmix", "class-weights", "decode-gpu"])
 def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_image_folder, resnet18_dir, monkeypatch,
-                                                               options):
+                                                               options, device):
     """0 host syncs per step outside print steps, with every option: the count of host reads (.item(),
-    .tolist(), bool(), ...) is the same for 3 and 9 steps."""
+    .tolist(), bool(), ...; on CUDA every sync torch detects) is the same for 3 and 9 steps."""
     from train_pytorch_model import distributed, train_command
     from train_pytorch_model.config import TrainConfig
     from train_pytorch_model.preprocessing import Preprocessing
@@ -283,19 +301,24 @@ def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_im
     def count_reads(images_per_class: int) -> list:
         data_dir = make_image_folder(f"d{images_per_class}", {"a": images_per_class, "b": images_per_class},
                                      suffix=".jpg")
-        ctx = distributed.Context(torch.device("cpu"))
+        ctx = distributed.Context(torch.device(device))
         config = TrainConfig(untrained_model=resnet18_dir, training_data=data_dir, validation_data=data_dir,
                              trained_model=tmp_path / "o", image_size=32, batch_size=2, num_workers=0,
-                             print_freq=1000, epochs=1, **options)
+                             print_freq=1000, epochs=1, device=device, **options)
         data = train_command.read_data(config, ctx)
         model, spec = train_command.build_model(resnet18_dir, 2)
         config, _ = train_command.settle(config, ctx, spec, model, training_images=len(data.train))
         trainer = train_command.make_trainer(config, ctx, data, Preprocessing(32))
         state = train_command.make_training_state(model, config, ctx, len(trainer.train_loader))
         calls = []
-        count_host_reads(monkeypatch, calls)
-        trainer.train_epoch(state, 0)
-        monkeypatch.undo()
+        with warnings.catch_warnings():
+            (count_device_syncs if device == "cuda" else count_host_reads)(monkeypatch, calls)
+            try:
+                trainer.train_epoch(state, 0)
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+                monkeypatch.undo()
         assert len(trainer.train_loader) == images_per_class
         return calls
 

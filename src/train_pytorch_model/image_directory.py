@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
 CLASSIFICATION = "COCO_classification"
 DEFAULT_IMAGE_REF = "image_info"
-CONVERT_HELP = "see the README section 'Input formats' or use `python -m train_pytorch_model convert`"
+CONVERT_HELP = "docs/data-formats.md lists what is read; `python -m train_pytorch_model convert` writes an " \
+    "ImageDirectory"
 
 
 @dataclass
