@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
         pictures = mistake_pictures(mistakes, metrics["classes"], args.trained_model, args.image_directory)
     write_evaluation(args.evaluation, metrics, confusion, table=table, label_column=args.label_column,
-                     mistakes=mistakes, pictures=pictures, title=f"Evaluation of {Path(args.scored_data).name}")
+                     mistakes=mistakes, pictures=pictures, title=f"Evaluation report: {Path(args.scored_data).name}")
     log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
     print(summary_text(metrics, args.evaluation))
     return 0
