@@ -498,3 +498,14 @@ def test_the_benchmark_shim_delays_and_counts_opens_below_its_prefix_only(tmp_pa
                              str(tmp_path / "elsewhere")], env=env, capture_output=True, text=True, check=True)
     assert float(result.stdout) >= 0.1  # two delayed opens of 50 ms
     assert (tmp_path / "log").read_text() == "oo"  # counted; the file elsewhere was not
+
+
+def test_looking_for_shards_stops_at_the_first_image_file(tmp_path, monkeypatch):
+    import train_pytorch_model.shards as shards_module
+
+    folder = write_image_folder(tmp_path / "big", {f"c{i}": 2 for i in range(5)})
+    listed = []
+    real_walk = os.walk
+    monkeypatch.setattr(shards_module.os, "walk", lambda *a, **k: (listed.append(d) or d for d in real_walk(*a, **k)))
+    assert shards_module.shard_files(folder, "Training", None) is None
+    assert len(listed) == 2  # the root and the first class folder: a million images are not listed twice
