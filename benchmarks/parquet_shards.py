@@ -172,6 +172,15 @@ def supply_epoch(data: Path, args, env: dict | None, log: Path) -> tuple[float, 
     return float(seconds) * args.images / int(images), int(opens)
 
 
+def convert_seconds(folder: Path, out: Path, max_side: int | None) -> float:
+    """`convert --to parquet` in this process (the interpreter's start left out), index included."""
+    from train_pytorch_model.convert import ShardOptions, convert
+
+    started = time.perf_counter()
+    convert(folder, out, to="parquet", shards=ShardOptions(max_side=max_side))
+    return time.perf_counter() - started
+
+
 def decode_ms(data: bytes, size_hint: int, repeat: int) -> float:
     from train_pytorch_model.preprocessing import decode_image
 
@@ -192,17 +201,15 @@ def measure(args, work: Path) -> dict:
                      "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
                      "open_delay_ms": args.open_delay_ms}
 
-    seconds = cli("convert", "--input", str(folder), "--image-directory", str(mount / "shards"), "--to", "parquet")
+    seconds = convert_seconds(folder, mount / "shards", None)
     shards = sorted((mount / "shards" / "data").glob("*.parquet"))
     results["convert_images_per_second"] = args.images / seconds
     results["shards"] = [{"file": s.name, "mib": round(s.stat().st_size / 2**20, 2)} for s in shards]
     folder_mib = sum(p.stat().st_size for p in folder.rglob("*.jpg")) / 2**20
     results["folder_mib"] = round(folder_mib, 2)
-    seconds = cli("convert", "--input", str(folder), "--image-directory", str(work / "shrunk"), "--to", "parquet",
-                  "--max-side", str(args.side // 2))
+    seconds = convert_seconds(folder, work / "shrunk", args.side // 2)
     results["convert_max_side_images_per_second"] = args.images / seconds
     results["convert_max_side"] = args.side // 2
-    # (Both include the interpreter's start and the index: a few seconds that a large conversion amortises.)
 
     log = work / "opens.log"
     delayed = {"LD_PRELOAD": str(shim), "SLOW_OPEN_PREFIX": str(mount), "SLOW_OPEN_US": str(args.open_delay_ms * 1000),
