@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of row `index`'s augmentation in `epoch`: the same crops whatever the worker count or resume."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+    """The seed of row `index`'s augmentation in `epoch`: the same crops whatever the worker count or resume.
+    Kept to the 64 bits a torch generator takes, for every seed up to 2^63-1 (smaller values are unchanged)."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**64
 
 
 class ImageDataset(Dataset):

@@ -36,14 +36,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train_pytorch_model.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("demo_output"),
                         help="folder for everything the demo writes; cleared first if an earlier demo made it")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default %(default)s)")
     parser.add_argument("--per-class", type=int, default=None,
                         help="use only the first N images of each digit (a quicker, less accurate run)")
-    parser.add_argument("--model-name", default="resnet18", help="architecture for init-model (default resnet18)")
-    parser.add_argument("--image-size", type=int, default=32, help="training image size (default 32)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
-    parser.add_argument("--learning-rate", type=float, default=0.002, help="peak learning rate (default 0.002)")
-    parser.add_argument("--print-freq", type=int, default=10, help="training progress line every N steps (default 10)")
+    parser.add_argument("--model-name", default="resnet18", help="architecture for init-model (default %(default)s)")
+    parser.add_argument("--image-size", type=int, default=32, help="training image size (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=0.002, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--print-freq", type=int, default=10,
+                        help="training progress line every N steps (default %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -76,10 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"output folder of `score`, or a {SCORED_PARQUET} / {SCORED_CSV} file")
     parser.add_argument("--evaluation", required=True, type=Path, help="output folder (new or empty) for the metrics")
     parser.add_argument("--label-column", default=LABEL_COLUMN,
-                        help=f"column with the true labels (default {LABEL_COLUMN})")
+                        help="column with the true labels (default %(default)s)")
     parser.add_argument("--top-k", default="1,3,5",
                         help="comma-separated k for top-k accuracy; values above the class count are left out "
-                             "(default 1,3,5)")
+                             "(default %(default)s)")
     parser.add_argument("--trained-model", type=Path, default=None,
                         help="the model that scored the table: heat maps for the report's gallery of mistakes "
                              "(with --image-directory)")
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
         pictures = mistake_pictures(mistakes, metrics["classes"], args.trained_model, args.image_directory)
     write_evaluation(args.evaluation, metrics, confusion, table=table, label_column=args.label_column,
-                     mistakes=mistakes, pictures=pictures, title=f"Evaluation of {Path(args.scored_data).name}")
+                     mistakes=mistakes, pictures=pictures, title=f"Evaluation report: {Path(args.scored_data).name}")
     log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
     print(summary_text(metrics, args.evaluation))
     return 0

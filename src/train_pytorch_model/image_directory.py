@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
 CLASSIFICATION = "COCO_classification"
 DEFAULT_IMAGE_REF = "image_info"
-CONVERT_HELP = "see the README section 'Input formats' or use `python -m train_pytorch_model convert`"
+CONVERT_HELP = "docs/data-formats.md lists what is read; `python -m train_pytorch_model convert` writes an " \
+    "ImageDirectory"
 
 
 @dataclass
@@ -191,7 +192,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
             raise error(f"{quote(name)} (_meta.yaml key '{key}') is a symlink leading outside the folder; "
                         "copy the file in.")
 
-    schema = read_json(safe_join(root, schema_name), InvalidDatasetError)
+    schema = read_json(safe_join(root, schema_name), InvalidDatasetError, inside=root)
     image_ref, annotation_column, categories = _parse_schema(schema, error)
 
     name_to_id = {name: i for i, name in enumerate(categories)} if categories is not None else {}
@@ -199,7 +200,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
     ids, labels = array("q"), array("l")
     unlabeled = 0
     list_path = safe_join(root, list_name)
-    for number, row in iter_json_lines(list_path, InvalidDatasetError):
+    for number, row in iter_json_lines(list_path, InvalidDatasetError, inside=root):
         where = f"{list_name} line {number}"
         info = row.get(image_ref)
         if not isinstance(info, dict):

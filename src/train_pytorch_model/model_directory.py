@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -53,7 +52,7 @@ from .models import (
     pretrained_missing_error,
 )
 from .output_folder import staged_output
-from .preprocessing import AUGMENTATIONS, ImageDecodeError, Preprocessing
+from .preprocessing import ImageDecodeError, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +254,7 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
         classes = _read_label_map(path / LABEL_MAP_FILE, model.num_classes)
         preprocessing = _legacy_preprocessing(read_yaml(path / SPEC_FILE, InvalidModelDirectoryError))
         source = path / SPEC_FILE
-    if preprocessing is None or not _is_valid(preprocessing):
+    if preprocessing is None:  # (Preprocessing checks its own values: an out-of-range recipe is None here)
         raise InvalidModelDirectoryError(
             f"'{source}' has an invalid preprocessing recipe ({preprocessing}); the trained model directory is "
             "damaged: use an intact copy, or train again."
@@ -301,21 +300,6 @@ def _legacy_preprocessing(spec: dict) -> Preprocessing | None:
                 return None
             return Preprocessing(image_size=None, mean=tuple(params["mean"]), std=tuple(params["std"]))
     return Preprocessing(image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3)
-
-
-def _is_valid(p: Preprocessing) -> bool:
-    """Three finite means, three finite positive stds, a sane size and crop, a known augmentation."""
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    return (
-        len(p.mean) == 3 and all(number(v) for v in p.mean)
-        and len(p.std) == 3 and all(number(v) and v > 0 for v in p.std)
-        and (p.image_size is None or (isinstance(p.image_size, int) and not isinstance(p.image_size, bool)
-                                      and 1 <= p.image_size <= 4096))
-        and number(p.crop_fraction) and 0 < p.crop_fraction <= 1
-        and p.augmentation in AUGMENTATIONS
-    )
 
 
 # --- writing -----------------------------------------------------------------------------------------------

@@ -176,7 +176,9 @@ def plot_image_grid(path: Path, images: list[np.ndarray], captions: list[str], c
     plt = _pyplot()
     columns = max(1, min(columns, len(images)))
     rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows + 0.4), squeeze=False)
+    # Constrained layout keeps the title clear of the first row (tight_layout ignores a suptitle).
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, caption in zip(axes.ravel(), images, captions):
@@ -185,7 +187,6 @@ def plot_image_grid(path: Path, images: list[np.ndarray], captions: list[str], c
     if not images:
         axes[0, 0].text(0.5, 0.5, "no image", ha="center", va="center")
     fig.suptitle(title)
-    fig.tight_layout()
     _save(fig, path)
 
 

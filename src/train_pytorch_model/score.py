@@ -104,8 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"images per forward pass (default: {MAX_SCORE_BATCH}, fewer when the model's image size "
                              f"is over 512 px: at most {MAX_BATCH_PIXELS // 2**20} M input pixels per batch)")
-    parser.add_argument("--num-workers", default=None, type=auto_or_int, metavar="auto|N",
-                        help="image decoding processes (default auto)")
+    parser.add_argument("--num-workers", default="auto", type=auto_or_int, metavar="auto|N",
+                        help="image decoding processes (default %(default)s)")
     parser.add_argument("--image-column", default=None, metavar="NAME", help="image path column of a table input")
     parser.add_argument("--label-column", default=None, metavar="NAME", help="label column of a table input")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")

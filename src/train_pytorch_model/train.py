@@ -36,10 +36,10 @@ from .distributed import Context
 from .errors import TrainingDivergedError, quote
 from .models import cpu_state_dict, head_of
 from .preprocessing import Preprocessing
+from .progress import Silent
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 BN_RECALIBRATION_IMAGES = 1024  # the most recent training images kept (uint8) to re-estimate BatchNorm statistics
 
 
@@ -88,7 +88,7 @@ class EarlyStopping:
 
 def make_optimizer(model: nn.Module, config: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """One parameter group, or two (backbone, head) when the backbone is frozen for the first epochs."""
-    decay = DEFAULT_WEIGHT_DECAY[config.optimizer] if config.weight_decay is None else config.weight_decay
+    decay = config.weight_decay  # TrainConfig settles auto from the optimizer
     params: list = list(model.parameters())
     if config.freeze_backbone_epochs:
         head = {id(p) for p in head_of(getattr(model, "module", model))[1].parameters()}
@@ -384,7 +384,7 @@ class Trainer:
         while sum(len(b) for b in self.recent) - len(self.recent[0]) >= BN_RECALIBRATION_IMAGES:
             self.recent.popleft()
 
-    def train_epoch(self, state: TrainingState, epoch: int, log_progress,
+    def train_epoch(self, state: TrainingState, epoch: int, progress: Silent = Silent(),
                     stop_requested=preemption.never) -> TrainResult:
         """One epoch. Raises Interrupted when a stop was requested on some rank (the epoch is abandoned)."""
         model, config, ctx = state.model, self.config, self.ctx
@@ -395,6 +395,7 @@ class Trainer:
         steps = len(self.train_loader)
         start = tick = time.perf_counter()
         self.recent.clear()
+        progress.start_epoch(epoch, steps)
         for step, batch in enumerate(self._batches(epoch), start=1):
             wait += time.perf_counter() - tick
             # Single process: the stop flag is checked every step (a Python bool, no sync). DDP ranks agree on it
@@ -433,7 +434,9 @@ class Trainer:
             if step % config.print_freq == 0 or step == steps:
                 self._check_step(sums, stop_requested, epoch, step)  # the one deliberate sync of a print step
                 loss_sum, _, seen = sums.tolist()
-                log_progress(epoch, step, steps, loss_sum / max(seen, 1), seen / (time.perf_counter() - start))
+                progress.step(step, loss_sum / max(seen, 1))
+            else:
+                progress.step(step)  # the bar advances; no device value is read
             tick = time.perf_counter()
         elapsed = time.perf_counter() - start
         loss_sum, correct, seen, elapsed_sum = ctx.all_reduce_sum([*sums.tolist(), elapsed])
@@ -519,7 +522,8 @@ class Trainer:
         return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None,
                           predictions=predictions)
 
-    def fit(self, state: TrainingState, on_epoch_end, log_progress, stop_requested=preemption.never) -> TrainingState:
+    def fit(self, state: TrainingState, on_epoch_end, progress: Silent = Silent(),
+            stop_requested=preemption.never) -> TrainingState:
         """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics, stopping)` logs and checkpoints.
 
         `stop_requested()` is this rank's wish to stop (SIGTERM); it is agreed over all ranks during the epoch
@@ -534,11 +538,14 @@ class Trainer:
             fallbacks = self._decode_fallbacks()
             lr = state.optimizer.param_groups[-1]["lr"]  # the head's (the last group)
             with stop_requested.deferred():
-                trained = self.train_epoch(state, epoch, log_progress, stop_requested)
+                trained = self.train_epoch(state, epoch, progress, stop_requested)
             model = state.evaluated_model
             if self.config.bn_recalibration:
+                progress.phase("BatchNorm re-estimation")
                 self.recalibrate_batchnorm(model)
+            progress.phase("validation")
             validated = self.evaluate(model)
+            progress.end_epoch()
             metrics = EpochMetrics(
                 epoch=epoch + 1, lr=lr, train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_images_per_second=trained.images_per_second, valid_loss=validated.loss,
