@@ -170,7 +170,7 @@ def test_a_parquet_table_of_paths_is_still_a_table(tmp_path):
 
 
 def order_of(directory, *, seed=5, epoch=0, rank=0, world_size=1, workers=0, batch=4, train=True):
-    prep = Preprocessing(image_size=16, augmentation="none")
+    prep = Preprocessing(image_size=32, augmentation="none")
     dataset = build_dataset(directory, {c: i for i, c in enumerate(directory.categories)}, prep, train=train,
                             seed=seed)
     make = training_loader if train else evaluation_loader
@@ -317,7 +317,7 @@ def test_null_and_undecodable_images_are_skipped_by_file_and_row(tmp_path, caplo
     rows[6] = {"bytes": None, "path": "/etc/passwd"}  # a path without bytes is never followed
     write_shard(tmp_path / "s" / "x.parquet", rows, [0, 1] * 4)
     directory = load_image_directory(tmp_path / "s", "Training")
-    prep = Preprocessing(image_size=16, augmentation="none")
+    prep = Preprocessing(image_size=32, augmentation="none")
     dataset = build_dataset(directory, {"cat": 0, "dog": 1}, prep, train=False, seed=0)
     loader = evaluation_loader(dataset, batch_size=8, rank=0, world_size=1, num_workers=0, device=CPU)
     batches = list(loader)
