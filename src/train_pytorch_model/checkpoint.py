@@ -52,17 +52,23 @@ FORMAT = 2
 def data_fingerprint(directory: ImageDirectory) -> str:
     """Row order, file names and labels (not the mount path, which changes between Azure ML attempts)."""
     digest = hashlib.sha256()
-    for name, label in zip(directory.files, directory.labels):
-        digest.update(f"{name}\t{directory.categories[label]}\n".encode())
+    for row, name in enumerate(directory.files):
+        labels = "\t".join(directory.label_names(row))  # one name; a multi-label row's set
+        digest.update(f"{name}\t{labels}\n".encode())
     return f"{len(directory.files)} images, sha256 {digest.hexdigest()[:16]}"
 
 
 def run_identity(*, model_name: str, pretrained: bool, classes: list[str], train_dir: ImageDirectory,
-                 valid_dir: ImageDirectory, hyperparameters: dict, world_size: int) -> dict:
-    """Everything that decides the training trajectory. Paths, worker counts and logging are left out."""
-    return {"model_name": model_name, "pretrained": pretrained, "classes": list(classes),
-            "training_data": data_fingerprint(train_dir), "validation_data": data_fingerprint(valid_dir),
-            **hyperparameters, "world_size": world_size}
+                 valid_dir: ImageDirectory, hyperparameters: dict, world_size: int,
+                 data_streams: int | None = None) -> dict:
+    """Everything that decides the training trajectory. Paths, worker counts and logging are left out, except
+    the streams Parquet shards are read in (`data_streams`, from the worker count), which decide their batches."""
+    identity = {"model_name": model_name, "pretrained": pretrained, "classes": list(classes),
+                "training_data": data_fingerprint(train_dir), "validation_data": data_fingerprint(valid_dir),
+                **hyperparameters, "world_size": world_size}
+    if data_streams is not None:
+        identity["data_streams"] = data_streams
+    return identity
 
 
 def check_compatible(checkpoint: dict, identity: dict, path: Path) -> None:

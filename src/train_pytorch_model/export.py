@@ -6,7 +6,8 @@
 
 Both take what `score` gives the model after decoding: a uint8 RGB batch `images` of shape
 (N, 3, image_size, image_size) (any height and width for a directory trained by the original
-module), and return `probabilities`, softmax over the classes in `classes` order. Normalisation
+module), and return `probabilities`, softmax over the classes in `classes` order (a multi-label model:
+one sigmoid per class; a class is predicted at `threshold`, written down too). Normalisation
 is inside the graph; the resize that comes before it is not, and is written down: in the ONNX
 file's `metadata_props` and in `export_info.json` beside both files (image size, resize rule,
 mean/std, class names). Each file is checked against PyTorch before the output is written.
@@ -16,6 +17,7 @@ Needs the `[export]` extra (onnx, onnxscript, onnxruntime) for ONNX.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 from .errors import ExportError, InvalidParameterError
 from .model_directory import TrainedModel, read_trained_model_directory
 from .output_folder import staged_output
+from .preprocessing import MAX_RESIZE_ASPECT
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +38,26 @@ INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 MAX_DIFFERENCE = 1e-4  # max absolute probability difference an exported file may show against PyTorch
 CHECK_BATCH = 3  # not 1 or 2: the exported batch dimension must really be dynamic
 MAX_BATCH = 65536
+# The ONNX exporter's optimizer reports each pass at INFO (a dozen lines per export): only its warnings and errors
+# are shown.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 
 
 class ProbabilityModel(torch.nn.Module):
-    """uint8 NCHW images -> class probabilities: the trained network with its normalisation and softmax."""
+    """uint8 NCHW images -> class probabilities: the trained network with its normalisation and softmax (or a
+    multi-label model's sigmoid per class)."""
 
     def __init__(self, trained: TrainedModel):
         super().__init__()
         self.network = trained.model.eval()
+        self.multilabel = trained.is_multilabel
         prep = trained.preprocessing
         self.register_buffer("mean", torch.tensor(prep.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(prep.std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network((images.float() - self.mean) / self.std).softmax(dim=1)
+        logits = self.network((images.float() - self.mean) / self.std)
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "--exported-model", dest="exported_model", required=True, type=Path,
                         help="output folder (new or empty) for the files")
     parser.add_argument("--format", default="onnx,pt2",
-                        help=f"comma-separated, of {', '.join(FORMATS)} (default onnx,pt2)")
+                        help=f"comma-separated, of {', '.join(FORMATS)} (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,14 +98,26 @@ def export_info(trained: TrainedModel) -> dict:
         "model_name": trained.spec.model_name,
         "classes": list(trained.classes),
         "input": f"{INPUT_NAME}: uint8 RGB, shape (batch, 3, {side or 'height'}, {side or 'width'})",
-        "output": f"{OUTPUT_NAME}: float32 softmax, shape (batch, {len(trained.classes)}), in 'classes' order",
+        "output": f"{OUTPUT_NAME}: float32 {'sigmoid per class' if trained.is_multilabel else 'softmax'}, shape "
+                  f"(batch, {len(trained.classes)}), in 'classes' order",
+        "task": trained.task,
+        **({"threshold": trained.threshold} if trained.is_multilabel else {}),
         "image_size": side,
-        "resize": (f"resize the shorter side to {prep.resize_size} (bilinear, antialiased), then centre-crop "
-                   f"{side}x{side}" if side else "none: the model was trained on images as they are"),
+        "resize_size": prep.resize_size,
+        "resize": resize_rule(prep) if side else "none: the model was trained on images as they are",
         "mean": list(prep.mean),
         "std": list(prep.std),
         "normalization": "inside the graph: (pixel - 255 * mean) / (255 * std), per channel",
     }
+
+
+def resize_rule(prep) -> str:
+    """What `score` does to an image before the model, step by step, exactly (docs/deploy.md shows it in Python)."""
+    r, side = prep.resize_size, prep.image_size
+    return (f"resize the shorter side to {r} pixels with Pillow's Image.BILINEAR and reducing_gap=None (a JPEG first "
+            f"decoded with Image.draft('RGB', ({r}, {r})), then EXIF-oriented and converted to RGB; the longer side "
+            f"at most {MAX_RESIZE_ASPECT * r}), then centre-crop {side}x{side} at offsets round((width - {side}) / 2), "
+            f"round((height - {side}) / 2)")
 
 
 def _example(trained: TrainedModel, batch: int) -> torch.Tensor:
@@ -137,13 +158,27 @@ def onnx_modules():
     return onnx, onnxruntime
 
 
+@contextlib.contextmanager
+def exporter_warnings_only():
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def export_onnx(trained: TrainedModel, path: Path, info: dict) -> None:
     onnx, onnxruntime = onnx_modules()
     model = ProbabilityModel(trained).eval()
-    program = torch.onnx.export(model, (_example(trained, CHECK_BATCH),), dynamo=True, verbose=False,
-                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=_dynamic_shapes(trained))
-    program.save(str(path))
+    with exporter_warnings_only():
+        program = torch.onnx.export(model, (_example(trained, CHECK_BATCH),), dynamo=True, verbose=False,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=_dynamic_shapes(trained))
+        program.save(str(path))
     proto = onnx.load(str(path))
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     info["onnx_opset"] = opset

@@ -22,11 +22,12 @@ import logging
 import os
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .categories import MAX_CLASSES, category_list_problem
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError, quote
+from .label_sets import LabelSets
 from .legacy_format import (
     is_hidden,
     is_safe_relative,
@@ -36,6 +37,8 @@ from .legacy_format import (
     resolves_inside,
     safe_join,
 )
+from .preprocessing import ImageDecodeError
+from .shards import ShardIndex, ShardReader, read_shard_index, shard_files
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, Columns, find_table, read_table
 
 log = logging.getLogger(__name__)
@@ -43,12 +46,16 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
 CLASSIFICATION = "COCO_classification"
 DEFAULT_IMAGE_REF = "image_info"
-CONVERT_HELP = "see the README section 'Input formats' or use `python -m train_pytorch_model convert`"
+CONVERT_HELP = "docs/data-formats.md lists what is read; `python -m train_pytorch_model convert` writes an " \
+    "ImageDirectory"
 
 
 @dataclass
 class ImageDirectory:
-    """An indexed ImageDirectory: row i is image `files[i]` with label `categories[labels[i]]`."""
+    """An indexed ImageDirectory: row i is image `files[i]` with label `categories[labels[i]]`.
+
+    Multi-label (`label_sets` set; only tables and MLTables are): row i's categories are
+    `label_sets[i]`, and `labels[i]` only says whether the row is labeled (0) or not (-1)."""
 
     root: Path
     layout: str  # "meta", "mltable", "table", "image_folder" or "flat"
@@ -58,6 +65,9 @@ class ImageDirectory:
     categories: list[str] | None  # class names in category-id order; None when not labeled
     schema: dict = field(default_factory=dict)  # the `_schema.json` (generated for fallbacks)
     annotation_column: str | None = "category"
+    label_sets: LabelSets | None = None
+    shards: ShardIndex | None = None  # Parquet shards: `files` then name rows ("<shard> row <n>"), not files
+    _reader: ShardReader | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -66,8 +76,35 @@ class ImageDirectory:
     def is_labeled(self) -> bool:
         return self.categories is not None
 
+    @property
+    def is_multilabel(self) -> bool:
+        return self.label_sets is not None
+
     def path(self, i: int) -> Path:
         return self.root / self.files[i]
+
+    def subset(self, rows: list[int]) -> ImageDirectory:
+        """These rows only (same root, categories and schema)."""
+        return replace(self, files=[self.files[i] for i in rows], ids=array("q", (self.ids[i] for i in rows)),
+                       labels=array("l", (self.labels[i] for i in rows)),
+                       label_sets=self.label_sets.subset(rows) if self.label_sets is not None else None)
+
+    def label_names(self, i: int) -> list[str]:
+        """Row i's category names: one, or a multi-label row's set (none for an unlabeled row)."""
+        if self.label_sets is not None:
+            return self.label_sets.names(i, self.categories) if self.labels[i] >= 0 else []
+        return [self.categories[self.labels[i]]] if self.categories is not None and self.labels[i] >= 0 else []
+    def image_source(self, i: int) -> Path | bytes:
+        """What decode_image reads for row i: its file (to open inside `root`), or a shard row's bytes
+        (ImageDecodeError, with the reason, for a row without an image)."""
+        if self.shards is None:
+            return self.path(i)
+        if self._reader is None:  # kept: samples and examples read a few rows, each file opened once
+            self._reader = ShardReader(self.shards)
+        data = self._reader.row_bytes(i)
+        if not isinstance(data, bytes):
+            raise ImageDecodeError(data)
+        return data
 
 
 def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unlabeled: bool = False, *,
@@ -102,14 +139,18 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
         return InvalidDatasetError(f"{role} data '{given}' is not valid: {message}")
 
     meta = read_meta(root, InvalidDatasetError) if table is None else None
-    if table is None and (meta is not None or (os.path.lexists(root / "images.lst")
+    shards = shard_files(given, role, image_column) if meta is None else None
+    if shards is not None:
+        directory = _read_shards(given, shards, role, image_column, label_column, keep_unlabeled, error)
+    elif table is None and (meta is not None or (os.path.lexists(root / "images.lst")
                                                and os.path.lexists(root / "_schema.json"))):
         directory = _read_meta_layout(root, meta or {}, error, keep_unlabeled)
     elif (table := table or find_table(root, error)) is not None:
         index = read_table(table, Columns(image_column, label_column), keep_unlabeled, error)
         labeled = index.categories is not None
         directory = ImageDirectory(root, index.layout, index.files, index.ids, index.labels, index.categories,
-                                   default_schema(index.categories), "category" if labeled else None)
+                                   default_schema(index.categories), "category" if labeled else None,
+                                   index.label_sets)
     elif (coco := find_coco_file(root)) is not None:
         raise error(
             f"'{coco.name}' makes this a COCO folder, which never holds classification labels. "
@@ -142,6 +183,20 @@ def check_categories(categories: list[str] | None, layout: str, error) -> None:
         raise error(f"{problem}.")
 
 
+def _read_shards(given: Path, files: list[Path], role: str, image_column: str | None, label_column: str | None,
+                 keep_unlabeled: bool, error) -> ImageDirectory:
+    index, labels, categories, label_sets = read_shard_index(given, files, role, image_column, label_column)
+    if categories is not None and not keep_unlabeled and -1 in labels:
+        names = index.row_names()
+        raise error(f"{labels.count(-1)} rows have no label (-1 or empty), first {names[labels.index(-1)]}; "
+                    "training needs a label on every row (score reads unlabeled shards).")
+    if categories is None:
+        labels = array("q", [-1]) * index.rows
+    return ImageDirectory(index.root, "parquet", index.row_names(), range(index.rows), labels, categories,
+                          default_schema(categories), "category" if categories is not None else None,
+                          label_sets=label_sets, shards=index)
+
+
 # --- meta route -------------------------------------------------------------------------------------------
 
 
@@ -159,7 +214,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
             raise error(f"{quote(name)} (_meta.yaml key '{key}') is a symlink leading outside the folder; "
                         "copy the file in.")
 
-    schema = read_json(safe_join(root, schema_name), InvalidDatasetError)
+    schema = read_json(safe_join(root, schema_name), InvalidDatasetError, inside=root)
     image_ref, annotation_column, categories = _parse_schema(schema, error)
 
     name_to_id = {name: i for i, name in enumerate(categories)} if categories is not None else {}
@@ -167,7 +222,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
     ids, labels = array("q"), array("l")
     unlabeled = 0
     list_path = safe_join(root, list_name)
-    for number, row in iter_json_lines(list_path, InvalidDatasetError):
+    for number, row in iter_json_lines(list_path, InvalidDatasetError, inside=root):
         where = f"{list_name} line {number}"
         info = row.get(image_ref)
         if not isinstance(info, dict):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +24,17 @@ import torch
 from .categories import MAX_CLASSES, category_list_problem
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, quote
 from .input_files import UnreadableInputError, read_input
-from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside, write_text
+from .legacy_format import (
+    META_FILE,
+    dump_json,
+    dump_yaml,
+    read_json,
+    read_meta,
+    read_text,
+    read_yaml,
+    resolves_inside,
+    write_text,
+)
 from .models import (
     FAMILIES,
     MODEL_FAMILY,
@@ -41,8 +51,9 @@ from .models import (
     preprocessing_defaults,
     pretrained_missing_error,
 )
+from .multilabel_metrics import DEFAULT_THRESHOLD
 from .output_folder import staged_output
-from .preprocessing import AUGMENTATIONS, Preprocessing
+from .preprocessing import ImageDecodeError, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,7 @@ SPEC_FILE = "model_spec.yaml"
 WEIGHTS_FILE = "model"
 LABEL_MAP_FILE = "index_to_label.csv"
 INFO_FILE = "training_info.json"
+TASKS = ("multiclass", "multilabel")
 MODEL_INFO_FILE = "model_info.json"  # untrained directory: architecture, weights source, preprocessing defaults
 README_FILE = "README.txt"  # architectures beyond designer's 13: who can read the directory
 TASK_TYPE = "MultiClassification"
@@ -214,6 +226,16 @@ class TrainedModel:
     classes: list[str]
     preprocessing: Preprocessing
     spec: ModelSpec
+    task: str = "multiclass"  # or "multilabel": one sigmoid per class, labels at or above `threshold`
+    threshold: float = DEFAULT_THRESHOLD
+
+    @property
+    def is_multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes, or a multi-label model's sigmoid per class."""
+        return logits.sigmoid() if self.is_multilabel else logits.softmax(dim=1)
 
 
 def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
@@ -226,6 +248,7 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
         raise InvalidModelDirectoryError(f'ModelDirectory "{path}" has no weights file \'{WEIGHTS_FILE}\'.')
     model = _load_model(weights, spec, inside=path)
     info_path = path / INFO_FILE
+    task, threshold = "multiclass", DEFAULT_THRESHOLD
     if info_path.is_file():
         info = read_json(info_path, InvalidModelDirectoryError)
         if not isinstance(info, dict) or not isinstance(info.get("classes"), list) \
@@ -235,6 +258,13 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
                 "the trained model directory is damaged: train it again."
             )
         classes = info["classes"]
+        task, threshold = info.get("task", task), info.get("threshold", threshold)
+        if task not in TASKS or not valid_threshold(threshold):
+            raise InvalidModelDirectoryError(
+                f"'{info_path}' has task {quote(task)} and threshold {quote(threshold)}; the task must be one of "
+                f"{list(TASKS)} and the threshold a number from 0 to 1. The trained model directory is damaged: "
+                "train it again."
+            )
         try:
             preprocessing = Preprocessing.from_dict(info["preprocessing"])
         except (TypeError, ValueError):
@@ -244,7 +274,7 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
         classes = _read_label_map(path / LABEL_MAP_FILE, model.num_classes)
         preprocessing = _legacy_preprocessing(read_yaml(path / SPEC_FILE, InvalidModelDirectoryError))
         source = path / SPEC_FILE
-    if preprocessing is None or not _is_valid(preprocessing):
+    if preprocessing is None:  # (Preprocessing checks its own values: an out-of-range recipe is None here)
         raise InvalidModelDirectoryError(
             f"'{source}' has an invalid preprocessing recipe ({preprocessing}); the trained model directory is "
             "damaged: use an intact copy, or train again."
@@ -261,18 +291,22 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
             "its files come from different trainings. Use an intact trained model directory, or train again."
         )
     model.eval()
-    return TrainedModel(model, classes, preprocessing, spec)
+    return TrainedModel(model, classes, preprocessing, spec, task, float(threshold))
+
+
+def valid_threshold(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def _read_label_map(path: Path, num_classes: int) -> list[str]:
     names = [str(i) for i in range(num_classes)]
-    if path.is_file():
+    if os.path.lexists(path):
+        text = read_text(path, InvalidModelDirectoryError)  # the input opener: inside the directory, bounded
         try:
-            with open(path, newline="", encoding="utf-8") as handle:
-                for row in list(csv.reader(handle))[1:]:
-                    if len(row) >= 2 and row[0].isascii() and row[0].isdigit() and int(row[0]) < num_classes:
-                        names[int(row[0])] = row[1]
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            for row in list(csv.reader(io.StringIO(text, newline="")))[1:]:
+                if len(row) >= 2 and row[0].isascii() and row[0].isdigit() and int(row[0]) < num_classes:
+                    names[int(row[0])] = row[1]
+        except csv.Error as exc:
             raise InvalidModelDirectoryError(
                 f"'{path}' cannot be read as a label map ({exc}); use an intact copy of the model directory."
             ) from None
@@ -290,21 +324,6 @@ def _legacy_preprocessing(spec: dict) -> Preprocessing | None:
                 return None
             return Preprocessing(image_size=None, mean=tuple(params["mean"]), std=tuple(params["std"]))
     return Preprocessing(image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3)
-
-
-def _is_valid(p: Preprocessing) -> bool:
-    """Three finite means, three finite positive stds, a sane size and crop, a known augmentation."""
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    return (
-        len(p.mean) == 3 and all(number(v) for v in p.mean)
-        and len(p.std) == 3 and all(number(v) and v > 0 for v in p.std)
-        and (p.image_size is None or (isinstance(p.image_size, int) and not isinstance(p.image_size, bool)
-                                      and 1 <= p.image_size <= 4096))
-        and number(p.crop_fraction) and 0 < p.crop_fraction <= 1
-        and p.augmentation in AUGMENTATIONS
-    )
 
 
 # --- writing -----------------------------------------------------------------------------------------------
@@ -399,12 +418,15 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
         for name in column_names:
             if name == "image":
                 try:
-                    data = read_input(directory.path(i), inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
-                    row[name] = base64.b64encode(data).decode("ascii")
-                except UnreadableInputError:
+                    source = directory.image_source(i)  # a file, or a shard row's bytes
+                    data = source if isinstance(source, bytes) else \
+                        read_input(source, inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
+                    row[name] = base64.b64encode(data).decode("ascii") if len(data) <= MAX_SAMPLE_BYTES else None
+                except (UnreadableInputError, ImageDecodeError):
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
-                row[name] = directory.categories[directory.labels[i]]
+                names = directory.label_names(i)  # a multi-label row: its list of categories
+                row[name] = names if directory.is_multilabel else (names[0] if names else None)
             elif name == "id":
                 row[name] = directory.ids[i]
         samples.append(row)

@@ -32,24 +32,19 @@ from torch import nn
 from .categories import MAX_CLASSES
 from .errors import InvalidModelDirectoryError, PretrainedWeightsNotFoundError, quote
 from .input_files import UnreadableInputError, open_input
+from .model_names import DENSENET_NAMES, DESIGNER_MODEL_NAMES, MODEL_NAMES, RESNET_NAMES, unknown_name_message  # noqa: F401 (re-exported)
 
 LEGACY_PACKAGE = "azureml.designer.modules.dl.pytorch.initialize_models.vision.classification"
 
 # family -> (legacy module, legacy class, model names, the init_params flag besides pretrained)
 FAMILIES = {
-    "densenet": (f"{LEGACY_PACKAGE}.densenet", "DenseNet",
-                 ("densenet121", "densenet161", "densenet169", "densenet201"), "memory_efficient"),
-    "resnet": (f"{LEGACY_PACKAGE}.resnet", "ResNet",
-               ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2"), "zero_init_residual"),
+    "densenet": (f"{LEGACY_PACKAGE}.densenet", "DenseNet", DENSENET_NAMES, "memory_efficient"),
+    "resnet": (f"{LEGACY_PACKAGE}.resnet", "ResNet", RESNET_NAMES, "zero_init_residual"),
 }
 # The other architectures: recorded under our own (module, class), which only this project reads.
 TORCHVISION_FAMILY = "torchvision"
 FAMILIES[TORCHVISION_FAMILY] = ("train_pytorch_model.models", "TorchvisionClassifier", (), None)
 
-DESIGNER_MODEL_NAMES = tuple(name for _, _, names, _ in FAMILIES.values() for name in names)
-# Classification only: detection, segmentation, video, optical flow and quantized models live in submodules.
-MODEL_NAMES = tuple(torchvision.models.list_models(module=torchvision.models))
 MODEL_FAMILY = {name: TORCHVISION_FAMILY for name in MODEL_NAMES} | {
     name: family for family, (_, _, names, _) in FAMILIES.items() for name in names}
 READERS_NOTE = ("Only train-pytorch-model and MLflow read this model directory: Azure ML designer's modules know "
@@ -60,16 +55,8 @@ IMAGENET_CLASSES = 1000
 def check_model_name(name) -> str:
     """`name` if it is a torchvision classification architecture, else InvalidModelDirectoryError."""
     if name not in MODEL_NAMES:
-        raise InvalidModelDirectoryError(
-            f"Model name {quote(name)} is not a torchvision classification architecture. Supported: "
-            f"{', '.join(MODEL_NAMES[:12])}, ... ({len(MODEL_NAMES)} names, torchvision.models.list_models())."
-        )
+        raise InvalidModelDirectoryError(f"Model name {quote(name)}: {unknown_name_message(str(name)[:100])}")
     return name
-
-
-def is_designer_model(name: str) -> bool:
-    """True for designer's 13 architectures, whose directories the original reads too."""
-    return MODEL_FAMILY.get(name) in ("densenet", "resnet")
 
 
 def flag_name_of(model_name: str) -> str | None:

@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 
 from .errors import InvalidPreprocessingError, quote
 from .input_files import UnreadableInputError, open_input, read_input
+from .limits import AUGMENTATIONS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 # Decompression bombs: `_opened` refuses more than MAX_IMAGE_PIXELS from the header, before decoding, so no
 # image decodes to more than 89 million pixels (268 MB of RGB). Pillow's own guard stays as a backstop (it
@@ -46,8 +47,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("flip_crop", "crop", "none")
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
 
 
 class ImageDecodeError(Exception):

@@ -12,6 +12,15 @@ what every request format of `mlflow models serve` becomes (`dataframe_split`, `
 uses the network. The MLmodel carries a signature and an input example (one
 small image), so `mlflow.models.get_serving_input` and Azure ML's test tab have a request to show.
 Output: the predictions table of `predictions.py`: `Scored Labels` and `Scored Probabilities_<class>`.
+A multi-label model's `Scored Labels` is the predicted set (JSON list text) at its threshold (0.5 unless
+trained otherwise), stored in `training_info.json` and as the MLmodel's `model_config`; override it per
+load (`mlflow.pyfunc.load_model(uri, model_config={"threshold": 0.3})`) or per request (`params`:
+`{"threshold": 0.3}`, declared in the signature).
+
+Explanations on request: the MLflow param `explain: true` (`{"dataframe_split": ..., "params": {"explain": true}}`)
+adds column `explanation`, a base64 PNG per image: the image as the model saw it under a Grad-CAM heat map of the
+predicted class (explain.py). Bounded: at most MAX_EXPLAINED_IMAGES images per such request and model inputs of at
+most MAX_EXPLAINED_SIDE pixels a side (a backward pass costs about twice the forward), else a named error.
 """
 
 from __future__ import annotations
@@ -27,10 +36,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .errors import InvalidDatasetError, quote
+from .errors import InvalidDatasetError, InvalidParameterError, quote
 from .image_directory import ImageDirectory
 from .model_directory import TrainedModel, read_trained_model_directory
-from .predictions import SCORED_LABELS, probability_column
+from .predictions import EXPLANATION_COLUMN, SCORED_LABELS, predicted_labels, probability_column
 from .preprocessing import ImageDecodeError, decode_image
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,6 +47,9 @@ PREDICT_BATCH = 64
 MAX_IMAGE_BYTES = 32 * 2**20  # per image in a request; decode_image bounds the pixels
 EXAMPLE_SIDE = 32  # pixels of the input example's longer side: a request body of a few hundred bytes
 IMAGE_COLUMN = "image"
+EXPLAIN_PARAM = "explain"
+MAX_EXPLAINED_IMAGES = 8  # per request that asks for explanations
+MAX_EXPLAINED_SIDE = 1024  # pixels of the model input's longer side (legacy models without a resize keep the size)
 _BASE64 = re.compile(rb"[A-Za-z0-9+/\s]*={0,2}\s*")
 _DATA_URL = re.compile(rb"data:[\w/+.-]*;base64,")
 _URL = re.compile(rb"\s*[A-Za-z][A-Za-z0-9+.-]{1,15}://")  # https://, azureml://, wasbs://, file://, ...
@@ -84,17 +96,19 @@ def image_bytes(value, row: int) -> bytes:
 class ImageClassifierPyfunc:
     """What `mlflow.pyfunc.load_model` returns the implementation of."""
 
-    def __init__(self, trained: TrainedModel):
+    def __init__(self, trained: TrainedModel, threshold: float | None = None):
         self.trained = trained
         self.transform = trained.preprocessing.eval_transform()
+        self.threshold = trained.threshold if threshold is None else checked_threshold(threshold)
 
     @torch.inference_mode()
     def predict_tensors(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Softmax probabilities for uint8 CHW tensors (resized already when the recipe says so)."""
+        """Class probabilities (softmax, or a multi-label model's sigmoids) for uint8 CHW tensors (resized
+        already when the recipe says so)."""
         model, prep = self.trained.model, self.trained.preprocessing
         same_size = len({tuple(t.shape) for t in images}) == 1
         groups = [torch.stack(images)] if same_size else [t.unsqueeze(0) for t in images]
-        return torch.cat([model(prep.normalize(batch)).softmax(dim=1) for batch in groups])
+        return torch.cat([self.trained.probabilities(model(prep.normalize(batch))) for batch in groups])
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
         frame = request_frame(model_input)
@@ -104,6 +118,11 @@ class ImageClassifierPyfunc:
         size_hint = self.trained.preprocessing.resize_size
         probabilities = []
         values = list(frame[IMAGE_COLUMN])
+        explain = wants_explanations(params)
+        if explain and len(values) > MAX_EXPLAINED_IMAGES:
+            raise InvalidDatasetError(f"A request with '{EXPLAIN_PARAM}' may hold at most {MAX_EXPLAINED_IMAGES} "
+                                      f"images (this one has {len(values)}): explanations cost a backward pass each.")
+        explained = []
         for start in range(0, len(values), PREDICT_BATCH):
             tensors = []
             for row, value in enumerate(values[start:start + PREDICT_BATCH], start=start):
@@ -111,13 +130,41 @@ class ImageClassifierPyfunc:
                     tensors.append(self.transform(decode_image(image_bytes(value, row), size_hint)))
                 except ImageDecodeError as exc:
                     raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is not a readable image ({exc}).") from None
+                if explain and max(tensors[-1].shape[-2:]) > MAX_EXPLAINED_SIDE:
+                    raise InvalidDatasetError(
+                        f"Row {row}: the model sees this image at {tuple(tensors[-1].shape[-2:])} pixels; explanations "
+                        f"are given for at most {MAX_EXPLAINED_SIDE} pixels a side. Send a smaller image.")
+            explained += tensors if explain else []
             probabilities.append(self.predict_tensors(tensors))
         classes = self.trained.classes
         probs = torch.cat(probabilities).numpy() if probabilities else torch.empty(0, len(classes)).numpy()
-        result = pd.DataFrame({SCORED_LABELS: [classes[i] for i in probs.argmax(axis=1)] if len(probs) else []})
+        requested = (params or {}).get("threshold")  # None: not in this request (MLflow fills in None)
+        threshold = self.threshold if requested is None else checked_threshold(requested)
+        result = pd.DataFrame({SCORED_LABELS: predicted_labels(probs, classes, self.trained.is_multilabel, threshold)})
         for index, label in enumerate(classes):
             result[probability_column(label)] = probs[:, index].astype("float64") if len(probs) else []
+        if explain:
+            result[EXPLANATION_COLUMN] = [self.explanation(tensor, int(p.argmax()))
+                                          for tensor, p in zip(explained, probs)]
         return result
+
+    def explanation(self, image: torch.Tensor, target: int) -> str:
+        """Base64 PNG of `image` (uint8 CHW, as the model sees it) under the heat map of class `target`."""
+        from .explain import explained_images, png_bytes
+
+        prep = self.trained.preprocessing
+        picture = explained_images(self.trained.model, prep.normalize, image.unsqueeze(0), torch.tensor([target]))[0]
+        return base64.b64encode(png_bytes(picture)).decode("ascii")
+
+
+def wants_explanations(params) -> bool:
+    """The `explain` param: true/false (a JSON boolean, or its text as some clients send it)."""
+    value = (params or {}).get(EXPLAIN_PARAM, False)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", ""):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise InvalidDatasetError(f"Param '{EXPLAIN_PARAM}' must be true or false, got {quote(value, 40)}.")
 
 
 def request_frame(model_input) -> pd.DataFrame:
@@ -147,20 +194,26 @@ def _frame(data, **kwargs) -> pd.DataFrame:
         raise InvalidDatasetError(f"Input cannot be read as a table with an '{IMAGE_COLUMN}' column: {exc}.") from None
 
 
-def _load_pyfunc(data_path: str) -> ImageClassifierPyfunc:
-    """MLflow's hook: `data_path` is the model directory."""
-    return ImageClassifierPyfunc(read_trained_model_directory(data_path))
+def checked_threshold(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise InvalidParameterError("Threshold", value, "must be a number from 0 to 1")
+    return float(value)
+
+
+def _load_pyfunc(data_path: str, model_config: dict | None = None) -> ImageClassifierPyfunc:
+    """MLflow's hook: `data_path` is the model directory; `model_config` may override the threshold."""
+    return ImageClassifierPyfunc(read_trained_model_directory(data_path), (model_config or {}).get("threshold"))
 
 
 def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *,
-                      examples: ImageDirectory | None = None) -> None:
+                      examples: ImageDirectory | None = None, threshold: float | None = None) -> None:
     """Add MLmodel, environment files, an input example and a copy of this package to `stage` (the
     legacy files stay). `examples`: the training data, whose first image, shrunk to a thumbnail, is the
     example; without it the example is a grey square."""
     import mlflow
     from mlflow.models import Model, ModelSignature
     from mlflow.models.utils import _save_example  # what MLflow's own flavors call: example + serving example
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     code_dir = stage / "code"
     shutil.copytree(PACKAGE_DIR, code_dir / PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -182,12 +235,19 @@ def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *,
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
         outputs=Schema([ColSpec("string", SCORED_LABELS)]
-                       + [ColSpec("double", probability_column(c)) for c in classes]),
+                       + [ColSpec("double", probability_column(c)) for c in classes]
+                       + [ColSpec("string", EXPLANATION_COLUMN, required=False)]),
+        # MLflow hands a request's params to predict only when the signature declares them. A multi-label model
+        # (`threshold` given) also takes a threshold; its default is None, not the threshold: MLflow passes the
+        # default to every call, which would hide a threshold given by `model_config` at load.
+        params=ParamSchema([ParamSpec(EXPLAIN_PARAM, "boolean", False)]
+                           + ([ParamSpec("threshold", "double", None)] if threshold is not None else [])),
     )
     model = Model(signature=signature, metadata=metadata)
     _save_example(model, pd.DataFrame({IMAGE_COLUMN: [example_png(examples)]}), str(stage))
-    mlflow.pyfunc.add_to_model(model, loader_module=__name__, code="code",
-                               conda_env="conda.yaml", python_env="python_env.yaml")
+    mlflow.pyfunc.add_to_model(model, loader_module=__name__, code="code", conda_env="conda.yaml",
+                               python_env="python_env.yaml",
+                               model_config={"threshold": threshold} if threshold is not None else None)
     model.save(str(stage / "MLmodel"))
 
 
@@ -200,7 +260,7 @@ def example_png(examples: ImageDirectory | None) -> bytes:
     image = Image.new("RGB", (EXAMPLE_SIDE, EXAMPLE_SIDE), (128, 128, 128))
     if examples is not None and len(examples):
         try:
-            image = decode_image(examples.path(0), EXAMPLE_SIDE, inside=examples.root)
+            image = decode_image(examples.image_source(0), EXAMPLE_SIDE, inside=examples.root)
             image.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
         except ImageDecodeError:
             pass  # the example only illustrates the request: a grey square does as well

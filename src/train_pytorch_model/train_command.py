@@ -1,6 +1,6 @@
 """`train`: the job itself, as a story in phases (`train_model`):
 
-    settle the config -> read the data -> build the model -> resume -> fit -> write, log, register
+    read the data -> build the model -> settle the config -> resume -> fit -> write, log, register
 
 Each phase is one function below, in that order. The input is one `TrainConfig` (config.py).
 """
@@ -13,7 +13,6 @@ import json
 import logging
 import random
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,10 @@ from .model_directory import (
 from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
 from .output_folder import check_output_folder, release_output, staged_output
 from .preprocessing import Preprocessing
+from .progress import Progress, Silent, fit_width, format_seconds
 from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
+from .shard_data import process_streams
+from .tasks import MultiClass, MultiLabel, resolve_task
 from .tracking import Tracker, redact
 from .train import (
     EarlyStopping,
@@ -64,6 +66,7 @@ from .train import (
     make_scaler,
     make_scheduler,
 )
+from .validation_split import split_validation
 
 log = logging.getLogger("train_pytorch_model")
 
@@ -90,22 +93,21 @@ def run(args: argparse.Namespace) -> int:
 def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
     writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None)
     with preemption.StopOnSigterm(lambda: writer.interrupted_error(config.epochs)) as stop_requested:
-        config = resolve(config, ctx)
-        configure_torch(config, ctx)
-
+        seed_everything(config.random_seed)  # before the model's random initialisation
         data = read_data(config, ctx)
         model, spec = build_model(config.untrained_model, len(data.classes))
-        config = settle_for_model(config, spec, data, ctx, model)
+        config, preprocessing = settle(config, ctx, spec, model, training_images=len(data.train))
+        configure_torch(config, ctx)
         identity = checkpoint.run_identity(
             model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
-            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
+            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity(),
+            data_streams=training_streams(config, ctx, data))
         if already_written(config, ctx, identity):
             return json.loads((config.trained_model / INFO_FILE).read_text())["training"]
         if ctx.is_main:  # now, not after hours of training
             check_output_folder(config.trained_model, inputs=tuple(
                 path for path in (config.untrained_model, config.training_data, config.validation_data,
                                   config.checkpoint_dir) if path))
-        preprocessing = preprocessing_for(config, spec)
         trainer = make_trainer(config, ctx, data, preprocessing)
         state = make_training_state(model, config, ctx, steps_per_epoch=len(trainer.train_loader))
 
@@ -115,13 +117,14 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
                   "training_images": len(data.train), "validation_images": len(data.valid),
                   "run_identity": identity_digest(identity)}
         tracker = Tracker(ctx.is_main, config.mlflow_tracking_uri,
-                          run_name=f"train {spec.model_name} {len(data.classes)} classes {config.epochs} epochs")
+                          run_name=f"train {spec.model_name} {len(data.classes)} classes "
+                                   f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}")
         failed = True
         try:
             tracker.log_params(params)
             resume(config, ctx, state, identity, writer)
             state = fit(config, ctx, trainer, state, tracker, writer, identity, stop_requested)
-            summary = summarize(state, config)
+            summary = summarize(state, config, data.task)
             if ctx.is_main:
                 write_outputs(config, state, spec, data, preprocessing, params, summary, tracker, ctx)
             ctx.barrier()
@@ -133,10 +136,14 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
                 release_output(config.trained_model)
 
 
-# --- 1. settle the configuration ------------------------------------------------------------------------------
+# --- 1. read the data, build the model, settle the configuration ------------------------------------------
+# (read_data and build_model are below, with the other builders.)
 
-def resolve(config: TrainConfig, ctx: distributed.Context) -> TrainConfig:
-    """Decide every `auto` for this device: the config then says what really runs."""
+def settle(config: TrainConfig, ctx: distributed.Context, spec: ModelSpec, model: torch.nn.Module,
+           training_images: int) -> tuple[TrainConfig, Preprocessing]:
+    """Decide every `auto` for this device, architecture and data: the returned config says what really runs (it is
+    what MLflow, training_info.json and the checkpoint identity record), with the preprocessing it implies.
+    (Weight decay depends on the optimizer only: TrainConfig settles it itself.)"""
     if config.precision == "fp16" and ctx.device.type != "cuda":
         raise InvalidParameterError("Precision", "fp16", "fp16 needs a GPU; use bf16 or fp32 on CPU")
     if config.checkpoint_dir and is_within(config.checkpoint_dir, config.trained_model):
@@ -144,14 +151,28 @@ def resolve(config: TrainConfig, ctx: distributed.Context) -> TrainConfig:
                                     f"must not be inside the output folder '{config.trained_model}'")
     on_gpu = ctx.device.type == "cuda"
     workers = config.num_workers
-    return config.replace(
+    defaults = preprocessing_defaults(spec.model_name)  # the architecture's size and normalisation
+    image_size = config.image_size or defaults["image_size"]
+    if defaults["fixed_size"] and image_size != defaults["image_size"]:
+        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} only takes "
+                                    f"{defaults['image_size']} pixels (leave --image-size at auto)")
+    if image_size < defaults["min_size"]:
+        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} needs at least "
+                                    f"{defaults['min_size']} pixels")
+    config = config.replace(
         device=str(ctx.device),
         precision=resolve_precision(config.precision, ctx.device),
         channels_last=on_gpu if config.channels_last is None else config.channels_last,
         num_workers=default_num_workers(ctx.device, ctx.local_world_size) if workers is None else workers,
         compile=config.compile and can_compile(ctx.device),
-        bn_recalibration=True if config.bn_recalibration is None else config.bn_recalibration,
+        image_size=image_size,
+        batch_size=trainable_batch_size(config.batch_size, training_images, ctx.world_size, model,
+                                        config.training_data),
     )
+    preprocessing = Preprocessing(image_size=image_size, mean=tuple(defaults["mean"]), std=tuple(defaults["std"]),
+                                  crop_fraction=defaults["image_size"] / defaults["resize_size"],
+                                  augmentation=config.augmentation)
+    return config, preprocessing
 
 
 def is_within(path: Path, folder: Path) -> bool:
@@ -170,7 +191,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 
 def configure_torch(config: TrainConfig, ctx: distributed.Context) -> None:
-    seed_everything(config.random_seed)
     if ctx.device.type == "cpu":
         # Same seed, same bits on CPU. (On GPU, cuDNN autotuning is worth more than bit-equality.)
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -196,80 +216,51 @@ class Data:
     train: ImageDirectory
     valid: ImageDirectory
     classes: list[str]  # the training categories: class i of the model is classes[i]
+    task: MultiClass | MultiLabel
+    validation_split: dict | None = None  # how the validation images were split off, when none were given
 
 
 def read_data(config: TrainConfig, ctx: distributed.Context) -> Data:
     columns = dict(image_column=config.image_column, label_column=config.label_column)
     train = load_image_directory(config.training_data, "Training", **columns)
-    valid = load_image_directory(config.validation_data, "Validation", **columns)
     require_labeled(train, "Training")
-    require_labeled(valid, "Validation")
-    return Data(train, valid, check_classes(train, valid))
+    valid = None
+    if config.validation_data:
+        valid = load_image_directory(config.validation_data, "Validation", **columns)
+        require_labeled(valid, "Validation")
+    task = resolve_task(config.task, train, valid)
+    task.check_config(config)
+    train = task.prepare(train, "Training")
+    split = None
+    if valid is None:
+        train, valid, split = split_validation(train, task.stratum(train), config.validation_fraction,
+                                               config.random_seed, method=f"stratified ({task.name})")
+        if ctx.is_main:
+            log.info("No validation data: %d of the training images held out for validation (stratified, seed %d).",
+                     split["validation_images"], config.random_seed)
+    else:
+        valid = task.prepare(valid, "Validation")
+    return Data(train, valid, task.classes(train, valid), task, split)
 
 
-def check_classes(train: ImageDirectory, valid: ImageDirectory) -> list[str]:
-    """The class list (training categories by id order) after checking both datasets agree."""
-    counts = Counter(train.labels)
-    classes = list(train.categories)
-    present = [c for i, c in enumerate(classes) if counts.get(i)]
-    if len(present) < 2:
-        raise InvalidDatasetError(
-            f"Training data '{train.root}' has images of {len(present)} class(es) {present}; "
-            "a classifier needs at least 2 classes with images."
-        )
-    empty = [c for i, c in enumerate(classes) if not counts.get(i)]
-    if empty:
-        log.warning("Training categories without any image (the model can never predict them): %s", empty)
-    used = {valid.categories[i] for i in set(valid.labels)}
-    extra = sorted(used - set(classes))
-    if extra:
-        raise InvalidDatasetError(
-            f"Validation data '{valid.root}' has categories {extra} that the training data '{train.root}' "
-            f"does not have (training categories: {classes[:20]}). Both must use the same category names."
-        )
-    return classes
-
-
-def trainable_batch_size(batch_size: int, train: ImageDirectory, world_size: int, model: torch.nn.Module) -> int:
+def trainable_batch_size(batch_size: int, training_images: int, world_size: int, model: torch.nn.Module,
+                         training_data: Path) -> int:
     """The requested batch size, or fewer when the training data is smaller; refused when it cannot train."""
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_batchnorm and batch_size < 2:
         raise InvalidParameterError("Batch size", batch_size, "must be at least 2: BatchNorm layers cannot train "
                                     "on one image per step")
-    per_rank = len(train) // world_size
+    per_rank = training_images // world_size
     if batch_size <= per_rank:
         return batch_size
     if per_rank < 2:
         raise InvalidDatasetError(
-            f"Training data '{train.root}' has {len(train)} images: too few for {world_size} process(es) "
+            f"Training data '{training_data}' has {training_images} images: too few for {world_size} process(es) "
             "(each needs at least 2)."
         )
     log.warning("Batch size %d is larger than the %d training images per process; using %d.",
                 batch_size, per_rank, per_rank)
     return per_rank
-
-
-def settle_for_model(config: TrainConfig, spec: ModelSpec, data: Data, ctx: distributed.Context,
-                     model: torch.nn.Module) -> TrainConfig:
-    """What depends on the architecture: its image size (auto, or the one it must have) and a trainable batch."""
-    defaults = preprocessing_defaults(spec.model_name)
-    image_size = config.image_size or defaults["image_size"]
-    if defaults["fixed_size"] and image_size != defaults["image_size"]:
-        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} only takes "
-                                    f"{defaults['image_size']} pixels (leave --image-size at auto)")
-    if image_size < defaults["min_size"]:
-        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} needs at least "
-                                    f"{defaults['min_size']} pixels")
-    return config.replace(image_size=image_size,
-                          batch_size=trainable_batch_size(config.batch_size, data.train, ctx.world_size, model))
-
-
-def preprocessing_for(config: TrainConfig, spec: ModelSpec) -> Preprocessing:
-    """The architecture's normalisation and resize-to-crop ratio (torchvision's weights), at the run's size."""
-    defaults = preprocessing_defaults(spec.model_name)
-    return Preprocessing(image_size=config.image_size, mean=tuple(defaults["mean"]), std=tuple(defaults["std"]),
-                         crop_fraction=defaults["image_size"] / defaults["resize_size"],
-                         augmentation=config.augmentation)
 
 
 def identity_digest(identity: dict) -> str:
@@ -283,8 +274,9 @@ def already_written(config: TrainConfig, ctx: distributed.Context, identity: dic
     done = ctx.is_main and finished_output(config.trained_model, identity_digest(identity))
     done = ctx.broadcast_object(done)
     if done and ctx.is_main:
-        log.info("The trained model in %s was written by this same run (same inputs and parameters) before a "
-                 "restart: nothing to do.", config.trained_model)
+        print(f"{config.trained_model} already holds the trained model of this run (same inputs and parameters): "
+              "nothing to do. To train again, give --trained-model a new folder (and --checkpoint-dir, if any).",
+              flush=True)
     return done
 
 
@@ -302,8 +294,18 @@ def build_model(untrained_model: Path, num_classes: int) -> tuple[Classifier, Mo
     return model, spec
 
 
+def training_streams(config: TrainConfig, ctx: distributed.Context, data: Data) -> int | None:
+    """How many streams Parquet shards are read in (the batches depend on it; shard_data.py); None for files."""
+    if data.train.shards is None:
+        return None
+    return process_streams(data.train.shards.rows, config.num_workers, ctx.world_size, config.batch_size, train=True)
+
+
 def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, preprocessing: Preprocessing) -> Trainer:
     class_index = {name: i for i, name in enumerate(data.classes)}
+    if config.decode == "gpu" and (data.train.shards is not None or data.valid.shards is not None):
+        raise InvalidParameterError("Decode", config.decode, "--decode gpu reads image files; Parquet shards are "
+                                    "decoded on the CPU (--decode cpu)")
     if config.decode == "gpu":
         from .gpu_decode import build_gpu_dataset as builder  # workers read bytes; decode_batch decodes on device
     else:
@@ -320,17 +322,8 @@ def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, prep
                                      **common)
     train_bad = BadImageTracker(data.train, "Training", config.max_bad_image_fraction)
     valid_bad = BadImageTracker(data.valid, "Validation", config.max_bad_image_fraction)
-    weights = balanced_class_weights(train_set.targets, len(data.classes)) if config.class_weights == "balanced" \
-        else None
     return Trainer(ctx, config, preprocessing, len(data.classes), train_loader, valid_loader, train_bad, valid_bad,
-                   class_weights=weights)
-
-
-def balanced_class_weights(targets, num_classes: int) -> torch.Tensor:
-    """n / (classes x count) per class (scikit-learn's "balanced"); 1 for a class with no image."""
-    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.int64), minlength=num_classes).double()
-    weights = counts.sum() / (num_classes * counts)
-    return torch.where(counts > 0, weights, torch.ones_like(weights)).float()
+                   task=data.task, loss_weights=data.task.loss_weights(config, train_set.targets, len(data.classes)))
 
 
 def make_training_state(model: Classifier, config: TrainConfig, ctx: distributed.Context,
@@ -384,64 +377,40 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
                  len(trainer.valid_bad.directory), trainer.num_classes, config.batch_size, config.precision,
                  config.num_workers)
 
-    progress = Progress(config.epochs, config.batch_size, enabled=ctx.is_main)
+    progress = Progress(config.epochs, config.batch_size, config.print_freq) if ctx.is_main else Silent()
 
     def on_epoch_end(state: TrainingState, m: EpochMetrics, stopping: bool) -> None:
-        progress.close()
         if not ctx.is_main:
             return
         best = state.early_stopping.best_epoch + 1 == m.epoch
-        top5 = f"  top-5 {m.valid_top5:.1%}" if m.valid_top5 is not None else ""
-        log.info("Epoch %d/%d  train loss %.4f acc %.1f%%  valid loss %.4f top-1 %.1f%%%s  lr %.3g  %.1f img/s  "
-                 "%.1fs%s", m.epoch, config.epochs, m.train_loss, 100 * m.train_accuracy, m.valid_loss,
-                 100 * m.valid_top1, top5, m.lr, m.train_images_per_second, m.seconds, "  (best)" if best else "")
+        log.info("%s", epoch_line(m, config, best, trainer.task))
         tracker.log_metrics(m.as_dict(), step=m.epoch)
         log_epoch_v1(m.epoch, m.as_dict())  # azureml-core v1 run, when one is live
         writer.save(state, identity)
 
-    with preemption.stopping_cleanly(stop_requested):
-        state = trainer.fit(state, on_epoch_end, progress.update, stop_requested=stop_requested)
+    try:
+        with preemption.stopping_cleanly(stop_requested):
+            state = trainer.fit(state, on_epoch_end, progress, stop_requested=stop_requested)
+    finally:
+        progress.close()
     writer.join()
     return state
 
 
-class Progress:
-    """Per-step progress of an epoch: a bar with ETA on a terminal (tqdm), plain lines with ETA in logs (an Azure
-    ML job's std_log.txt), at the trainer's print steps."""
-
-    def __init__(self, epochs: int, batch_size: int, enabled: bool):
-        self.epochs, self.batch_size, self.enabled = epochs, batch_size, enabled
-        self.terminal = enabled and sys.stderr.isatty()
-        self.bar = None
-
-    def update(self, epoch: int, step: int, steps: int, loss: float, images_per_second: float) -> None:
-        if not self.enabled:
-            return
-        if self.terminal:
-            if self.bar is None:
-                from tqdm import tqdm
-                self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step", leave=False,
-                                dynamic_ncols=True)
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
-            return
-        eta = (steps - step) * self.batch_size / max(images_per_second, 1e-9)
-        log.info("  epoch %d/%d  step %d/%d  loss %.4f  %.1f img/s  eta %s", epoch + 1, self.epochs, step, steps,
-                 loss, images_per_second, format_seconds(eta))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+BEST_BY = {"valid_loss": "lowest valid loss", "valid_top1": "highest valid top-1"}
 
 
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
+def epoch_line(m: EpochMetrics, config: TrainConfig, best: bool, task: MultiClass | MultiLabel | None = None) -> str:
+    """An epoch's summary, wrapped to the terminal's width."""
+    parts = [f"Epoch {m.epoch}/{config.epochs}", f"train loss {m.train_loss:.4f} acc {m.train_accuracy:.1%}",
+             (task or MultiClass()).describe(m), f"lr {m.lr:.3g}",
+             f"{m.train_images_per_second:.1f} img/s", format_seconds(m.seconds)]
+    if best:
+        parts.append(f"best so far ({BEST_BY[config.early_stopping_metric]})")
+    return fit_width(parts)
 
 
-def summarize(state: TrainingState, config: TrainConfig) -> dict:
+def summarize(state: TrainingState, config: TrainConfig, task: MultiClass | MultiLabel) -> dict:
     """Put the best epoch's weights back into the model, and say which epoch that was. A run whose weights or
     losses are not finite writes no model."""
     best_epoch = state.early_stopping.best_epoch + 1
@@ -456,7 +425,7 @@ def summarize(state: TrainingState, config: TrainConfig) -> dict:
     return {
         "best_epoch": best_epoch, "epochs_run": len(state.history),
         "best_valid_loss": state.early_stopping.best_loss,
-        "best_valid_top1": state.history[best_epoch - 1].valid_top1,
+        f"best_{task.primary_metric}": getattr(state.history[best_epoch - 1], task.primary_metric),
         "stopped_early": len(state.history) < config.epochs,
     }
 
@@ -469,26 +438,39 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
     write_trained_model(config.trained_model, state.raw_model, spec, data.classes, preprocessing, data.train,
                         is_cuda=ctx.device.type == "cuda", history=state.history, summary=summary, params=params,
                         run_id=tracker.run_id,  # params carry run_identity: a restart finds its own output
-                        best_predictions=state.best_predictions,
+                        best_predictions=state.best_predictions, task_info=task_info(data),
                         samples=augmented_samples(data, preprocessing, config.random_seed))
-    log.info("Best epoch %d (validation loss %.4f, top-1 %.1f%%). Trained model written to %s",
-             summary["best_epoch"], summary["best_valid_loss"], 100 * (summary["best_valid_top1"] or 0),
-             config.trained_model)
+    best = f"best_{data.task.primary_metric}"
+    print(f"Trained model written to {config.trained_model}: epoch {summary['best_epoch']} of "
+          f"{summary['epochs_run']} run, the one with the {BEST_BY[config.early_stopping_metric]} (valid loss "
+          f"{summary['best_valid_loss']:.4f}, {best[len('best_valid_'):]} {summary[best] or 0:.1%}).", flush=True)
     tracker.log_metrics({"best_epoch": summary["best_epoch"], "best_valid_loss": summary["best_valid_loss"],
-                         "best_valid_top1": summary["best_valid_top1"] or 0.0}, step=len(state.history))
+                         best: summary[best] or 0.0}, step=len(state.history))
     for name in TRAINING_FILES:  # shown on the run's page in `mlflow ui` and Azure ML studio
-        tracker.log_artifact(str(config.trained_model / name))
+        if (config.trained_model / name).exists():  # (a multi-label run has no confusion matrix)
+            tracker.log_artifact(str(config.trained_model / name))
     if config.registered_model_name:
         from .registry import register_model
         version = register_model(config.trained_model, config.registered_model_name)
-        log.info("Registered model '%s' version %s.", config.registered_model_name, version)
+        print(f"Registered model '{config.registered_model_name}' version {version}.", flush=True)
         summary["registered_version"] = version
+
+
+def task_info(data: Data) -> dict:
+    """What training_info.json says about the task: its name, a multi-label model's threshold, and the
+    validation split when one was made."""
+    info = {"task": data.task.name}
+    if isinstance(data.task, MultiLabel):
+        info["threshold"] = data.task.threshold
+    if data.validation_split is not None:
+        info["validation_split"] = data.validation_split
+    return info
 
 
 def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], preprocessing: Preprocessing,
                         train_dir: ImageDirectory, *, is_cuda: bool, history: list[EpochMetrics], summary: dict,
                         params: dict, run_id: str | None, best_predictions: torch.Tensor | None = None,
-                        samples: list[tuple[torch.Tensor, int]] = ()) -> None:
+                        samples: list[tuple[torch.Tensor, int]] = (), task_info: dict | None = None) -> None:
     from .pyfunc import save_mlflow_model
 
     with staged_output(out) as stage:
@@ -496,21 +478,25 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
         write_legacy_trained_files(
             stage, model=model, spec=spec, classes=classes, preprocessing=preprocessing, is_cuda=is_cuda,
             training_schema=schema, training_samples=training_samples(train_dir, schema),
-            extra_info={"training": {**params, **summary, "mlflow_run_id": run_id}},
+            extra_info={**(task_info or {"task": "multiclass"}),
+                        "training": {**params, **summary, "mlflow_run_id": run_id}},
             run_identity=params.get("run_identity"),
         )
         write_training_report(stage, history, summary["best_epoch"], classes, best_predictions, samples)
-        save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes},
-                          examples=train_dir)
+        task = task_info or {"task": "multiclass"}
+        save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes,
+                                                    **{k: task[k] for k in ("task", "threshold") if k in task}},
+                          examples=train_dir, threshold=task.get("threshold"))
 
 
 def augmented_samples(data: Data, preprocessing: Preprocessing, seed: int) -> list[tuple[torch.Tensor, int]]:
-    """A few training images of each class (the first classes), cropped and flipped as in the first epoch."""
+    """A few training images of each class (the first classes), cropped and flipped as in the first epoch.
+    (Multi-label: grouped by each image's rarest label.)"""
     class_index = {name: i for i, name in enumerate(data.classes)}
     dataset = build_dataset(data.train, class_index, preprocessing, train=True, seed=seed)
     rows: dict[int, list[int]] = {}
-    for row, target in enumerate(dataset.targets):
-        if target < MOSAIC_CLASSES and len(rows.setdefault(target, [])) < MOSAIC_PER_CLASS:
+    for row, target in enumerate(data.task.stratum(data.train)):
+        if 0 <= target < MOSAIC_CLASSES and len(rows.setdefault(target, [])) < MOSAIC_PER_CLASS:
             rows[target].append(row)
     samples = []
     for target in sorted(rows):
