@@ -158,6 +158,7 @@ def test_supply_times_our_pipeline_and_the_torchvision_reference_per_image(tmp_p
     assert set(report["kinds"]) == {"imagenet", "photo"}
     for row in report["kinds"].values():
         assert row["ours"]["core_ms"] > 0 and row["reference"]["core_ms"] > 0 and row["data"]["mean_kb"] > 0
+        assert 0 < row["decode_alone"]["core_ms"] < row["ours"]["core_ms"]
     assert "| imagenet (6 JPEGs ~100x75) |" in (tmp_path / "supply.md").read_text()
 
 

@@ -556,7 +556,7 @@ def test_batchnorm_re_estimation_keeps_a_quarter_of_an_epoch_between_128_and_102
     state = TrainingState(model, optimizer, make_scheduler(optimizer, config, len(loader)), make_scaler(cpu, "fp32"),
                           EarlyStopping(0))
     tracker = BadImageTracker(None, "Training", 1.0)
-    trainer = Trainer(Context(cpu), config, Preprocessing(8), 2, loader, None, tracker, tracker)
+    trainer = Trainer(Context(cpu), config, Preprocessing(32), 2, loader, None, tracker, tracker)
     trainer.train_epoch(state, 0)
     assert [int(kept[0, 0, 0, 0]) for kept in trainer.recent] == list(range(25, 33))  # the last 8 batches: 128
     seen = []
