@@ -134,6 +134,13 @@ def test_chromium_renders_the_report_with_images_and_heat_maps(tmp_path):
         lower = pixels[pixels.shape[0] // 2:]
         assert lower.std() > 10, name
 
+    # Printable: Chromium prints it to a PDF of more than one page, with the pictures in it.
+    pdf = tmp_path / "report.pdf"
+    result = chromium(f"--print-to-pdf={pdf}", "--no-pdf-header-footer", page.as_uri())
+    assert result.returncode == 0 and pdf.read_bytes().startswith(b"%PDF"), result.stderr[-2000:]
+    data = pdf.read_bytes()
+    assert len(re.findall(rb"/Type\s*/Page[^s]", data)) >= 2 and data.count(b"/Subtype /Image") >= 3
+
 
 def test_gallery_pictures_come_only_from_the_image_directory_and_the_scoring_model(tmp_path, capsys, caplog):
     model = train_tiny_model(tmp_path / "model", classes=("cat", "dog"))
