@@ -122,7 +122,7 @@ class TrainConfig:
                        "one sigmoid per class); auto: multilabel when the table's labels are lists "
                        "(default %(default)s)", choices=TASKS)
     validation_fraction: float = _field(0.2, "without --validation-data: the fraction of training images held out "
-                                        "for validation (default %(default)s, as AutoML)", type=float)
+                                        "for validation (default %(default)s, as AutoML)", type=number)
     positive_class_weights: str = _field("none", "multilabel: balanced weighs each class's positive images by "
                                          "negatives/positives, for rare labels (default %(default)s)",
                                          choices=CLASS_WEIGHTS)
