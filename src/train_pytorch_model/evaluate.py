@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError, quote
+from .output_folder import reserved_output, staged_output
 from .predictions import (
     ERROR_COLUMN,
     LABEL_COLUMN,
@@ -76,9 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ks = parse_top_k(args.top_k)
-    table = read_scored_table(args.scored_data)
-    metrics, confusion = evaluate_table(table, args.label_column, ks)
-    write_evaluation(args.evaluation, metrics, confusion)
+    with reserved_output(args.evaluation, inputs=[args.scored_data]):
+        table = read_scored_table(args.scored_data)
+        metrics, confusion = evaluate_table(table, args.label_column, ks)
+        write_evaluation(args.evaluation, metrics, confusion)
     log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
     print(summary_text(metrics, args.evaluation))
     return 0
@@ -218,8 +220,6 @@ def _text(value) -> str:
 
 def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame) -> None:
     import pandas as pd
-
-    from .output_folder import staged_output
 
     with staged_output(out) as stage:
         # Strict JSON: a NaN or Infinity would be a bug here, and is not JSON for most readers.

@@ -58,7 +58,7 @@ from .errors import (
 from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
 from .legacy_format import read_json
 from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory
-from .output_folder import staged_output
+from .output_folder import reserved_output, staged_output
 from .predictions import (
     ERROR_COLUMN,
     LABEL_COLUMN,
@@ -97,15 +97,17 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError("Batch size", args.batch_size, "must be an integer >= 1")
     max_extracted_bytes = extracted_bytes_limit(args.max_extracted_gib)
     device = pick_device(args.device)
-    trained = read_trained_model_directory(args.trained_model)
-    workers = default_num_workers(device) if args.num_workers is None else args.num_workers
-    started = time.perf_counter()
-    columns = dict(image_column=args.image_column, label_column=args.label_column)
-    with images_to_score(args.image_directory, max_extracted_bytes=max_extracted_bytes, **columns) as directory:
-        table = score_directory(trained, directory, device=device, batch_size=args.batch_size, num_workers=workers)
-    seconds = time.perf_counter() - started
-    table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
-    write_scored(args.scored_data, table)
+    with reserved_output(args.scored_data, inputs=[args.trained_model, *args.image_directory]):
+        trained = read_trained_model_directory(args.trained_model)
+        workers = default_num_workers(device) if args.num_workers is None else args.num_workers
+        started = time.perf_counter()
+        columns = dict(image_column=args.image_column, label_column=args.label_column)
+        with images_to_score(args.image_directory, max_extracted_bytes=max_extracted_bytes, **columns) as directory:
+            table = score_directory(trained, directory, device=device, batch_size=args.batch_size,
+                                    num_workers=workers)
+        seconds = time.perf_counter() - started
+        table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
+        write_scored(args.scored_data, table)
     failed = int((table[ERROR_COLUMN] != "").sum())
     print(f"Scored {len(table) - failed} of {len(table)} images on {device} in {seconds:.1f}s "
           f"({len(trained.classes)} classes); table written to {Path(args.scored_data) / SCORED_PARQUET} and .csv")
