@@ -333,6 +333,7 @@ def test_a_preempted_write_into_a_mounted_output_finishes_on_the_rerun(tmp_path,
     """The Azure ML case for real: the output is a mount point (tmpfs) whose parent is writable. Killed at the
     moment its first entry appears (or stopped by SIGTERM once the weights are staged), the same command
     again must finish, and nothing partial ever reads as a model."""
+    from train_pytorch_model.errors import DirectoryEmptyError, InvalidModelDirectoryError
     from train_pytorch_model.model_directory import read_trained_model_directory
 
     train_dir = make_image_folder("train", {"a": 4, "b": 4})
@@ -348,7 +349,7 @@ def test_a_preempted_write_into_a_mounted_output_finishes_on_the_rerun(tmp_path,
         stderr = signal_when(train_into(out, train_dir), seen, signum)
         if signum == signal.SIGTERM:
             assert stderr.strip().splitlines()[-1].startswith("TrainingInterruptedError: "), stderr[-2000:]
-        with pytest.raises(Exception):
+        with pytest.raises((InvalidModelDirectoryError, DirectoryEmptyError)):  # nothing partial reads as a model
             read_trained_model_directory(out)
         rerun = train_into(out, train_dir)
         _, stderr = rerun.communicate(timeout=300)
