@@ -124,6 +124,13 @@ def test_unbound_outputs_get_a_fresh_folder_each_run(capsys, data_inputs, tmp_pa
     assert not Path(folder).exists()  # a dry run creates nothing
 
 
+@pytest.mark.parametrize("output", ["checkpoints", "trained_model"])
+def test_an_output_bound_to_an_empty_path_is_refused_not_the_current_folder(data_inputs, output):
+    outputs = {"trained_model": "out", output: " " if output == "trained_model" else ""}
+    with pytest.raises(ComponentSpecError, match=f"Output '{output}' is bound to an empty path"):
+        run_component(COMPONENT, data_inputs, outputs, "--dry-run")
+
+
 def test_data_inputs_must_exist(data_inputs, tmp_path):
     with pytest.raises(ComponentSpecError, match="training_data.*existing folder"):
         run_component(COMPONENT, {**data_inputs, "training_data": str(tmp_path / "nope")},

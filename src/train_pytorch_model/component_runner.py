@@ -181,6 +181,9 @@ def bind_outputs(ports: dict, given: dict[str, str]) -> dict[str, str]:
     unknown = sorted(set(given) - set(ports))
     if unknown:
         raise ComponentSpecError(f"Unknown output(s) {', '.join(unknown)}; the component declares {', '.join(ports)}.")
+    empty = sorted(name for name, path in given.items() if not path.strip())
+    if empty:  # Path("") is the current folder: an output there would mix with whatever the caller has
+        raise ComponentSpecError(f"Output '{empty[0]}' is bound to an empty path; give --output {empty[0]}=DIR.")
     bound = {name: str(Path(path).resolve()) for name, path in given.items()}
     for name in ports:
         if name not in bound:

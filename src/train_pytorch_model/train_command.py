@@ -48,9 +48,10 @@ from .model_directory import (
     training_samples,
     write_legacy_trained_files,
 )
-from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
-from .output_folder import check_output_folder, release_output, staged_output
+from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults, weights_digest
+from .output_folder import check_output_folder, overlap, release_output, staged_output
 from .preprocessing import Preprocessing
+from .registry import check_model_name
 from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
 from .tracking import Tracker, redact
 from .train import (
@@ -97,14 +98,14 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
         model, spec = build_model(config.untrained_model, len(data.classes))
         config = settle_for_model(config, spec, data, ctx, model)
         identity = checkpoint.run_identity(
-            model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
-            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
+            model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes,
+            untrained_weights=weights_digest(model.state_dict()),  # other starting weights: another run
+            train_dir=data.train, valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
         if already_written(config, ctx, identity):
-            return json.loads((config.trained_model / INFO_FILE).read_text())["training"]
+            return finish_restart(config, ctx, identity)
         if ctx.is_main:  # now, not after hours of training
-            check_output_folder(config.trained_model, inputs=tuple(
-                path for path in (config.untrained_model, config.training_data, config.validation_data,
-                                  config.checkpoint_dir) if path))
+            check_output_folder(config.trained_model, inputs=(config.untrained_model, config.training_data,
+                                                              config.validation_data, config.checkpoint_dir))
         preprocessing = preprocessing_for(config, spec)
         trainer = make_trainer(config, ctx, data, preprocessing)
         state = make_training_state(model, config, ctx, steps_per_epoch=len(trainer.train_loader))
@@ -139,9 +140,9 @@ def resolve(config: TrainConfig, ctx: distributed.Context) -> TrainConfig:
     """Decide every `auto` for this device: the config then says what really runs."""
     if config.precision == "fp16" and ctx.device.type != "cuda":
         raise InvalidParameterError("Precision", "fp16", "fp16 needs a GPU; use bf16 or fp32 on CPU")
-    if config.checkpoint_dir and is_within(config.checkpoint_dir, config.trained_model):
-        raise InvalidParameterError("Checkpoint dir", str(config.checkpoint_dir),
-                                    f"must not be inside the output folder '{config.trained_model}'")
+    if config.registered_model_name:  # "" registers nothing, as before
+        check_model_name(config.registered_model_name)  # not after hours of training
+    check_checkpoint_dir(config)
     on_gpu = ctx.device.type == "cuda"
     workers = config.num_workers
     return config.replace(
@@ -154,9 +155,17 @@ def resolve(config: TrainConfig, ctx: distributed.Context) -> TrainConfig:
     )
 
 
-def is_within(path: Path, folder: Path) -> bool:
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return path == folder or folder in path.parents
+def check_checkpoint_dir(config: TrainConfig) -> None:
+    """The checkpoint folder is written every epoch: never inside the output or an input (a 100 MB file in the
+    training data or the model). An input given as a table file stands for its folder, which holds the images."""
+    if not config.checkpoint_dir:
+        return
+    for role, path in (("output", config.trained_model), ("untrained model", config.untrained_model),
+                       ("training data", config.training_data), ("validation data", config.validation_data)):
+        folder = path.parent if path.is_file() else path
+        if overlap(config.checkpoint_dir, folder) in ("is", "is inside"):
+            raise InvalidParameterError("Checkpoint dir", str(config.checkpoint_dir),
+                                        f"must not be inside the {role} folder '{folder}'")
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -286,6 +295,17 @@ def already_written(config: TrainConfig, ctx: distributed.Context, identity: dic
         log.info("The trained model in %s was written by this same run (same inputs and parameters) before a "
                  "restart: nothing to do.", config.trained_model)
     return done
+
+
+def finish_restart(config: TrainConfig, ctx: distributed.Context, identity: dict) -> dict:
+    """What a run stopped after writing its model still owes: the registration, when it had not happened."""
+    summary = json.loads((config.trained_model / INFO_FILE).read_text())["training"]
+    if ctx.is_main and config.registered_model_name:
+        from .registry import is_registered
+        if not is_registered(config.registered_model_name, identity_digest(identity)):
+            summary["registered_version"] = register(config, identity_digest(identity))
+    ctx.barrier()
+    return summary
 
 
 # --- 3. build the model, the loaders and the optimizer ------------------------------------------------------
@@ -479,10 +499,15 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
     for name in TRAINING_FILES:  # shown on the run's page in `mlflow ui` and Azure ML studio
         tracker.log_artifact(str(config.trained_model / name))
     if config.registered_model_name:
-        from .registry import register_model
-        version = register_model(config.trained_model, config.registered_model_name)
-        log.info("Registered model '%s' version %s.", config.registered_model_name, version)
-        summary["registered_version"] = version
+        summary["registered_version"] = register(config, params["run_identity"])
+
+
+def register(config: TrainConfig, run_identity: str) -> str:
+    from .registry import register_model
+
+    version = register_model(config.trained_model, config.registered_model_name, run_identity)
+    log.info("Registered model '%s' version %s.", config.registered_model_name, version)
+    return version
 
 
 def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], preprocessing: Preprocessing,
