@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 AZUREML_SERVING := azureml-inference-server-http==1.5.1 azure-monitor-opentelemetry==1.6.7
 
-.PHONY: venv demo test test-fast benchmark gpu-check clean
+.PHONY: venv demo test test-fast benchmark wheelhouse gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,13 @@ test-fast: venv
 benchmark: venv
 	$(PY) benchmarks/benchmark_training.py
 
-gpu-check: venv
+# On a networked machine: .whl/, the wheels an offline GPU host lacks (never torch; docs/performance.md).
+wheelhouse: venv
+	$(PY) benchmarks/wheelhouse.py --out .whl
+
+# On the GPU host, offline: its own python3 + torch, the wheels in .whl/; results in gpu_check_output/.
+gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) demo_output benchmark_output mlflow.db mlruns out
+	rm -rf $(VENV) demo_output benchmark_output gpu_check_output .whl mlflow.db mlruns out

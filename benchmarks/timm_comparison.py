@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # benchmark_training.py: the benchmarks' shared helpers
+sys.path.insert(0, str(Path(__file__).parent))  # common.py: the benchmarks' shared helpers
 REPO = Path(__file__).resolve().parents[1]
 CPUS = len(os.sched_getaffinity(0))
 CLASSES = [f"class{k}" for k in range(10)]
@@ -61,7 +61,7 @@ def write_data(root: Path, train: int, valid: int, size: int) -> Path:
     """`root/train/<class>/*.jpg` and `root/validation/<class>/*.jpg`, square `size` px, JPEG q90; reused."""
     import numpy as np
 
-    from benchmark_training import synthetic_photo
+    from common import synthetic_photo
 
     recipe = {"train": train, "valid": valid, "size": size, "version": 1}
     manifest = root / "manifest.json"
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     def median_after_first(runs: list[dict], key: str) -> float:
         return statistics.median(s for r in runs for s in (r[key][1:] or r[key]))
 
-    from benchmark_training import machine
+    from common import machine
 
     host = machine()
     report = {

@@ -96,13 +96,14 @@ def test_script_writes_json_and_markdown_and_lists_what_it_skipped(tmp_path):
 
 
 def test_gpu_check_finds_the_python_and_refuses_without_a_gpu(tmp_path):
-    """On this CPU-only machine the script gets as far as looking for the GPU, then exits 2 saying why."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    env = {**os.environ, "OUT": str(tmp_path), "PATH": path}
+    """On this CPU-only machine the script gets as far as looking for the GPU, then exits 2 saying why (the smoke
+    run, GPU_CHECK_SMOKE=1, is tests/test_gpu_check.py's)."""
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path / "results"), "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], check=False, capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "torch 2." in done.stdout and "no CUDA device visible to torch" in done.stdout
+    assert "torch 2." in done.stdout and "torch sees no CUDA device" in done.stdout
+    assert "torch sees no CUDA device" in (tmp_path / "results" / "gpu_check.log").read_text()
 
 
 def test_cpu_step_factors_times_each_setting_of_train(tmp_path):

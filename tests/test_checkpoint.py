@@ -374,3 +374,16 @@ def test_a_checkpoint_dir_inside_an_input_is_refused_before_training(tmp_path, m
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith('InvalidParameterError: Parameter "Checkpoint dir"') and "must not be inside" in last
         assert not inside.exists()
+
+
+@pytest.mark.slow
+def test_training_with_a_full_checkpoint_disk_warns_each_epoch_and_writes_its_model(tmp_path, make_image_folder,
+                                                                                    resnet18_dir, full_disk):
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    process = start(train_args(resnet18_dir, data, data, tmp_path / "out", "--epochs", "2",
+                               "--checkpoint-dir", str(full_disk)))
+    code, stderr = finish(process)
+    assert code == 0, stderr[-3000:]
+    for epoch in (1, 2):
+        assert f"CheckpointWriteError: Cannot write the checkpoint of epoch {epoch} " in stderr
+    assert (tmp_path / "out" / "model").is_file() and list(full_disk.iterdir()) == []

@@ -51,3 +51,45 @@ def test_evaluate_is_torch_free_up_to_its_output():
 def test_a_command_gets_its_own_arguments():
     result = run("export", "--help")
     assert "--format" in result.stdout and "exit 0" in result.stderr
+
+
+def test_a_mistyped_architecture_gets_the_closest_name_at_once():
+    """`init-model --model-name resnet-18` listed 80 names after importing torch: now the closest, torch-free."""
+    result = run("init-model", "--model-name", "resnet-18", "--untrained-model", "out")
+    last = result.stderr.strip().splitlines()[-2]
+    assert last.startswith("UsageError: ") and "did you mean resnet18?" in last and "alexnet" not in last
+    assert result.stdout.strip().endswith("torch imported: False")
+    assert "did you mean vit_b_16?" in run("init-model", "--model-name", "vit-b16", "--untrained-model", "o").stderr
+    several = run("init-model", "--model-name", "mobilenet", "--untrained-model", "o").stderr
+    assert "did you mean mobilenet_v2, " in several
+
+
+def test_init_model_refuses_a_seed_beyond_64_bits_as_a_usage_error():
+    for seed in (str(10**25), "10^25", "-1"):
+        result = run("init-model", "--model-name", "resnet18", "--untrained-model", "out", "--random-seed", seed)
+        assert result.stderr.strip().splitlines()[-2].startswith("UsageError: "), (seed, result.stderr)
+        assert "exit 2" in result.stderr and result.stdout.strip().endswith("torch imported: False")
+
+
+def test_every_commands_integer_flags_are_strict():
+    """One parser for every `type=int` flag of every command: `1_0`, ` 2 ` and other scripts' digits are refused."""
+    for argv in (["score", "--trained-model", "m", "--image-directory", "d", "--scored-data", "s", "--batch-size"],
+                 ["train", "--untrained-model", "m", "--training-data", "t", "--validation-data", "v",
+                  "--trained-model", "o", "--epochs"]):
+        for text in ("1_0", " 2 ", "\u0662"):
+            result = run(*argv, text)
+            assert "exit 2" in result.stderr and "must be an integer (digits 0-9)" in result.stderr, (argv, text)
+
+
+def test_usage_names_the_program_as_it_was_invoked(tmp_path):
+    """`train-pytorch-model --help` said "usage: python -m train_pytorch_model"."""
+    script = tmp_path / "train-pytorch-model"
+    script.write_text("import sys\nfrom train_pytorch_model.cli import main\nsys.exit(main())\n")
+    assert subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
+                          timeout=120).stdout.startswith("usage: train-pytorch-model ")
+    module = subprocess.run([sys.executable, "-m", "train_pytorch_model", "train", "--help"], capture_output=True,
+                            text=True, timeout=120).stdout
+    assert module.startswith("usage: python -m train_pytorch_model train ")
+    assert "(default 5)" in module and "(default auto)" in module  # argparse's %(default)s
+    top = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert "or any torchvision classification architecture" in " ".join(top.split())

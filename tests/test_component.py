@@ -35,7 +35,7 @@ EXPECTED_INPUTS = {
     "epochs": ("integer", 5, False, 1),
     "batch_size": ("integer", 16, False, 1),
     "learning_rate": ("number", 0.001, False, 1e-9),  # "> 0": the schema only has an inclusive min
-    "random_seed": ("integer", 1, False, None),
+    "random_seed": ("integer", 1, False, 0),
     "patience": ("integer", 3, False, 0),  # 0 disables early stopping
     "image_size": ("integer", None, True, 32),
     "num_workers": ("integer", None, True, 0),

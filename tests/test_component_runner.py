@@ -94,6 +94,9 @@ def test_relative_paths_become_absolute_because_the_command_runs_elsewhere(capsy
     ("learning_rate", "nan", "finite"),
     ("patience", "-1", "minimum is 0"),
     ("image_size", "0", "minimum is 32"),
+    ("epochs", "1_0", "must be an integer"),  # int() takes these; train's integer flags do not
+    ("epochs", " 2 ", "must be an integer"),
+    ("epochs", "\u0662", "must be an integer"),
 ])
 def test_parameters_are_type_and_range_checked_from_the_yaml(data_inputs, name, value, message):
     with pytest.raises(ComponentSpecError, match=message) as error:
@@ -122,13 +125,6 @@ def test_unbound_outputs_get_a_fresh_folder_each_run(capsys, data_inputs, tmp_pa
     assert "component-output-checkpoints-" in folder
     assert folder != second[second.index("--checkpoint-dir") + 1]
     assert not Path(folder).exists()  # a dry run creates nothing
-
-
-@pytest.mark.parametrize("output", ["checkpoints", "trained_model"])
-def test_an_output_bound_to_an_empty_path_is_refused_not_the_current_folder(data_inputs, output):
-    outputs = {"trained_model": "out", output: " " if output == "trained_model" else ""}
-    with pytest.raises(ComponentSpecError, match=f"Output '{output}' is bound to an empty path"):
-        run_component(COMPONENT, data_inputs, outputs, "--dry-run")
 
 
 def test_data_inputs_must_exist(data_inputs, tmp_path):
@@ -322,8 +318,10 @@ GOOD_PORTS = "inputs:\n  n: {type: integer, default: 1}\n"
     ("type: command\ncommand: echo\ninputs: [a, b]\n", "`inputs` must be a mapping"),
     ("type: command\ncommand: echo\noutputs: 3\n", "`outputs` must be a mapping"),
     ("type: command\ncommand: [python, -m, x]\n", "`command` must be one string"),
-    ("type: command\ncommand: echo\ninputs:\n  n: {type: integer, min: abc}\n", "`min` must be a number"),
-    ("type: command\ncommand: echo\ninputs:\n  n: {type: integer, max: .nan}\n", "`max` must be a number"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: integer, min: abc}\n", "`min` must be a finite number"),
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: integer, max: .nan}\n", "`max` must be a finite number"),
+    # float() cannot hold it: an OverflowError (UnexpectedError) before
+    ("type: command\ncommand: echo\ninputs:\n  n: {type: integer, min: " + "9" * 401 + "}\n", "`min` must be a finite"),
     ("type: command\ncommand: echo\ninputs:\n  n: integer\n", "must be a mapping"),
     ("type: command\ncommand: echo\ninputs:\n  n: {type: [integer]}\n", "not a v2 component input type"),
     ("type: command\ncommand: echo\ninputs:\n  n: {type: string, enum: abc}\n", "`enum` must be a list"),
@@ -347,3 +345,22 @@ def test_malformed_component_yaml_is_a_component_spec_error(tmp_path, text, expe
     with pytest.raises(ComponentSpecError, match=expected) as caught:
         component_runner.run(args)
     assert len(str(caught.value)) < 600
+
+
+def test_the_mlflow_store_stays_where_the_caller_runs(probe_component, tmp_path, monkeypatch):
+    """The command runs in the code folder (uploaded with the component to Azure ML): a default sqlite store
+    there would land inside src/. It is the caller's working folder's, unless MLFLOW_TRACKING_URI says otherwise."""
+    from train_pytorch_model.component_runner import job_environment
+
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert job_environment({})["MLFLOW_TRACKING_URI"] == f"sqlite:///{caller / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/m.db")
+    assert job_environment({})["MLFLOW_TRACKING_URI"] == "sqlite:////elsewhere/m.db"
+
+
+def test_an_empty_output_path_is_refused_not_the_current_folder(data_inputs):
+    with pytest.raises(ComponentSpecError, match="bound to an empty path"):
+        run_component(COMPONENT, data_inputs, {"trained_model": "out", "checkpoints": ""}, "--dry-run")

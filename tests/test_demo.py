@@ -69,9 +69,11 @@ def test_short_demo_runs_the_whole_pipeline(tmp_path, capfd):
     assert f"Test accuracy (resnet18, 24 held-out images): {metrics['accuracy']:.2%}" in printed
     for path in ("train_images/_meta.yaml", "untrained_model/model", "trained_model/MLmodel",
                  "trained_model/training_curves.png", "trained_model/metrics.csv", "scored/scored.csv",
-                 "evaluation/confusion_matrix.png"):
+                 "evaluation/confusion_matrix.png", "evaluation/report.html"):
         assert (out / path).is_file(), path
         assert str(out / path.split("/")[0]) in printed or path.startswith(("train_images", "untrained")), path
+    # It ends with the report a newcomer opens: its absolute path is the last line.
+    assert printed.strip().splitlines()[-1].endswith(str((out / "evaluation" / "report.html").resolve()))
     # Training curves and metrics reach MLflow too (the demo uses the store the environment names).
     run = mlflow.search_runs(search_all_experiments=True, filter_string="tags.mlflow.runName LIKE 'train %'",
                              output_format="list")[0]

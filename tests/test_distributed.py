@@ -164,9 +164,10 @@ def test_two_simulated_nodes_sharing_one_output_path(tmp_path, make_image_folder
          "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "train_pytorch_model",
          *train_args(resnet18_dir, train_dir, valid_dir, shared_out, "--epochs", "2")],
         cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    results = [(node.wait(timeout=300), node.communicate()[1]) for node in nodes]
-    for code, stderr in results:
+    results = [(node.wait(timeout=300), *node.communicate()) for node in nodes]
+    for code, _, stderr in results:
         assert code == 0, stderr[-4000:]
+    # The result summary is rank 0's, on stdout.
     assert "Trained model written" in results[0][1] and "Trained model written" not in results[1][1]
     for name in OUTPUT_FILES:
         assert (shared_out / name).is_file(), name
@@ -178,3 +179,21 @@ def test_two_simulated_nodes_sharing_one_output_path(tmp_path, make_image_folder
     assert one_node.returncode == 0, one_node.stderr[-4000:]
     two_nodes, reference = (torch.load(out / "model", weights_only=True) for out in (shared_out, one_node_out))
     assert all(torch.equal(two_nodes[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:0"])
+def test_a_gpu_index_is_refused_by_name_when_several_processes_run(monkeypatch, device):
+    """Every rank would take that one GPU: refused before joining the process group (on any machine)."""
+    from train_pytorch_model import distributed
+    from train_pytorch_model.errors import InvalidParameterError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group"))
+    with pytest.raises(InvalidParameterError, match=f"value '{device}' is invalid: this job runs 2 processes"):
+        distributed.setup(device)
+    assert distributed.pick_device("cpu", 1, 2) == torch.device("cpu")  # no index: still fine
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidParameterError, match="no CUDA GPU"):  # one process: the index is the user's choice
+            distributed.pick_device(device, 0, 1)

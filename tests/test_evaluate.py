@@ -87,8 +87,9 @@ def test_cli_writes_metrics_files_and_logs_to_mlflow(tmp_path, capsys):
     out = tmp_path / "evaluation"
     assert main(["evaluate", "--scored-data", str(tmp_path / "scored"), "--evaluation", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.csv", "confusion_matrix.png", "metrics.json",
-                                                     "per_class_metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.csv", "confusion_matrix.png",
+                                                     "confusion_matrix_normalized.png", "metrics.json",
+                                                     "per_class_metrics.csv", "pr_roc_curves.png", "report.html"]
     metrics = json.loads((out / "metrics.json").read_text())
     expected = float((table["category"] == table["Scored Labels"]).mean())
     assert metrics["accuracy"] == pytest.approx(expected) and 0.6 < expected < 0.9

@@ -124,3 +124,50 @@ def test_onnx_without_the_export_extra_is_a_named_error(exported, tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         "ExportError: ONNX export needs the optional dependencies (onnxruntime is missing)")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_docs_onnxruntime_example_feeds_the_model_what_score_does(exported, tmp_path, capsys):
+    """docs/deploy.md's Python block, run as written on a large rotated JPEG: its pixels are score's, exactly."""
+    import contextlib
+    import re
+
+    from PIL import Image
+
+    trained, out, _ = exported
+    block = re.search(r"tests/test_export.py` runs this block.*?```python\n(.*?)```",
+                      (REPO / "docs" / "deploy.md").read_text(), re.S).group(1)
+    photo = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: EXIF orientation applies before the resize
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (150, 260, 3), dtype=np.uint8)).save(photo, quality=90, exif=exif)
+    source = block.replace('EXPORTED, IMAGE = "out/exported", "cat.jpg"', f'EXPORTED, IMAGE = "{out}", "{photo}"')
+    assert source != block
+    namespace: dict = {}
+    with contextlib.chdir(tmp_path):
+        exec(compile(source, "deploy.md", "exec"), namespace)
+    model = read_trained_model_directory(trained)
+    expected = model.preprocessing.eval_transform()(decode_image(photo, model.preprocessing.resize_size))
+    assert np.array_equal(namespace["images"][0], expected.numpy())
+    label = _load_pyfunc(str(trained)).predict(pd.DataFrame({"image": [photo.read_bytes()]}))["Scored Labels"][0]
+    assert capsys.readouterr().out.startswith(label + " ")
+
+
+def test_export_keeps_the_onnx_optimizers_progress_out_of_the_log(exported, tmp_path, caplog):
+    """A dozen INFO lines of onnxscript/onnx_ir passes per export; its warnings would still show."""
+    import logging
+
+    trained, _, _ = exported
+    with caplog.at_level(logging.INFO):
+        assert main(["export", "--trained-model", str(trained), "--output", str(tmp_path / "e"), "--format",
+                     "onnx"]) == 0
+    assert not [r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir"))], caplog.text
+    assert "max probability difference" in caplog.text
+    assert logging.getLogger("onnxscript").level == logging.NOTSET  # put back
+
+
+def test_export_info_states_the_exact_resize(exported):
+    _, out, _ = exported
+    info = json.loads((out / "export_info.json").read_text())
+    assert info["resize_size"] == 37 and "Image.BILINEAR and reducing_gap=None" in info["resize"]
+    assert "antialiased" not in info["resize"]

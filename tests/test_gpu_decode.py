@@ -173,7 +173,7 @@ def test_bounds_refuse_before_decoding(folder, monkeypatch, tmp_path):
     monkeypatch.setattr(preprocessing, "MAX_IMAGE_FILE_BYTES", 1000)
     assert "more than the 1000 allowed" in gpu[row][4]
     with pytest.raises(gpu_decode.ImageDecodeError, match="not a regular file"):
-        gpu_decode._header(tmp_path, 37)
+        gpu_decode._header(tmp_path)
 
 
 def test_a_symlink_out_of_the_folder_is_refused(tmp_path):
@@ -229,3 +229,130 @@ def test_training_steps_through_the_device_path(folder):
             seen += len(batch)
     assert seen == 14 and {reason for _, reason in failures} and len(failures) == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --- what travels from the workers, and a decoder that refuses (issue 22, items 2-4) -------------------------------
+
+
+def test_a_batch_crosses_from_workers_as_three_tensors_whatever_its_size(folder):
+    """One shared-memory handle per tensor: the JPEGs' bytes packed end to end, the decoded rows, the targets."""
+    prep = Preprocessing(image_size=32)
+    _, gpu = both_paths(folder, prep, train=True)
+    for batch_size in (2, 8):
+        sampler = EpochTaggedSampler(torch.utils.data.SequentialSampler(range(len(gpu))))
+        loader = DataLoader(gpu, batch_size=batch_size, sampler=sampler, collate_fn=gpu_decode.collate, num_workers=1)
+        batches = list(loader)
+        for batch in batches:
+            tensors = [value for value in vars(batch).values() if isinstance(value, torch.Tensor)]
+            assert len(tensors) == 3 and all(t.is_shared() or not t.numel() for t in tensors)
+            assert not any(isinstance(v, torch.Tensor) for plan in batch.plans for v in vars(plan).values())
+            for i, row in enumerate(batch.rows[:len(batch.plans)]):  # the round trip: each file's bytes, intact
+                assert bytes(batch.jpeg(i).numpy()) == (folder.root / folder.files[row]).read_bytes()
+        assert sum(len(b.plans) for b in batches) == 5 and sum(len(b.decoded) for b in batches) == 2
+    images = gpu_decode.decode_batch(batches[0], CPU)
+    assert images.shape == (len(batches[0].rows), 3, 32, 32)
+    assert sorted(batches[0].rows) == sorted(set(range(len(gpu))) - {row for row, _ in batches[0].failures})
+
+
+def refusing_decoder(monkeypatch, refuse=lambda data: True):
+    """torchvision's decode_jpeg, refusing any call that includes a JPEG `refuse` picks; returns the calls' sizes."""
+    calls, real = [], gpu_decode.decode_jpeg
+
+    def decode(datas, **kwargs):
+        calls.append(len(datas))
+        if any(refuse(d) for d in datas):
+            raise RuntimeError("nvjpegDecodeBatched failed: 6 (simulated)")
+        return real(datas, **kwargs)
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", decode)
+    return calls
+
+
+def jpeg_folder(tmp_path, count: int):
+    (tmp_path / "j" / "a").mkdir(parents=True)
+    for n in range(count):
+        photo(60 + n, 45, n).save(tmp_path / "j" / "a" / f"{n}.jpg", quality=90)
+    return load_image_directory(tmp_path / "j", "Training")
+
+
+def test_a_refusing_device_decoder_is_counted_warned_once_and_never_retried_image_by_image(tmp_path, monkeypatch,
+                                                                                           caplog):
+    directory = jpeg_folder(tmp_path, 8)
+    _, gpu = both_paths(directory, Preprocessing(image_size=32), train=False)
+    expected = decode_batch(gpu_decode.collate([gpu[i] for i in range(8)]), CPU)
+    calls = refusing_decoder(monkeypatch)
+    decoder = gpu_decode.DeviceDecoder(CPU)
+    with caplog.at_level("WARNING", logger="train_pytorch_model.gpu_decode"):
+        for _ in range(2):
+            batch = gpu_decode.collate([gpu[i] for i in range(8)])
+            images, targets = decoder.decode(batch)
+            # PIL decodes them all: the same images (the CPU path's full-scale decode), nothing dropped
+            assert len(targets) == 8 and not batch.failures
+            assert (images.float() - expected.float()).abs().mean() < 0.5
+    assert decoder.fallbacks == 16
+    assert calls == [8, 4, 2, 1, 1] * 2, calls  # per batch log2(8) + 2 refused calls, then PIL: not 8 + 7 calls
+    warnings = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warnings) == 1 and "decode_fallbacks" in warnings[0].getMessage() and "simulated" in \
+        warnings[0].getMessage()
+
+
+def test_one_refused_jpeg_is_found_by_halves_and_the_others_stay_on_the_device(tmp_path, monkeypatch):
+    directory = jpeg_folder(tmp_path, 8)
+    _, gpu = both_paths(directory, Preprocessing(image_size=32), train=False)
+    batch = gpu_decode.collate([gpu[i] for i in range(8)])
+    refused = bytes(batch.jpeg(5).numpy())
+    calls = refusing_decoder(monkeypatch, lambda data: bytes(data.numpy()) == refused)
+    decoder = gpu_decode.DeviceDecoder(CPU)
+    images, targets = decoder.decode(batch)
+    assert len(images) == 8 and decoder.fallbacks == 1
+    assert calls == [8, 4, 4, 2, 1, 1, 2], calls  # refused: 8, 4, 2, 1 (the halves holding it)
+
+
+def test_prefetch_is_sized_by_the_bytes_that_travel(tmp_path, monkeypatch):
+    """Decoded 32 px images for the CPU path; the (much bigger) JPEG files for --decode gpu."""
+    from train_pytorch_model import data
+
+    (tmp_path / "p" / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for n in range(4):  # noise compresses badly: ~1 MB files, as photos are
+        Image.fromarray(rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)).save(tmp_path / "p" / "a" / f"{n}.jpg",
+                                                                                  quality=95)
+    directory = load_image_directory(tmp_path / "p", "Training")
+    cpu, gpu = both_paths(directory, Preprocessing(image_size=32), train=True)
+    mean_file = sum((directory.root / name).stat().st_size for name in directory.files) / 4
+    assert gpu.item_bytes == round(mean_file) and mean_file > 500_000
+    assert cpu.item_bytes == 3 * cpu.size_hint ** 2 < 20_000
+    sized = []
+    monkeypatch.setattr(data, "prefetch_factor", lambda workers, batch_bytes, *a: sized.append(batch_bytes) or 2)
+    for dataset in (cpu, gpu):
+        data.make_loader(dataset, EpochTaggedSampler(torch.utils.data.SequentialSampler(range(4))), batch_size=4,
+                         drop_last=False, num_workers=1, device=CPU)
+    assert sized == [4 * cpu.item_bytes, 4 * gpu.item_bytes]
+    # 16 workers, batch 256 of such files, a 32 GiB /dev/shm: fewer batches ahead than decoded pixels would allow
+    assert data.prefetch_factor(16, 256 * gpu.item_bytes) <= data.prefetch_factor(16, 256 * cpu.item_bytes)
+
+
+def hazard_script():
+    """benchmarks/nvjpeg_hazard.py as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "nvjpeg_hazard.py"
+    spec = importlib.util.spec_from_file_location("nvjpeg_hazard", path)
+    hazard = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hazard)
+    return hazard
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)")
+def test_device_decode_never_writes_into_memory_the_training_stream_still_reads():
+    """benchmarks/nvjpeg_hazard.py's pattern: with our decoder, no queued reduction sees a changed tensor."""
+    hazard = hazard_script()
+    result = hazard.run(iterations=50, mode="side-stream")
+    assert result["corrupted"] == 0, result
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA run is the test above")
+def test_the_hazard_script_says_plainly_that_there_is_nothing_to_check_without_cuda(capsys):
+    hazard = hazard_script()
+    assert hazard.main(["--iterations", "1"]) == 0
+    assert "no CUDA device here, nothing to check" in capsys.readouterr().out

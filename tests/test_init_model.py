@@ -170,7 +170,9 @@ def test_a_name_outside_torchvisions_classification_list_is_an_argparse_error(tm
     with pytest.raises(SystemExit) as exit_info:
         init_model("--model-name", name, "--untrained-model", str(tmp_path / "x"))
     assert exit_info.value.code == 2
-    assert "resnet18" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a torchvision classification architecture" in err and "list_models()" in err
+    assert name != "resnet18 " or "did you mean resnet18?" in err  # the closest name
     assert not (tmp_path / "x").exists()
 
 

@@ -132,7 +132,7 @@ def test_the_cpu_and_gpu_paths_classify_each_bad_file_the_same(tmp_path):
             with pytest.raises(ImageDecodeError) as cpu:
                 decode_image(path, 32, inside=root)
             with pytest.raises(ImageDecodeError) as gpu:
-                gpu_decode._header(path, 32, root)
+                gpu_decode._header(path, inside=root)
         assert str(cpu.value) == str(gpu.value), kind
         expected = {"link out": "outside the input folder", "fifo": "not a regular file", "garbage": "cannot identify",
                     "eps": "cannot identify", "bomb": "decompression-bomb", "missing": "file not found"}[kind]
@@ -252,3 +252,67 @@ def test_a_csv_line_is_bounded_and_named(tmp_path, fault):
     (root / "labels.csv").write_bytes(b"".join(rows))
     with pytest.raises(InvalidDatasetError, match=expected):
         load_image_directory(root / "labels.csv", "Training")
+
+
+# --- other readers of inputs: evaluate's scored table, a legacy model's label map ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link out"])
+def test_evaluate_reads_its_scored_table_through_the_opener(tmp_path, kind):
+    from train_pytorch_model.evaluate import read_scored_table
+
+    (tmp_path / "scored").mkdir()
+    table = tmp_path / "scored" / "scored.csv"
+    if kind == "fifo":
+        os.mkfifo(table)
+    else:
+        (tmp_path / "outside.csv").write_text(f"file,{SECRET}\n")
+        table.symlink_to(tmp_path / "outside.csv")
+    with deadline():
+        with pytest.raises(InvalidDatasetError) as error:
+            read_scored_table(table)
+    assert SECRET not in str(error.value)
+
+
+def test_a_legacy_label_map_linked_out_of_the_model_is_refused(tmp_path):
+    from train_pytorch_model.errors import InvalidModelDirectoryError
+    from train_pytorch_model.model_directory import _read_label_map
+
+    (tmp_path / "outside.csv").write_text(f",label\n0,{SECRET}\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "index_to_label.csv").symlink_to(tmp_path / "outside.csv")
+    with pytest.raises(InvalidModelDirectoryError, match="outside the input folder") as error:
+        _read_label_map(tmp_path / "model" / "index_to_label.csv", 2)
+    assert SECRET not in str(error.value)
+
+
+# --- the whole write: training with hostile first rows ---------------------------------------------------------
+
+
+def test_a_trained_model_holds_nothing_of_the_files_training_refused(tmp_path):
+    """The original defect end to end: exit 0 used to put the outside file into _samples.json and the outside
+    PNG's thumbnail into the MLflow input example."""
+    import json
+
+    from conftest import SHARED_FIXTURES
+    from train_pytorch_model.cli import main
+
+    root = write_image_folder(tmp_path / "train", {"a": 6, "b": 6}, size=(32, 32))
+    (tmp_path / "secret.txt").write_text(SECRET)
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "red.png")
+    (root / "a" / "0.png").unlink()
+    (root / "a" / "0.png").symlink_to(tmp_path / "red.png")  # row 0: the input example's source
+    (root / "a" / "1.png").unlink()
+    (root / "a" / "1.png").symlink_to(tmp_path / "secret.txt")  # row 1: a _samples.json row
+    out = tmp_path / "trained"
+    with deadline(600):
+        assert main(["train", "--untrained-model", str(SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"),
+                     "--training-data", str(root), "--validation-data", str(root), "--trained-model", str(out),
+                     "--epochs", "1", "--batch-size", "5", "--image-size", "32", "--num-workers", "0",
+                     "--max-bad-image-fraction", "0.5"]) == 0
+    samples = json.loads((out / "_samples.json").read_text())
+    assert [row["image"] for row in samples[:2]] == [None, None] and SECRET not in json.dumps(samples)
+    example = json.loads((out / "input_example.json").read_text())
+    cell = example["data"][0][0] if "data" in example else example["image"][0]
+    png = Image.open(io.BytesIO(base64.b64decode(cell)))
+    assert png.convert("RGB").getpixel((0, 0)) == (128, 128, 128)  # the grey square, not the outside red PNG

@@ -28,7 +28,7 @@ from train_pytorch_model.image_directory import load_image_directory
 from train_pytorch_model.models import Classifier
 from train_pytorch_model.preprocessing import Preprocessing, decode_image
 from train_pytorch_model.train import Trainer, autocast, can_compile, make_optimizer, make_scaler
-from train_pytorch_model.train_command import resolve, resolve_precision
+from train_pytorch_model.train_command import build_model, resolve_precision, settle
 
 CPU = torch.device("cpu")
 
@@ -74,11 +74,13 @@ def test_auto_precision_on_gpu_follows_bf16_support(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
 
 
-def resolved(*flags: str) -> TrainConfig:
-    return resolve(TrainConfig.from_args(parse_train_args(*flags)), Context(CPU))
+def settled(untrained, *flags: str) -> TrainConfig:
+    model, spec = build_model(untrained, 2)
+    return settle(TrainConfig.from_args(parse_train_args(*flags)), Context(CPU), spec, model, 100)[0]
 
 
-def test_resolve_settles_the_speed_switches_for_cpu():
+def test_settle_decides_the_speed_switches_for_cpu(resnet18_dir):
+    resolved = lambda *flags: settled(resnet18_dir, *flags)
     config = resolved()
     assert (config.precision, config.channels_last, config.compile, config.device) == ("fp32", False, False, "cpu")
     config = resolved("--precision", "bf16", "--channels-last", "true", "--compile", "true")
@@ -236,12 +238,47 @@ def test_compile_keeps_state_dict_keys_and_trains():
         assert model(images).shape == (4, 3)
 
 
-def test_compile_without_a_cpp_compiler_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplog):
+@pytest.mark.slow
+def test_compile_builds_one_graph_for_a_whole_run(tmp_path, make_image_folder, resnet18_dir, monkeypatch):
+    """Two epochs with BatchNorm re-estimation, validation with a short last batch and a filler batch (a batch
+    left with one image by an unreadable file): dynamo captures the training step once, nothing else. (Dynamo's
+    eager backend: what is counted is the capture, whichever backend compiles it.)"""
+    from torch._dynamo.utils import counters
+
+    from train_pytorch_model import train_command
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager"))
+    data = make_image_folder("data", {"a": 3, "b": 2})
+    (data / "a" / "unreadable.png").write_bytes(b"not an image")  # 6 files, batch 2: one batch keeps one image
+    ctx = Context(CPU)
+    config = TrainConfig(untrained_model=resnet18_dir, training_data=data, validation_data=data,
+                         trained_model=tmp_path / "o", image_size=32, batch_size=2, num_workers=0, epochs=2,
+                         compile=True, max_bad_image_fraction=0.5, bn_recalibration=True)
+    model, spec = train_command.build_model(resnet18_dir, 2)
+    config, _ = settle(config, ctx, spec, model, 6)
+    assert config.compile
+    trainer = train_command.make_trainer(config, ctx, train_command.read_data(config, ctx), Preprocessing(32))
+    state = train_command.make_training_state(model, config, ctx, len(trainer.train_loader))
+    torch._dynamo.reset()
+    counters.clear()
+    shapes = []
+    normalize = trainer.normalize  # every batch the model sees passes here, outside the compiled module
+    monkeypatch.setattr(trainer, "normalize", lambda images: shapes.append(tuple(images.shape)) or normalize(images))
+    trainer.fit(state, lambda *a, **k: None)
+    assert len(set(shapes)) >= 2, set(shapes)  # validation: batches of 4 less the unreadable file, a short last one
+    assert len(trainer.train_bad.bad) == 1
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+
+
+def test_compile_without_a_cpp_compiler_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch, caplog,
+                                                                          resnet18_dir):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no g++, clang++ or c++
     monkeypatch.delenv("CXX", raising=False)
     with caplog.at_level(logging.WARNING):
         assert can_compile(CPU) is False
-        assert resolved("--compile", "true").compile is False
+        assert settled(resnet18_dir, "--compile", "true").compile is False
     assert "no C++ compiler" in caplog.text
 
 

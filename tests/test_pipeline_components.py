@@ -132,7 +132,8 @@ def test_the_pipeline_runs_locally_through_its_components(tmp_path, make_image_f
                   {"trained_model": d["trained"], "checkpoints": d["trained"].parent / "checkpoints"})
     run_component(COMPONENTS / "score.yaml", {"trained_model": d["trained"], "image_directory": d["test"],
                                               "num_workers": 0}, {"scored_data": d["scored"]})
-    run_component(COMPONENTS / "evaluate.yaml", {"scored_data": d["scored"]}, {"evaluation": d["evaluation"]})
+    run_component(COMPONENTS / "evaluate.yaml", {"scored_data": d["scored"], "trained_model": d["trained"],
+                                                 "image_directory": d["test"]}, {"evaluation": d["evaluation"]})
 
     assert (d["train"] / "_meta.yaml").read_text().startswith("type: ImageDirectory")
     assert (d["untrained"] / "model").is_file()
@@ -140,3 +141,7 @@ def test_the_pipeline_runs_locally_through_its_components(tmp_path, make_image_f
     assert len(table) == 6 and set(table["category"]) == {"circle", "square"}
     metrics = json.loads((d["evaluation"] / "metrics.json").read_text())
     assert metrics["evaluated_rows"] == 6 and set(metrics["top_k_accuracy"]) == {"1"}  # k=3, 5 > 2 classes
+    report = (d["evaluation"] / "report.html").read_text()
+    wrong = int((table["category"] != table["Scored Labels"]).sum())
+    # Each wrong image of the gallery: the image and its heat map, embedded.
+    assert report.count('alt="heat map of the prediction"') == wrong

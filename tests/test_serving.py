@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow.models import Model
+from PIL import Image
 
 from conftest import REPO, free_port, train_tiny_model, write_image_folder
 from train_pytorch_model.pyfunc import _load_pyfunc
@@ -173,3 +175,19 @@ def test_a_bad_image_is_a_400_that_names_the_row(server, images):
     status, answer = post(server, {"inputs": {"image": ["%%% not base64"]}})
     assert status == 400
     assert "is not a readable image" in json.dumps(answer)
+
+
+def test_the_server_returns_explanations_when_asked_and_refuses_too_many(server, images, expected):
+    """Issue 25: `params: {"explain": true}` adds a heat-map PNG per image; its cost is bounded per request."""
+    from train_pytorch_model.pyfunc import MAX_EXPLAINED_IMAGES
+
+    split = {"columns": ["image"], "data": [[t] for t in b64(images)]}
+    status, answer = post(server, {"dataframe_split": split, "params": {"explain": True}})
+    assert status == 200, answer
+    check_predictions(answer, expected)
+    for row in answer["predictions"]:
+        with Image.open(io.BytesIO(base64.b64decode(row["explanation"]))) as picture:
+            assert picture.format == "PNG" and picture.size == (32, 32)
+    many = {"columns": ["image"], "data": [[b64(images[:1])[0]]] * (MAX_EXPLAINED_IMAGES + 1)}
+    status, answer = post(server, {"dataframe_split": many, "params": {"explain": True}})
+    assert status == 400 and f"at most {MAX_EXPLAINED_IMAGES} images" in json.dumps(answer)

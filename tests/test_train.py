@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import sys
+import traceback
+import warnings
 from array import array
 
 import mlflow
@@ -194,6 +196,9 @@ def test_metrics_are_logged_per_epoch_to_mlflow(tmp_path, make_image_folder, res
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     run = client.get_run(run_id)
     assert run.data.params["model_name"] == "resnet18" and run.data.params["num_classes"] == "5"
+    # What the run used, not the flag's auto: AdamW's weight decay (it was logged empty, and null in the info).
+    assert run.data.params["weight_decay"] == "0.05" and run.data.params["bn_recalibration"] == "True"
+    assert json.loads((out / "training_info.json").read_text())["training"]["weight_decay"] == 0.05
     for key in ("train_loss", "valid_loss", "valid_top1", "valid_top5", "lr", "train_images_per_second"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
     artifacts = {a.path for a in client.list_artifacts(run_id)}
@@ -242,38 +247,109 @@ def test_a_checkpoint_dir_inside_the_output_is_refused_before_training(tmp_path,
     assert 'InvalidParameterError: Parameter "Checkpoint dir"' in err and "Epoch 1" not in err
 
 
-def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_image_folder, resnet18_dir, monkeypatch):
-    """0 host syncs per step outside print steps: the count of .item()/.tolist()/.cpu() is the same for 3 and
-    9 steps."""
+# Host reads: each waits for the device on a GPU. Counted where our code or torch's weight averaging (the EMA's
+# old per-step sync) reads a value, outside the workers' work (a dataset's __getitem__, collate: host data only).
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+COUNTED_FILES = ("train_pytorch_model", f"torch{os.sep}optim{os.sep}swa_utils.py")
+
+
+def count_host_reads(monkeypatch, calls: list):
+    for name in HOST_READS:
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            frame = sys._getframe(1)
+            if any(part in frame.f_code.co_filename for part in COUNTED_FILES):
+                outer = frame
+                while outer is not None and outer.f_code.co_name not in ("__getitem__", "collate"):
+                    outer = outer.f_back
+                if outer is None:
+                    calls.append(f"{_name} {frame.f_code.co_filename.rsplit(os.sep, 1)[-1]}:{frame.f_lineno}")
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def count_device_syncs(monkeypatch, calls: list):
+    """On CUDA, torch's own detector (set_sync_debug_mode): every host sync warns; each is kept with where it came
+    from, except the device JPEG decoder's waits on its own stream (gpu_decode: never the training stream)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        stack = traceback.extract_stack()
+        if "synchroniz" in str(message) and not any(frame.name == "_decode_jpegs" for frame in stack):
+            ours = [f"{frame.filename.rsplit(os.sep, 1)[-1]}:{frame.lineno}" for frame in stack
+                    if "train_pytorch_model" in frame.filename]
+            calls.append(f"{message} at {ours[-1] if ours else filename}")
+    warnings.simplefilter("always")
+    monkeypatch.setattr(warnings, "showwarning", show)
+    torch.cuda.set_sync_debug_mode("warn")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch's sync detector needs a CUDA device"))])
+@pytest.mark.parametrize("options", [
+    {},
+    {"ema_decay": 0.9},
+    {"mixup": 0.2, "cutmix": 1.0},
+    {"class_weights": "balanced", "label_smoothing": 0.1},
+    {"decode": "gpu"},
+], ids=["plain", "ema", "mixup-cutmix", "class-weights", "decode-gpu"])
+def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_image_folder, resnet18_dir, monkeypatch,
+                                                               options, device):
+    """0 host syncs per step outside print steps, with every option: the count of host reads (.item(),
+    .tolist(), bool(), ...; on CUDA every sync torch detects) is the same for 3 and 9 steps."""
     from train_pytorch_model import distributed, train_command
     from train_pytorch_model.config import TrainConfig
     from train_pytorch_model.preprocessing import Preprocessing
 
-    def count_reads(images_per_class: int) -> int:
-        data_dir = make_image_folder(f"d{images_per_class}", {"a": images_per_class, "b": images_per_class})
-        ctx = distributed.Context(torch.device("cpu"))
-        config = train_command.resolve(TrainConfig(untrained_model=resnet18_dir, training_data=data_dir,
-                                                   validation_data=data_dir, trained_model=tmp_path / "o",
-                                                   image_size=32, batch_size=2, num_workers=0, print_freq=1000,
-                                                   epochs=1), ctx)
+    def count_reads(images_per_class: int) -> list:
+        data_dir = make_image_folder(f"d{images_per_class}", {"a": images_per_class, "b": images_per_class},
+                                     suffix=".jpg")
+        ctx = distributed.Context(torch.device(device))
+        config = TrainConfig(untrained_model=resnet18_dir, training_data=data_dir, validation_data=data_dir,
+                             trained_model=tmp_path / "o", image_size=32, batch_size=2, num_workers=0,
+                             print_freq=1000, epochs=1, device=device, **options)
         data = train_command.read_data(config, ctx)
-        model, _ = train_command.build_model(resnet18_dir, 2)
+        model, spec = train_command.build_model(resnet18_dir, 2)
+        config, _ = train_command.settle(config, ctx, spec, model, training_images=len(data.train))
         trainer = train_command.make_trainer(config, ctx, data, Preprocessing(32))
         state = train_command.make_training_state(model, config, ctx, len(trainer.train_loader))
         calls = []
-        for name in ("item", "tolist", "cpu"):
-            def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
-                # Our code's reads (torch's CPU Adam reads its step counters; the fused CUDA one does not).
-                if "train_pytorch_model" in sys._getframe(1).f_code.co_filename:
-                    calls.append(_name)
-                return _original(self, *args, **kwargs)
-            monkeypatch.setattr(torch.Tensor, name, counted)
-        trainer.train_epoch(state, 0, lambda *a: None)
-        monkeypatch.undo()
+        with warnings.catch_warnings():
+            (count_device_syncs if device == "cuda" else count_host_reads)(monkeypatch, calls)
+            try:
+                trainer.train_epoch(state, 0)
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+                monkeypatch.undo()
         assert len(trainer.train_loader) == images_per_class
-        return len(calls)
+        return calls
 
-    assert 1 <= count_reads(3) == count_reads(9) <= 3
+    few, many = count_reads(3), count_reads(9)
+    assert 1 <= len(few) == len(many) <= 3, (few, many)
+
+
+def test_the_old_ema_update_is_caught_by_the_host_read_count(monkeypatch):
+    """The count above sees AveragedModel's per-step reads of its counter, which WeightAverage has not."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from train_pytorch_model.train import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    old = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    new = WeightAverage(model, 0.9)
+    counts = []
+    for ema in (old, new):
+        calls = []
+        count_host_reads(monkeypatch, calls)
+        for _ in range(3):
+            ema.update_parameters(model)
+        monkeypatch.undo()
+        counts.append(len(calls))
+    assert counts[0] >= 3 and counts[1] == 0, counts
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    expected = new.module[0].weight * 0.9 + model[0].weight * 0.1
+    new.update_parameters(model)
+    assert torch.allclose(new.module[0].weight, expected)
+    assert int(new.n_averaged) == 5 and set(new.state_dict()) == set(old.state_dict())
 
 
 @pytest.mark.parametrize("flags", [
@@ -297,6 +373,7 @@ def test_fine_tuning_controls_train_and_are_recorded(tmp_path, make_image_folder
 def test_progress_is_a_bar_on_a_terminal_and_lines_with_eta_in_logs(tmp_path, make_image_folder, resnet18_dir):
     import fcntl
     import pty
+    import re
     import struct
     import subprocess
     import sys
@@ -304,13 +381,21 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_with_eta_in_logs(tmp_path, ma
 
     data = make_image_folder("data", {"a": 4, "b": 4})
     args = [sys.executable, "-m", "train_pytorch_model", "train", "--untrained-model", str(resnet18_dir),
-            "--training-data", str(data), "--validation-data", str(data), "--epochs", "1", "--print-freq", "1", *FAST]
-    logged = subprocess.run([*args, "--trained-model", str(tmp_path / "a")], capture_output=True, text=True,
-                            timeout=300)
+            "--training-data", str(data), "--validation-data", str(data), "--epochs", "2", *FAST]
+    logged = subprocess.run([*args, "--print-freq", "1", "--trained-model", str(tmp_path / "a")], capture_output=True,
+                            text=True, timeout=300)
     assert logged.returncode == 0, logged.stderr[-2000:]
-    assert "  epoch 1/1  step 1/2  loss " in logged.stderr and " eta 0m" in logged.stderr
+    # In a log: timestamped lines, each step's line with the epoch's and the whole run's ETA.
+    step_line = re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ   epoch 1/2  step 1/2  loss \d.*eta epoch 0m\d\ds, "
+                          r"run 0m\d\ds$", logged.stderr, re.MULTILINE)
+    assert step_line, logged.stderr
+    assert "best so far (lowest valid loss)" in logged.stderr
+    # The result summary alone on stdout (progress and logs on stderr), saying how the best epoch was chosen.
+    assert logged.stdout.startswith(f"Trained model written to {tmp_path / 'a'}: epoch ")
+    assert "the lowest valid loss" in logged.stdout and "Trained model written" not in logged.stderr
+
     primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 columns wide
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # a terminal 100 columns wide
     process = subprocess.Popen([*args, "--trained-model", str(tmp_path / "b")], stdout=secondary, stderr=secondary)
     os.close(secondary)
     screen = b""
@@ -324,8 +409,13 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_with_eta_in_logs(tmp_path, ma
         screen += chunk
     assert process.wait(timeout=300) == 0, screen[-2000:]
     text = screen.decode(errors="replace")
-    assert "epoch 1/1:" in text and ("step/s" in text or "s/step" in text)  # tqdm's bar
-    assert "  epoch 1/1  step 1/2" not in text
+    assert "epoch 1/2:" in text and ("step/s" in text or "s/step" in text)  # tqdm's bar
+    assert "  epoch 1/2  step 1/2" not in text
+    # Every step moves the bar (the print steps are every 10th), and the phases after the steps are named.
+    assert " 1/2 [" in text and "epoch 1/2 validation:" in text
+    lines = [line for chunk in text.split("\r") for line in chunk.split("\n")]
+    summaries = [line for line in lines if line.startswith("Epoch ") or line.startswith("    ")]
+    assert summaries and all(len(line) <= 100 for line in summaries), summaries
 
 
 def test_decode_gpu_trains_end_to_end_through_the_cli(tmp_path, make_image_folder, resnet18_dir):
@@ -351,7 +441,9 @@ def test_a_restart_that_finds_its_own_finished_output_exits_0_without_training(t
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert train(resnet18_dir, data, data, out, "--epochs", "1") == 0
-    assert "written by this same run" in caplog.text and "Epoch 1/1" not in caplog.text
+    said = capsys.readouterr().out
+    assert "already holds the trained model of this run" in said and "give --trained-model a new folder" in said
+    assert "Epoch 1/1" not in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     # Another run (other parameters) still refuses the non-empty output.
     assert train(resnet18_dir, data, data, out, "--epochs", "2") == 1
@@ -392,7 +484,7 @@ def test_a_filler_step_for_a_one_image_batch_stays_out_of_the_batchnorm_re_estim
                           EarlyStopping(0))
     tracker = BadImageTracker(None, "Training", 1.0)
     trainer = Trainer(Context(cpu), config, Preprocessing(32), 2, loader, None, tracker, tracker)
-    trainer.train_epoch(state, 0, lambda *progress: None)
+    trainer.train_epoch(state, 0)
     assert [len(kept) for kept in trainer.recent] == [4, 3]
     assert all(kept.min() > 0 for kept in trainer.recent)
 
@@ -410,3 +502,15 @@ def test_decode_gpu_with_a_validation_cache_decodes_validation_once_on_the_cpu(t
     training = json.loads((out / "training_info.json").read_text())["training"]
     assert training["decode"] == "gpu" and training["cache_validation"] is True
     assert len(read_metrics(out)) == 2
+
+
+def test_any_documented_seed_trains_up_to_2_pow_63_minus_1(tmp_path, make_image_folder, resnet18_dir):
+    """--random-seed 2000000 overflowed the per-sample augmentation seed (UnexpectedError after reading the data)."""
+    from train_pytorch_model.data import sample_seed
+
+    assert sample_seed(1, 2, 3) == (1 * 1_000_003 + 2) * 10_000_019 + 3  # small seeds: the same crops as before
+    assert all(0 <= sample_seed(seed, 99, 10**6) < 2**64 for seed in (2_000_000, 2**63 - 1))
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    assert train(resnet18_dir, data, data, tmp_path / "out", "--epochs", "1", "--random-seed", str(2**63 - 1),
+                 "--augmentation", "flip_crop") == 0
+    assert json.loads((tmp_path / "out" / "training_info.json").read_text())["training"]["random_seed"] == 2**63 - 1

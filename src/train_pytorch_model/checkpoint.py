@@ -57,27 +57,40 @@ FORMAT = 2
 # --- what the checkpoint must match --------------------------------------------------------------
 
 def data_fingerprint(directory: ImageDirectory) -> str:
-    """Row order, file names, labels, and each file's size and modification time (whole seconds): an image
-    changed in place is noticed for the price of one stat per file. Not the mount path, which changes between
-    Azure ML attempts."""
+    """Row order, file names, labels, and each file's size and modification time (whole seconds; of each Parquet
+    shard for a shard set): an image changed in place is noticed for the price of one stat per file. Not the
+    mount path, which changes between Azure ML attempts."""
     digest = hashlib.sha256()
+    if directory.shards is not None:
+        for name in directory.shards.files:
+            digest.update(f"{name}\t{_file_stamp(directory.shards.root / name)}\n".encode())
     for i, (name, label) in enumerate(zip(directory.files, directory.labels)):
-        try:
-            status = os.stat(directory.path(i))
-            stamp = f"{status.st_size}\t{int(status.st_mtime)}"
-        except OSError:  # a missing row stays missing: skipped the same way on resume
-            stamp = "missing"
+        stamp = _file_stamp(directory.path(i)) if directory.shards is None else ""
         digest.update(f"{name}\t{directory.categories[label]}\t{stamp}\n".encode())
     return f"{len(directory.files)} images, sha256 {digest.hexdigest()[:16]}"
 
 
+def _file_stamp(path: Path) -> str:
+    try:
+        status = os.stat(path)
+    except OSError:  # a missing row stays missing: skipped the same way on resume
+        return "missing"
+    return f"{status.st_size}\t{int(status.st_mtime)}"
+
+
 def run_identity(*, model_name: str, pretrained: bool, untrained_weights: str, classes: list[str],
-                 train_dir: ImageDirectory, valid_dir: ImageDirectory, hyperparameters: dict, world_size: int) -> dict:
+                 train_dir: ImageDirectory, valid_dir: ImageDirectory, hyperparameters: dict, world_size: int,
+                 data_streams: int | None = None) -> dict:
     """Everything that decides the training trajectory, the starting weights included (`untrained_weights`:
-    models.weights_digest of the model before its first step). Paths, worker counts and logging are left out."""
-    return {"model_name": model_name, "pretrained": pretrained, "untrained_weights": untrained_weights,
-            "classes": list(classes), "training_data": data_fingerprint(train_dir),
-            "validation_data": data_fingerprint(valid_dir), **hyperparameters, "world_size": world_size}
+    models.weights_digest of the model before its first step). Paths, worker counts and logging are left out,
+    except the streams Parquet shards are read in (`data_streams`, from the worker count), which decide their
+    batches."""
+    identity = {"model_name": model_name, "pretrained": pretrained, "untrained_weights": untrained_weights,
+                "classes": list(classes), "training_data": data_fingerprint(train_dir),
+                "validation_data": data_fingerprint(valid_dir), **hyperparameters, "world_size": world_size}
+    if data_streams is not None:
+        identity["data_streams"] = data_streams
+    return identity
 
 
 def check_compatible(checkpoint: dict, identity: dict, path: Path) -> None:

@@ -1,8 +1,12 @@
 """Command line: `python -m train_pytorch_model <command> ...`.
 
-Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`;
-this file only wires them together and turns our errors into the one-line stderr contract.
-Only the chosen command's module is imported: `--help` and a mistyped command never import torch.
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int` (train: its
+arguments in config.py, its run in train_command.py); this file only wires them together and turns our errors
+into the one-line stderr contract. Only the chosen command's modules are imported: `--help` and a mistyped
+command never import torch.
+
+Output streams, for every command: progress and log lines go to stderr, the final result summary (what was
+written where) to stdout, so `2>/dev/null` leaves just the result.
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import time
 import traceback
 
+from .config import integer
 from .errors import ModuleOutOfMemoryError, TrainPyTorchModelError, UnexpectedError, UsageError
 from .preemption import Terminated, command_interrupted, install_early_handler
 
@@ -20,21 +27,32 @@ from .preemption import Terminated, command_interrupted, install_early_handler
 # stays instant, and `run`'s module (torch) only once the arguments parsed.
 COMMANDS = {
     "train": ("config", "train_command",
-              "train a classifier from an untrained model directory and two image directories"),
-    "init-model": ("init_model", "init_model",
-                   "write an untrained DenseNet/ResNet model directory (designer's DenseNet/ResNet)"),
-    "convert": ("convert", "convert", "turn an ImageFolder tree, flat folder or archive into an ImageDirectory"),
+              "train a classifier from an untrained model directory and labeled training and validation images"),
+    "init-model": ("init_model", "init_model", "write an untrained model directory: designer's DenseNet/ResNet or "
+                   "any torchvision classification architecture (--model-name)"),
+    "convert": ("convert", "convert", "turn an ImageFolder tree, flat folder, table or archive into an ImageDirectory"),
     "score": ("score", "score", "score images (a folder, an archive, image files) with a trained model: parquet + csv"),
     "evaluate": ("evaluate", "evaluate", "accuracy, per-class metrics and a confusion matrix from a scored table"),
-    "export": ("export", "export",
-               "export a trained model directory to ONNX and torch.export (.pt2) for other runtimes"),
+    "export": ("export", "export", "export a trained model directory to ONNX and torch.export (.pt2) for other "
+               "runtimes"),
     "run-component": ("component_runner", "component_runner",
                       "run a component YAML locally, binding inputs like Azure ML does"),
 }
 
 
+def program_name() -> str:
+    """How the user invoked us: `train-pytorch-model` (the installed script) or `python -m train_pytorch_model`."""
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m train_pytorch_model" if invoked in ("", "-c", "__main__.py") else invoked
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with usage errors ending in the same one-line `<ErrorClass>: <message>` as every error."""
+    """argparse, with usage errors ending in the same one-line `<ErrorClass>: <message>` as every error, and one
+    strict integer parser for every `type=int` flag of every command (ASCII digits only: no `1_0`, ` 2 `)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("type", int, integer)
 
     def error(self, message: str):
         self.print_usage(sys.stderr)
@@ -45,7 +63,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every command listed; only `command`'s module imported, for its arguments and `run`."""
-    parser = ArgumentParser(prog="python -m train_pytorch_model", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=program_name(), description="Train PyTorch Model: train, score, evaluate and "
+                            "export image classifiers; each command's --help lists its flags.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (arguments_module, run_module, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -55,10 +74,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging() -> None:
+    """Log lines on stderr; with a UTC timestamp when stderr is a log file (an Azure ML job's std_log.txt),
+    bare on a terminal, where the progress bar shows the time."""
+    handler = logging.StreamHandler(sys.stderr)
+    if sys.stderr.isatty():
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the program itself (the `train-pytorch-model` script): SIGTERM from now on is named
         install_early_handler()
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    configure_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = None
     try:

@@ -15,6 +15,7 @@ one process (a `pytorch` distribution runs as a single process with WORLD_SIZE=1
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from .config import integer
 from .errors import ComponentSpecError, quote
 from .legacy_format import read_yaml
 
@@ -73,7 +75,7 @@ def run(args) -> int:
 def load_spec(path: Path) -> dict:
     """The component YAML, its shape checked up front (read_yaml refuses aliases and huge files), so that a
     malformed one is a ComponentSpecError naming the field, never a crash later."""
-    spec = read_yaml(path, ComponentSpecError)
+    spec = read_yaml(path, ComponentSpecError, inside=None)  # a file the user named, not part of an input
     if not isinstance(spec, dict) or spec.get("type", "command") != "command" or not spec.get("command"):
         raise ComponentSpecError(f"'{path}' is not a command component: it needs `type: command` and a `command`.")
     if not isinstance(spec["command"], str):
@@ -88,10 +90,9 @@ def load_spec(path: Path) -> dict:
                 raise ComponentSpecError(f"'{path}': {group[:-1]} {quote(name)} must be a mapping "
                                          "(`type: ...`, ...).")
             for key in ("min", "max"):
-                if port.get(key) is not None and (isinstance(port[key], bool) or not isinstance(port[key], (int, float))
-                                                  or not math.isfinite(port[key])):
-                    raise ComponentSpecError(f"'{path}': input {quote(name)} `{key}` must be a number, "
-                                             f"got {quote(port[key])}.")
+                if port.get(key) is not None and not is_bound(port[key]):
+                    raise ComponentSpecError(f"'{path}': input {quote(name)} `{key}` must be a finite number "
+                                             f"within +-2^63, got {quote(port[key], 60)}.")
             if port.get("enum") is not None and not isinstance(port["enum"], list):
                 raise ComponentSpecError(f"'{path}': input {quote(name)} `enum` must be a list.")
             if port.get("default") is not None and isinstance(port["default"], (dict, list)):
@@ -100,6 +101,13 @@ def load_spec(path: Path) -> dict:
         if spec.get(key) is not None and not isinstance(spec[key], str if key == "code" else dict):
             raise ComponentSpecError(f"'{path}': `{key}` has the wrong shape ({type(spec[key]).__name__}).")
     return spec
+
+
+def is_bound(value) -> bool:
+    """A usable min/max: a finite number that float() can hold (a 401-digit integer cannot)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return -2**63 <= value < 2**63 if isinstance(value, int) else math.isfinite(value)
 
 
 def parse_pairs(pairs: list[str], flag: str) -> dict[str, str]:
@@ -162,9 +170,9 @@ def check_literal(name: str, port: dict, value) -> str:
         return text
     if kind in ("integer", "number"):
         try:
-            number = int(text) if kind == "integer" else float(text)
-        except ValueError:
-            raise ComponentSpecError(f"Input '{name}' must be an {kind}, got {quote(text)}.") from None
+            number = integer(text) if kind == "integer" else float(text)  # the train flags' own integer rule
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ComponentSpecError(f"Input '{name}' must be an {kind}, got {quote(text, 60)}.") from None
         if not math.isfinite(number):
             raise ComponentSpecError(f"Input '{name}' must be a finite number, got {quote(text)}.")
         if port.get("min") is not None and number < float(port["min"]):
@@ -182,8 +190,8 @@ def bind_outputs(ports: dict, given: dict[str, str]) -> dict[str, str]:
     if unknown:
         raise ComponentSpecError(f"Unknown output(s) {', '.join(unknown)}; the component declares {', '.join(ports)}.")
     empty = sorted(name for name, path in given.items() if not path.strip())
-    if empty:  # Path("") is the current folder: an output there would mix with whatever the caller has
-        raise ComponentSpecError(f"Output '{empty[0]}' is bound to an empty path; give --output {empty[0]}=DIR.")
+    if empty:  # Path("") is the current folder: an output there would write into whatever folder this runs in
+        raise ComponentSpecError(f"Output(s) {', '.join(empty)} bound to an empty path; give --output NAME=DIR.")
     bound = {name: str(Path(path).resolve()) for name, path in given.items()}
     for name in ports:
         if name not in bound:
@@ -252,6 +260,9 @@ def resolve_code_dir(spec: dict, spec_dir: Path) -> Path:
 
 def job_environment(spec: dict) -> dict[str, str]:
     env = dict(os.environ)
+    # The command runs in the code folder, which Azure ML uploads with the component: the MLflow store (and its
+    # artifacts) stays where the caller runs, as it would for `train` run from here.
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}")
     distribution = spec.get("distribution") or {}
     if distribution.get("type") == "pytorch":
         # What Azure ML sets for each process of a pytorch distribution; here there is one.

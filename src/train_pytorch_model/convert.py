@@ -11,10 +11,12 @@ just one such archive (how Azure ML mounts an uploaded archive). Its images are 
 Output (`--to`): an ImageDirectory, the layout "Convert to Image Directory" wrote (spec 2.1):
 `image/<class id>_<row><suffix>` (flat: `image/<relative path>`) copied byte for byte, `images.lst`,
 `_schema.json`, `_samples.json`, `_meta.yaml`; or an MLTable folder as AutoML for images reads it
-(`MLTable` + `images.jsonl` with relative `image_url`s, the same `image/` files). Rows are in sorted
-path order (table order for tables), so the same input always gives the same output. Every file
-that is left out is reported on stderr with the reason; hidden files and folders (.DS_Store,
-__MACOSX, ...) are never data and are ignored silently.
+(`MLTable` + `images.jsonl` with relative `image_url`s, the same `image/` files); or Parquet shards as
+Hugging Face `datasets` writes them (shards.py: `data/train-NNNNN-of-MMMMM.parquet`, the bytes as they
+came, or shrunk to `--max-side` and re-encoded as JPEG). Parquet shards are also read as input, to be
+re-sharded or shrunk (`--to parquet`). Rows are in sorted path order (table order for tables), so
+the same input always gives the same output. Every file that is left out is reported on stderr with
+the reason; hidden files and folders (.DS_Store, __MACOSX, ...) are never data and are ignored silently.
 
 Archives are extracted (archives.py, shared with `score`) into the output's staging folder, never outside
 it: members with absolute paths, `..`, links or special files are skipped, and extraction stops at
@@ -24,6 +26,7 @@ it: members with absolute paths, `..`, links or special files are skipped, and e
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import shutil
@@ -59,6 +62,7 @@ from .image_directory import (
     load_image_directory,
     walk_files,
 )
+from .input_files import UnreadableInputError, read_input
 from .legacy_format import (
     META_FILE,
     dump_json,
@@ -71,7 +75,17 @@ from .legacy_format import (
 )
 from .model_directory import training_samples
 from .output_folder import reserved_output, staged_output
-from .preprocessing import probe_image
+from .preprocessing import ImageDecodeError, decode_image, probe_image
+from .shards import (
+    DEFAULT_SHARD_MIB,
+    DEFAULT_SHARD_ROWS,
+    MAX_IMAGE_BYTES,
+    ShardIndex,
+    ShardReader,
+    ShardWriter,
+    shard_files,
+    stored_path,
+)
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, find_table, write_mltable
 
 log = logging.getLogger(__name__)
@@ -81,7 +95,8 @@ SCHEMA_FILE = "_schema.json"
 SAMPLES_FILE = "_samples.json"
 IMAGE_FOLDER = "image"
 MAX_NAMED_SKIPS = 200
-FORMATS = ("image_directory", "mltable")
+FORMATS = ("image_directory", "mltable", "parquet")
+JPEG_QUALITY = 95  # what --max-side re-encodes with: visually lossless for training
 
 
 @dataclass
@@ -94,6 +109,7 @@ class Conversion:
     labels: list[int] = field(default_factory=list)  # -1: a row without a label
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     root: Path | None = None  # where `files` are, when not the scanned folder
+    shards: ShardIndex | None = None  # the input is Parquet shards: `files` name their rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +119,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-directory", "--output", dest="image_directory", required=True, type=Path,
                         help="output folder (new or empty)")
     parser.add_argument("--to", "--format", dest="to", choices=FORMATS, default="image_directory",
-                        help="write an ImageDirectory (designer; default) or an MLTable folder (AutoML for images)")
+                        help="write an ImageDirectory (designer; default), an MLTable folder (AutoML for images) or "
+                             "Parquet shards (Hugging Face datasets' layout; for large data on a mount)")
+    parser.add_argument("--max-side", type=int, default=None, metavar="PIXELS",
+                        help="--to parquet: shrink images whose longer side is larger to this many pixels (aspect "
+                             f"kept, JPEG quality {JPEG_QUALITY}); default: store the bytes as they are")
+    parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS,
+                        help=f"--to parquet: images per shard file at most (default {DEFAULT_SHARD_ROWS})")
+    parser.add_argument("--shard-mib", type=int, default=DEFAULT_SHARD_MIB,
+                        help=f"--to parquet: MiB per shard file at most (default {DEFAULT_SHARD_MIB})")
     parser.add_argument("--image-column", default=None,
                         help="a table's image path column (default: the first of image_url, image_path, image, path, "
                              "file, file_name, filename)")
@@ -114,21 +138,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     limit = extracted_bytes_limit(args.max_extracted_gib)
+    shards = ShardOptions(args.max_side, args.shard_rows, args.shard_mib)
+    if args.to != "parquet" and args.max_side is not None:
+        raise InvalidParameterError("Max side", args.max_side, "only applies to --to parquet")
     result = convert(args.input, args.image_directory, max_extracted_bytes=limit, to=args.to,
-                     image_column=args.image_column, label_column=args.label_column)
+                     image_column=args.image_column, label_column=args.label_column, shards=shards)
     report_skipped(result.skipped)
     classes = f"{len(result.categories)} classes" if result.categories is not None else "unlabeled"
-    kind = "MLTable" if args.to == "mltable" else "ImageDirectory"
+    kind = {"mltable": "MLTable", "parquet": "Parquet shards"}.get(args.to, "ImageDirectory")
     print(f"Converted {len(result.files)} images, {classes}, to {kind} {args.image_directory}; "
           f"{len(result.skipped)} files skipped.")
     return 0
 
 
+@dataclass
+class ShardOptions:
+    """--to parquet: the longer side images are shrunk to (None: bytes kept), and the shard size bounds."""
+
+    max_side: int | None = None
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    shard_mib: int = DEFAULT_SHARD_MIB
+
+    def __post_init__(self):
+        if self.max_side is not None and not 8 <= self.max_side <= 65535:
+            raise InvalidParameterError("Max side", self.max_side, "must be an integer from 8 to 65535")
+        if not 1 <= self.shard_rows <= 10_000_000:
+            raise InvalidParameterError("Shard rows", self.shard_rows, "must be an integer from 1 to 10000000")
+        if not 1 <= self.shard_mib <= 65536:
+            raise InvalidParameterError("Shard MiB", self.shard_mib, "must be an integer from 1 to 65536")
+
+
 def convert(source: Path, out: Path, *, max_extracted_bytes: int = int(MAX_EXTRACTED_GIB * 2**30),
-            to: str = "image_directory",
-            image_column: str | None = None, label_column: str | None = None) -> Conversion:
-    """Write the ImageDirectory (or MLTable, `to="mltable"`) for `source` to `out` (atomically) and say what
-    was converted."""
+            to: str = "image_directory", image_column: str | None = None, label_column: str | None = None,
+            shards: ShardOptions | None = None) -> Conversion:
+    """Write the ImageDirectory (or MLTable, `to="mltable"`, or Parquet shards, `to="parquet"`) for `source`
+    to `out` (atomically) and say what was converted."""
     source = Path(source)
     if not source.exists():
         raise DirectoryNotFoundError(f"Input '{source}' does not exist.")
@@ -153,7 +197,12 @@ def convert(source: Path, out: Path, *, max_extracted_bytes: int = int(MAX_EXTRA
                 )
             # Files of an extraction are ours to move, unless table rows may name one file twice.
             move = archive is not None and result.layout in ("image_folder", "flat")
-            if to == "mltable":
+            if to == "parquet":
+                write_parquet_shards(stage, result.root or root, result, shards or ShardOptions())
+            elif result.shards is not None:
+                raise InvalidDatasetError(f"Input '{source}' is Parquet shards, which training reads as they are; "
+                                          "convert them only --to parquet (to re-shard, or shrink with --max-side).")
+            elif to == "mltable":
                 write_mltable_folder(stage, result.root or root, result, move=move)
             else:
                 write_image_directory(stage, result.root or root, result, move=move)
@@ -190,6 +239,8 @@ def scan(root: Path, to: str = "image_directory", image_column: str | None = Non
     if root.is_file():
         return _read_dataset(root, image_column, label_column)
     is_directory = (root / META_FILE).is_file() or ((root / IMAGE_LIST).is_file() and (root / SCHEMA_FILE).is_file())
+    if not is_directory and shard_files(root, "Input", image_column) is not None:
+        return _read_dataset(root, image_column, label_column)
     if is_directory and to == "image_directory":
         raise InvalidDatasetError(
             f"'{root}' is already an ImageDirectory ({META_FILE} / {IMAGE_LIST}); use it as it is."
@@ -234,6 +285,9 @@ def _read_dataset(path: Path, image_column: str | None, label_column: str | None
     directory = load_image_directory(path, "Input", keep_unlabeled=True,
                                      image_column=image_column, label_column=label_column)
     result = Conversion(directory.layout, categories=directory.categories, root=directory.root)
+    if directory.shards is not None:  # rows of shards: their bytes are checked as they are written
+        result.shards, result.files, result.labels = directory.shards, list(directory.files), list(directory.labels)
+        return result
     real_root = os.path.realpath(directory.root)
     for i, relative in enumerate(directory.files):
         reason = _check_file(relative, directory.path(i), real_root, suffix=False)
@@ -257,7 +311,7 @@ def _check_file(relative: str, path: Path, real_root: str, suffix: bool = True) 
         return "file not found"
     if not resolves_inside(real_root, path):
         return "symbolic link to a file outside the input folder"
-    return probe_image(path)
+    return probe_image(path, inside=real_root)
 
 
 # --- writing -------------------------------------------------------------------------------------------
@@ -321,6 +375,85 @@ def write_mltable_folder(stage: Path, root: Path, result: Conversion, *, move: b
     """An MLTable folder in `stage`: the images under `image/`, `images.jsonl` rows, the `MLTable` file."""
     write_mltable(stage, ((name, _category(result, i)) for i, name in _place_images(stage, root, result, move)))
     load_image_directory(stage, "Converted", keep_unlabeled=True)  # read back, as training will
+
+
+def write_parquet_shards(stage: Path, root: Path, result: Conversion, options: ShardOptions) -> None:
+    """Parquet shards in `stage` (shards.ShardWriter), one row at a time; rows whose image cannot be read (or
+    shrunk) are skipped by name. Progress on a terminal."""
+    writer = ShardWriter(stage, result.categories, shard_rows=options.shard_rows,
+                         shard_bytes=options.shard_mib << 20)
+    written = 0
+    for i, data in _progress(_row_bytes(root, result), len(result.files), "images"):
+        relative = result.files[i]
+        if isinstance(data, str):
+            result.skipped.append((relative, data))
+            continue
+        reencoded = False
+        if options.max_side is not None:
+            try:
+                data, reencoded = shrink(data, options.max_side)
+            except ImageDecodeError as exc:
+                result.skipped.append((relative, f"not a readable image ({exc})"))
+                continue
+        label = result.labels[i] if result.categories is not None else -1
+        writer.add(data, stored_path(relative, reencoded) if result.shards is None else relative, label)
+        written += 1
+    paths = writer.close()
+    if not written:
+        raise InvalidDatasetError(f"No image of '{root}' could be written; {len(result.skipped)} skipped"
+                                  f"{_reason_summary(result.skipped)}.")
+    sizes = [path.stat().st_size for path in paths]
+    log.info("Wrote %d images in %d shard(s) of %.1f to %.1f MiB.", written, len(paths), min(sizes) / 2**20,
+             max(sizes) / 2**20)
+    load_image_directory(stage, "Converted", keep_unlabeled=True)  # read back, as training will
+
+
+def _row_bytes(root: Path, result: Conversion):
+    """(row, encoded image or the reason it has none), in row order: files read one by one, shards a row group
+    at a time."""
+    if result.shards is not None:
+        reader = ShardReader(result.shards)
+        for group in range(len(result.shards.groups)):
+            first = int(result.shards.groups[group, 2])
+            for offset, data in enumerate(reader.read_group(group)):
+                yield first + offset, data
+        reader.close()
+        return
+    for i, relative in enumerate(result.files):
+        try:
+            yield i, read_input(root / relative, inside=root, max_bytes=MAX_IMAGE_BYTES)
+        except UnreadableInputError as exc:
+            yield i, exc.reason
+
+
+def shrink(data: bytes, max_side: int) -> tuple[bytes, bool]:
+    """The image with its longer side at most `max_side` (aspect kept, re-encoded as JPEG, EXIF orientation
+    applied), or the bytes as they are when it is not larger."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # the size from the header: no pixels decoded
+            side = max(header.size)
+    except Exception as exc:  # Pillow raises many types for one damaged header
+        raise ImageDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if side <= max_side:
+        return data, False
+    image = decode_image(data, max_side)  # a JPEG decodes at a reduced scale still >= max_side: fast
+    image.thumbnail((max_side, max_side), Image.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue(), True
+
+
+def _progress(items, total: int, unit: str):
+    """`items` with a progress bar on a terminal (tqdm); plain iteration in logs."""
+    if not sys.stderr.isatty():
+        yield from items
+        return
+    from tqdm import tqdm
+
+    with tqdm(items, total=total, unit=unit, dynamic_ncols=True, leave=False) as bar:
+        yield from bar
 
 
 # --- reporting -----------------------------------------------------------------------------------------

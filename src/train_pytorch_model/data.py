@@ -16,7 +16,7 @@ from array import array
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of row `index`'s augmentation in `epoch`: the same crops whatever the worker count or resume."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+    """The seed of row `index`'s augmentation in `epoch`: the same crops whatever the worker count or resume.
+    Kept to the 64 bits a torch generator takes, for every seed up to 2^63-1 (smaller values are unchanged)."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**64
 
 
 class ImageDataset(Dataset):
@@ -41,49 +42,81 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.directory)
 
+    @property
+    def item_bytes(self) -> int:
+        """What one row costs in flight from a worker (make_loader sizes its prefetch from it): a decoded image."""
+        return 3 * (self.size_hint or 224) ** 2
+
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         target = self.targets[index]
-        path = self.directory.path(index)
-        try:
-            image = decode_image(path, self.size_hint, inside=self.real_root)  # the input opener refuses links out
-            with torch.random.fork_rng(devices=[]):
-                # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
-                # every accelerator backend, 0.1 ms per image.
-                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-                return self.transform(image), target, index, None
-        except ImageDecodeError as exc:
-            return None, target, index, str(exc)
-        except FileNotFoundError:
-            return None, target, index, "file not found"
-        except OSError as exc:
-            return None, target, index, f"cannot read the file ({exc.strerror or exc})"
+        if self.directory.shards is not None:  # one row on its own (a few samples); batches come from shard_data
+            try:
+                source, inside = self.directory.image_source(index), None
+            except ImageDecodeError as exc:
+                return None, target, index, str(exc)
+        else:
+            source, inside = self.directory.path(index), self.real_root
+        return decoded_item(self, source, target, index, epoch, inside)
+
+
+def decoded_item(dataset: ImageDataset, source, target: int, index: int, epoch: int, inside=None) -> tuple:
+    """(uint8 CHW image or None, target, row, error or None) for an image file (opened through the input opener,
+    which refuses links out of `inside`) or encoded bytes (a shard row)."""
+    try:
+        load = getattr(dataset.transform, "load", None)  # the training transform opens the image itself
+        image = None if load else decode_image(source, dataset.size_hint, inside=inside)
+        with torch.random.fork_rng(devices=[]):
+            # The CPU generator only (the transforms draw from it): torch.manual_seed would also seed
+            # every accelerator backend, 0.1 ms per image.
+            torch.default_generator.manual_seed(sample_seed(dataset.seed, epoch, index))
+            pixels = load(source, dataset.size_hint, inside=inside) if load else dataset.transform(image)
+        return pixels, target, index, None
+    except ImageDecodeError as exc:
+        return None, target, index, str(exc)
+    except FileNotFoundError:
+        return None, target, index, "file not found"
+    except OSError as exc:
+        return None, target, index, f"cannot read the file ({exc.strerror or exc})"
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 NCHW
+    images: torch.Tensor  # uint8 NCHW (channels_last from data.collate)
     targets: torch.Tensor  # int64 N
     failures: list[tuple[int, str]]  # (row, reason) of rows left out of this batch
 
     def pin_memory(self) -> Batch:
         return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.failures)
 
+    def to_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 images and the targets on `device` (non-blocking from pinned memory); gpu_decode.GpuBatch
+        has the same method, so the training loop moves either kind alike."""
+        return self.images.to(device, non_blocking=True), self.targets.to(device, non_blocking=True)
+
     def __len__(self) -> int:
         return len(self.targets)
 
 
 def collate(items) -> Batch:
+    """One uint8 NCHW batch, written once: in a worker, straight into the shared memory that carries it to the
+    training process (default_collate's stack). Images that are views of HWC memory (both transforms' are)
+    stack into NHWC, which seen as NCHW is channels_last: no transposing copy anywhere."""
     good = [item for item in items if item[0] is not None]
     failures = [(item[2], item[3]) for item in items if item[0] is None]
     if not good:
         return Batch(torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), failures)
-    shapes = {tuple(item[0].shape) for item in good}
+    images = [item[0] for item in good]
+    shapes = {tuple(image.shape) for image in images}
     if len(shapes) > 1:
         raise InvalidDatasetError(
             f"images in one batch have different sizes {sorted(shapes)[:3]}; set --image-size to resize them."
         )
-    return Batch(torch.stack([item[0] for item in good]), torch.tensor([item[1] for item in good]), failures)
+    if all(image.permute(1, 2, 0).is_contiguous() for image in images):
+        stacked = default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    else:
+        stacked = default_collate(images)
+    return Batch(stacked, torch.tensor([item[1] for item in good]), failures)
 
 
 class EpochTaggedSampler(Sampler):
@@ -171,17 +204,19 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: ImageDataset, sampler: Sampler, *, batch_size: int, drop_last: bool,
+def make_loader(dataset, sampler: Sampler, *, batch_size: int | None, drop_last: bool,
                 num_workers: int, device: torch.device, local_world_size: int = 1,
-                generator: torch.Generator | None = None) -> DataLoader:
+                generator: torch.Generator | None = None, images_per_batch: int | None = None) -> DataLoader:
+    """`batch_size` None: the sampler's keys name whole batches (shard_data)."""
     workers = num_workers > 0
-    image_bytes = 3 * (dataset.size_hint or 224) ** 2
+    # Sized by what travels from the workers: decoded images, or the encoded files under --decode gpu.
+    batch_bytes = (images_per_batch or batch_size) * dataset.item_bytes
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
         collate_fn=getattr(dataset, "collate", collate),  # a dataset may bring its own (gpu_decode's)
         num_workers=num_workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init if workers else None,
         persistent_workers=workers, generator=generator,
-        prefetch_factor=prefetch_factor(num_workers, batch_size * image_bytes, local_world_size) if workers else None,
+        prefetch_factor=prefetch_factor(num_workers, batch_bytes, local_world_size) if workers else None,
     )
 
 
@@ -190,17 +225,45 @@ def training_loader(dataset: ImageDataset, *, batch_size: int, seed: int, rank: 
     # DistributedSampler also serves a single process: a (seed, epoch)-determined shuffle. The loader's own
     # generator keeps its iterators (started early, before validation) from drawing on the global RNG, whose
     # state the checkpoint saves.
+    common = dict(num_workers=num_workers, device=device, local_world_size=local_world_size,
+                  generator=torch.Generator().manual_seed(seed))
+    if shards_of(dataset) is not None:
+        return shard_loader(dataset, train=True, batch_size=batch_size, rank=rank, world_size=world_size, **common)
     inner = DistributedSampler(range(len(dataset)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    return make_loader(dataset, EpochTaggedSampler(inner), batch_size=batch_size, drop_last=True,
-                       num_workers=num_workers, device=device, local_world_size=local_world_size,
-                       generator=torch.Generator().manual_seed(seed))
+    return make_loader(dataset, EpochTaggedSampler(inner), batch_size=batch_size, drop_last=True, **common)
 
 
 def evaluation_loader(dataset: ImageDataset, *, batch_size: int, rank: int, world_size: int,
                       num_workers: int, device: torch.device, local_world_size: int = 1, cache: bool = False):
-    loader = make_loader(dataset, ShardSampler(len(dataset), rank, world_size), batch_size=batch_size,
-                         drop_last=False, num_workers=num_workers, device=device, local_world_size=local_world_size)
+    common = dict(num_workers=num_workers, device=device, local_world_size=local_world_size)
+    if shards_of(dataset) is not None:
+        loader = shard_loader(dataset, train=False, batch_size=batch_size, rank=rank, world_size=world_size,
+                              **common)
+    else:
+        loader = make_loader(dataset, ShardSampler(len(dataset), rank, world_size), batch_size=batch_size,
+                             drop_last=False, **common)
     return CachedBatches(loader) if cache else loader
+
+
+def shards_of(dataset):
+    """The ShardIndex a dataset reads, or None for image files."""
+    directory = getattr(dataset, "directory", None)
+    return getattr(directory, "shards", None)
+
+
+def shard_loader(dataset: ImageDataset, *, train: bool, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, collate_fn=None, **common) -> DataLoader:
+    """Batches of a Parquet shard set (shard_data.py): the loader's keys name whole batches."""
+    from .shard_data import ShardBatchSampler, ShardDataset, process_streams
+
+    shards = dataset.directory.shards
+    streams = process_streams(shards.rows, num_workers, world_size, batch_size, train)
+    batches = ShardDataset(dataset, shards, train=train, batch_size=batch_size, rank=rank, world_size=world_size,
+                           streams=streams)
+    if collate_fn is not None:
+        batches.collate = collate_fn
+    return make_loader(batches, ShardBatchSampler(batches.batches_per_stream()), batch_size=None, drop_last=False,
+                       num_workers=num_workers, images_per_batch=batch_size, **common)
 
 
 class CachedBatches:

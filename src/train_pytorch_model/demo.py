@@ -6,7 +6,7 @@ installed with scikit-learn, nothing is downloaded). They are written as PNG fil
 (10%, drives early stopping and the best epoch) and a held-out test set (20%, only scored and
 evaluated). Then the same CLI a user runs does each step, printed before it runs:
 
-    convert (x3) -> init-model -> train -> score (test set) -> evaluate
+    convert (x3) -> init-model -> train -> score (test set) -> evaluate (report.html)
 
 For scale, the demo also fits the classifier of scikit-learn's published "Recognizing
 hand-written digits" example (an SVC on the raw pixels) on the same training + validation images
@@ -36,14 +36,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m train_pytorch_model.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("demo_output"),
                         help="folder for everything the demo writes; cleared first if an earlier demo made it")
-    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default 12)")
+    parser.add_argument("--epochs", type=int, default=12, help="training epochs (default %(default)s)")
     parser.add_argument("--per-class", type=int, default=None,
                         help="use only the first N images of each digit (a quicker, less accurate run)")
-    parser.add_argument("--model-name", default="resnet18", help="architecture for init-model (default resnet18)")
-    parser.add_argument("--image-size", type=int, default=32, help="training image size (default 32)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default 32)")
-    parser.add_argument("--learning-rate", type=float, default=0.002, help="peak learning rate (default 0.002)")
-    parser.add_argument("--print-freq", type=int, default=10, help="training progress line every N steps (default 10)")
+    parser.add_argument("--model-name", default="resnet18", help="architecture for init-model (default %(default)s)")
+    parser.add_argument("--image-size", type=int, default=32, help="training image size (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=0.002, help="peak learning rate (default %(default)s)")
+    parser.add_argument("--print-freq", type=int, default=10,
+                        help="training progress line every N steps (default %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -124,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     run_step(6, "Score the held-out test images",
              ["score", "--trained-model", d["trained_model"], "--image-directory", d["test_images"],
               "--scored-data", d["scored"]], env)
-    run_step(7, "Evaluate", ["evaluate", "--scored-data", d["scored"], "--evaluation", d["evaluation"]], env)
+    run_step(7, "Evaluate, with a report page of pictures",
+             ["evaluate", "--scored-data", d["scored"], "--evaluation", d["evaluation"],
+              # The model and images too: the report's gallery of mistakes shows each image and its heat map.
+              "--trained-model", d["trained_model"], "--image-directory", d["test_images"]], env)
 
     metrics = json.loads((Path(d["evaluation"]) / "metrics.json").read_text())
     minutes, seconds = divmod(time.perf_counter() - started, 60)
@@ -133,11 +137,14 @@ Demo finished in {int(minutes)} min {seconds:.0f} s.
   Test accuracy ({args.model_name}, {metrics['evaluated_rows']} held-out images): {metrics['accuracy']:.2%}
   Baseline, same split: SVC on raw pixels {split['svc_accuracy']:.2%}; published: {PUBLISHED_BASELINE}
   Trained model:     {d['trained_model']}  (designer ModelDirectory + MLflow model)
-  Training curves:   {Path(d['trained_model']) / 'training_curves.png'}  and metrics.csv
+  Training pictures: {Path(d['trained_model']) / 'training_curves.png'}, training_images.png,
+                     validation_confusion_matrix.png and metrics.csv
   Scored table:      {Path(d['scored']) / 'scored.csv'}  (.parquet too)
   Metrics:           {Path(d['evaluation']) / 'metrics.json'}
   Confusion matrix:  {Path(d['evaluation']) / 'confusion_matrix.png'}
-  MLflow runs:       mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}""")
+  MLflow runs:       mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}
+
+  Open the report in a browser: {(Path(d['evaluation']) / 'report.html').resolve()}""")
     return 0
 
 

@@ -153,7 +153,13 @@ class FailureWatch:
         time.sleep(5 * POLL_SECONDS)
 
 
-def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+def pick_device(requested: str = "auto", local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """The device of this process. In a job of several processes each takes GPU LOCAL_RANK: a GPU index
+    given by name would put every process on that one GPU (NCCL then fails with a duplicate-GPU error)."""
+    if world_size > 1 and requested.startswith("cuda:"):
+        raise InvalidParameterError("Device", requested, f"this job runs {world_size} processes and each uses its own "
+                                    "GPU (LOCAL_RANK): use cuda or auto, and choose the GPUs with "
+                                    "CUDA_VISIBLE_DEVICES")
     if requested == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -173,10 +179,10 @@ def setup(requested_device: str = "auto", timeout_minutes: float = 30) -> Contex
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or max(1, torch.cuda.device_count())
+    device = pick_device(requested_device, local_rank, world_size)
     if rank != 0:
         # One voice: rank 0 prints progress; the others only warnings and errors.
         logging.getLogger().setLevel(logging.WARNING)
-    device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -8,8 +8,13 @@ directory); the predictions in `Scored Labels` and `Scored Probabilities_<class>
 Output folder:
 - `metrics.json`: counts, accuracy, top-k accuracy, macro and weighted precision/recall/F1,
   log loss, and per-class precision/recall/F1/support;
-- `per_class_metrics.csv`, `confusion_matrix.csv` (rows: true label, columns: predicted) and
-  `confusion_matrix.png`.
+- `per_class_metrics.csv`, `confusion_matrix.csv` (rows: true label, columns: predicted),
+  `confusion_matrix.png` (counts) and `confusion_matrix_normalized.png` (each true class's row as shares;
+  over 30 classes both show the 30 classes with the most errors), `pr_roc_curves.png` (one class vs. the rest);
+- `report.html`: one self-contained page of all of it (images embedded, no network; phones and print), with the
+  largest confusions and a gallery of the most confidently wrong images (`confident_mistakes.png` too). Given
+  `--trained-model` and `--image-directory` (the model and images that `score` was given), the gallery shows each
+  image as the model saw it and a Grad-CAM heat map of what drove the wrong prediction; without them, their names.
 The headline metrics and the files are also logged to MLflow (the job's run in Azure ML).
 
 Rows without a true label, and images that could not be scored (non-empty `error`), are left
@@ -27,11 +32,13 @@ import argparse
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError, quote
-from .output_folder import reserved_output, staged_output
+from .legacy_format import open_regular
+from .output_folder import reserved_output
 from .predictions import (
     ERROR_COLUMN,
     LABEL_COLUMN,
@@ -55,7 +62,11 @@ METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class_metrics.csv"
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_PNG = "confusion_matrix.png"
-ANNOTATE_UP_TO = 30  # classes; beyond that the confusion-matrix cells are too small for numbers
+CONFUSION_NORMALIZED_PNG = "confusion_matrix_normalized.png"
+CURVES_PNG = "pr_roc_curves.png"
+MISTAKES_PNG = "confident_mistakes.png"
+REPORT_HTML = "report.html"
+GALLERY_SIZE = 12  # most confidently wrong images in the report
 TRAINING_RUN_TAG = TRAINING_RUN_ATTR
 EVALUATION_RUN_TAG = "train_pytorch_model.evaluation_run_id"
 PROBABILITY_TOLERANCE = 1e-6  # float32 softmax written as float64 may exceed 1 by rounding
@@ -66,10 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"output folder of `score`, or a {SCORED_PARQUET} / {SCORED_CSV} file")
     parser.add_argument("--evaluation", required=True, type=Path, help="output folder (new or empty) for the metrics")
     parser.add_argument("--label-column", default=LABEL_COLUMN,
-                        help=f"column with the true labels (default {LABEL_COLUMN})")
+                        help="column with the true labels (default %(default)s)")
     parser.add_argument("--top-k", default="1,3,5",
                         help="comma-separated k for top-k accuracy; values above the class count are left out "
-                             "(default 1,3,5)")
+                             "(default %(default)s)")
+    parser.add_argument("--trained-model", type=Path, default=None,
+                        help="the model that scored the table: heat maps for the report's gallery of mistakes "
+                             "(with --image-directory)")
+    parser.add_argument("--image-directory", type=Path, default=None,
+                        help="the images that were scored (what score's --image-directory was): the report's gallery "
+                             "shows them (with --trained-model)")
     parser.add_argument("--mlflow-tracking-uri", default=None,
                         help="MLflow tracking URI (default: the active run / MLFLOW_TRACKING_URI / "
                              "sqlite:///mlflow.db)")
@@ -77,10 +94,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ks = parse_top_k(args.top_k)
-    with reserved_output(args.evaluation, inputs=[args.scored_data]):
+    if (args.trained_model is None) != (args.image_directory is None):
+        given, missing = ("--trained-model", "--image-directory") if args.image_directory is None \
+            else ("--image-directory", "--trained-model")
+        raise InvalidParameterError(missing.lstrip("-").replace("-", " ").capitalize(), None,
+                                    f"is needed with {given}: the gallery's heat maps take both the model and images")
+    with reserved_output(args.evaluation, inputs=[args.scored_data, args.trained_model, args.image_directory]):
         table = read_scored_table(args.scored_data)
         metrics, confusion = evaluate_table(table, args.label_column, ks)
-        write_evaluation(args.evaluation, metrics, confusion)
+        mistakes = confident_mistakes(table, args.label_column)
+        pictures = None
+        if args.trained_model is not None:
+            from .evaluation_report import mistake_pictures  # torch: only when pictures are asked for
+
+            pictures = mistake_pictures(mistakes, metrics["classes"], args.trained_model, args.image_directory)
+        write_evaluation(args.evaluation, metrics, confusion, table=table, label_column=args.label_column,
+                         mistakes=mistakes, pictures=pictures, title=f"Evaluation of {Path(args.scored_data).name}")
     log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
     print(summary_text(metrics, args.evaluation))
     return 0
@@ -108,13 +137,16 @@ def read_scored_table(path: Path) -> pd.DataFrame:
         else:
             raise InvalidDatasetError(f"Scored data folder '{path}' has neither {SCORED_PARQUET} nor {SCORED_CSV}; "
                                       "give the output folder of `score`.")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InvalidDatasetError(f"Scored data '{path}' does not exist.")
     try:
-        if path.suffix.lower() == ".csv":
-            # Labels stay text: "0".."9" must not become numbers, or they no longer match the column names.
-            return unescape_csv(pd.read_csv(path, dtype=str, keep_default_na=False))
-        return pd.read_parquet(path)
+        with open_regular(path, InvalidDatasetError, max_bytes=None) as handle:  # the input opener: no FIFO
+            if path.suffix.lower() == ".csv":
+                # Labels stay text: "0".."9" must not become numbers, or they no longer match the column names.
+                return unescape_csv(pd.read_csv(handle, dtype=str, keep_default_na=False))
+            return pd.read_parquet(handle)
+    except InvalidDatasetError:
+        raise
     except Exception as exc:  # pyarrow/pandas raise many types for one cause
         raise InvalidDatasetError(
             f"Scored data '{path}' cannot be read as a table: {type(exc).__name__}: {str(exc)[:300]}.") from None
@@ -195,6 +227,26 @@ def evaluate_table(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
     return metrics, confusion
 
 
+def evaluated_rows(table: pd.DataFrame, label_column: str) -> np.ndarray:
+    """Which rows count: a true label, a prediction and no error."""
+    import pandas as pd
+
+    errors = table[ERROR_COLUMN].map(_text) if ERROR_COLUMN in table.columns else pd.Series("", index=table.index)
+    return ((table[label_column].map(_text) != "") & (table[SCORED_LABELS].map(_text) != "")
+            & (errors == "")).to_numpy()
+
+
+def labeled_probabilities(table: pd.DataFrame, label_column: str, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(true class index, probabilities) of the evaluated rows whose true label is one of the model's classes."""
+    import numpy as np
+
+    use = evaluated_rows(table, label_column)
+    probabilities = checked_probabilities(table, use, [probability_column(c) for c in classes])
+    index = {name: i for i, name in enumerate(classes)}
+    y_true = np.array([index.get(v, -1) for v in table.loc[use, label_column].map(_text)], dtype=np.int64)
+    return y_true[y_true >= 0], probabilities[y_true >= 0]
+
+
 def checked_probabilities(table: pd.DataFrame, use: np.ndarray, columns: list[str]) -> np.ndarray:
     """The probabilities of the rows in use, each a number in [0, 1]; else an error naming the first bad cell."""
     import numpy as np
@@ -218,8 +270,32 @@ def _text(value) -> str:
     return str(value)
 
 
-def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame) -> None:
+def confident_mistakes(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
+                       count: int = GALLERY_SIZE) -> pd.DataFrame:
+    """The `count` wrongly predicted rows with the highest predicted probability, most confident first: columns
+    `file` (when the table has it), `true`, `predicted`, `probability`."""
+    import numpy as np
     import pandas as pd
+
+    true, predicted = table[label_column].map(_text), table[SCORED_LABELS].map(_text)
+    wrong = evaluated_rows(table, label_column) & (true != predicted).to_numpy()
+    columns = [probability_column(c) for c in classes_of(table.columns)]
+    probabilities = table.loc[wrong, columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    result = pd.DataFrame({
+        "file": table.loc[wrong, "file"].map(_text) if "file" in table.columns else "",
+        "true": true[wrong], "predicted": predicted[wrong],
+        "probability": probabilities.max(axis=1) if len(probabilities) else np.zeros(0)})
+    return result.sort_values("probability", ascending=False, kind="stable").head(count).reset_index(drop=True)
+
+
+def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame, *, table: pd.DataFrame | None = None,
+                     label_column: str = LABEL_COLUMN, mistakes: pd.DataFrame | None = None,
+                     pictures: list | None = None, title: str = "Evaluation") -> None:
+    """The output folder (module docstring). Without `table`, only the metrics files and the counts picture."""
+    import pandas as pd
+
+    from . import reports
+    from .output_folder import staged_output
 
     with staged_output(out) as stage:
         # Strict JSON: a NaN or Infinity would be a bug here, and is not JSON for most readers.
@@ -229,27 +305,27 @@ def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame) -> None:
         per_class.index.name = "label"
         per_class.to_csv(stage / PER_CLASS_FILE)
         confusion.to_csv(stage / CONFUSION_CSV)
-        plot_confusion_matrix(stage / CONFUSION_PNG, confusion, metrics["accuracy"])
+        matrix, labels = confusion.to_numpy(), [str(c) for c in confusion.columns]
+        caption = f"accuracy {metrics['accuracy']:.1%}, {int(matrix.sum())} images"
+        reports.plot_confusion_matrix(stage / CONFUSION_PNG, matrix, labels, f"Confusion matrix ({caption})")
+        if table is None:
+            return
+        reports.plot_confusion_matrix(stage / CONFUSION_NORMALIZED_PNG, matrix, labels,
+                                      f"Confusion matrix, share of each true class ({caption})", normalize=True)
+        classes = metrics["classes"]
+        y_true, probabilities = labeled_probabilities(table, label_column, classes)
+        curves = reports.plot_one_vs_rest_curves(stage / CURVES_PNG, y_true, probabilities, classes)
+        if pictures:
+            reports.plot_image_grid(
+                stage / MISTAKES_PNG, [p["overlay"] for p in pictures if p],
+                [f"{m.true} → {m.predicted} ({m.probability:.0%})" for m, p in
+                 zip(mistakes.itertuples(), pictures) if p], columns=4,
+                title="Most confidently wrong: true → predicted (probability), heat map of the prediction")
+        from .evaluation_report import write_report_html
 
-
-def plot_confusion_matrix(path: Path, confusion: pd.DataFrame, accuracy: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: compute nodes have no display
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    count = len(confusion)
-    side = min(24.0, max(5.0, 0.45 * count + 2.5))
-    fig, ax = plt.subplots(figsize=(side, side))
-    display = ConfusionMatrixDisplay(confusion.to_numpy(), display_labels=list(confusion.columns))
-    display.plot(ax=ax, include_values=count <= ANNOTATE_UP_TO, cmap="Blues", colorbar=count > ANNOTATE_UP_TO,
-                 xticks_rotation="vertical" if count > 10 else "horizontal")
-    ax.set(title=f"Confusion matrix (accuracy {accuracy:.1%}, {int(confusion.to_numpy().sum())} images)",
-           xlabel="predicted label", ylabel="true label")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        write_report_html(stage / REPORT_HTML, stage, metrics=metrics, matrix=matrix, labels=labels, curves=curves,
+                          mistakes=mistakes if mistakes is not None else confident_mistakes(table, label_column),
+                          pictures=pictures, title=title)
 
 
 def log_to_mlflow(folder: Path, metrics: dict, tracking_uri: str | None, training_run_id: str | None = None) -> None:
@@ -267,8 +343,9 @@ def log_to_mlflow(folder: Path, metrics: dict, tracking_uri: str | None, trainin
     if metrics["log_loss"] is not None:
         flat["log_loss"] = metrics["log_loss"]
     tracker.log_metrics(flat, step=0)
-    for name in (METRICS_FILE, CONFUSION_PNG, CONFUSION_CSV, PER_CLASS_FILE):
-        tracker.log_artifact(str(Path(folder) / name), "evaluation")
+    for path in sorted(Path(folder).iterdir()):  # the report and every picture in it, too
+        if path.is_file():
+            tracker.log_artifact(str(path), "evaluation")
     if training_run_id and tracker.run_id:
         tracker.tag_run(training_run_id, {EVALUATION_RUN_TAG: tracker.run_id})
     tracker.close()
@@ -288,4 +365,5 @@ def summary_text(metrics: dict, folder: Path) -> str:
     if len(metrics["per_class"]) > 50:
         lines.append(f"... {len(metrics['per_class']) - 50} more classes in {PER_CLASS_FILE}")
     lines.append(f"Metrics: {Path(folder) / METRICS_FILE}; confusion matrix: {Path(folder) / CONFUSION_PNG}")
+    lines.append(f"Report (open it in a browser): {Path(folder) / REPORT_HTML}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ Needs the `[export]` extra (onnx, onnxscript, onnxruntime) for ONNX.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from .errors import ExportError, InvalidParameterError
 from .model_directory import TrainedModel, read_trained_model_directory
 from .output_folder import reserved_output, staged_output
+from .preprocessing import MAX_RESIZE_ASPECT
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 MAX_DIFFERENCE = 1e-4  # max absolute probability difference an exported file may show against PyTorch
 CHECK_BATCH = 3  # not 1 or 2: the exported batch dimension must really be dynamic
 MAX_BATCH = 65536
+# The ONNX exporter's optimizer reports each pass at INFO (a dozen lines per export): only its warnings and errors
+# are shown.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 
 
 class ProbabilityModel(torch.nn.Module):
@@ -56,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "--exported-model", dest="exported_model", required=True, type=Path,
                         help="output folder (new or empty) for the files")
     parser.add_argument("--format", default="onnx,pt2",
-                        help=f"comma-separated, of {', '.join(FORMATS)} (default onnx,pt2)")
+                        help=f"comma-separated, of {', '.join(FORMATS)} (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,12 +97,21 @@ def export_info(trained: TrainedModel) -> dict:
         "input": f"{INPUT_NAME}: uint8 RGB, shape (batch, 3, {side or 'height'}, {side or 'width'})",
         "output": f"{OUTPUT_NAME}: float32 softmax, shape (batch, {len(trained.classes)}), in 'classes' order",
         "image_size": side,
-        "resize": (f"resize the shorter side to {prep.resize_size} (bilinear, antialiased), then centre-crop "
-                   f"{side}x{side}" if side else "none: the model was trained on images as they are"),
+        "resize_size": prep.resize_size,
+        "resize": resize_rule(prep) if side else "none: the model was trained on images as they are",
         "mean": list(prep.mean),
         "std": list(prep.std),
         "normalization": "inside the graph: (pixel - 255 * mean) / (255 * std), per channel",
     }
+
+
+def resize_rule(prep) -> str:
+    """What `score` does to an image before the model, step by step, exactly (docs/deploy.md shows it in Python)."""
+    r, side = prep.resize_size, prep.image_size
+    return (f"resize the shorter side to {r} pixels with Pillow's Image.BILINEAR and reducing_gap=None (a JPEG first "
+            f"decoded with Image.draft('RGB', ({r}, {r})), then EXIF-oriented and converted to RGB; the longer side "
+            f"at most {MAX_RESIZE_ASPECT * r}), then centre-crop {side}x{side} at offsets round((width - {side}) / 2), "
+            f"round((height - {side}) / 2)")
 
 
 def _example(trained: TrainedModel, batch: int) -> torch.Tensor:
@@ -138,13 +152,27 @@ def onnx_modules():
     return onnx, onnxruntime
 
 
+@contextlib.contextmanager
+def exporter_warnings_only():
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def export_onnx(trained: TrainedModel, path: Path, info: dict) -> None:
     onnx, onnxruntime = onnx_modules()
     model = ProbabilityModel(trained).eval()
-    program = torch.onnx.export(model, (_example(trained, CHECK_BATCH),), dynamo=True, verbose=False,
-                                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=_dynamic_shapes(trained))
-    program.save(str(path))
+    with exporter_warnings_only():
+        program = torch.onnx.export(model, (_example(trained, CHECK_BATCH),), dynamo=True, verbose=False,
+                                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=_dynamic_shapes(trained))
+        program.save(str(path))
     proto = onnx.load(str(path))
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     info["onnx_opset"] = opset

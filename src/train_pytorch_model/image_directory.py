@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .categories import MAX_CLASSES, category_list_problem
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError, quote
 from .legacy_format import (
     is_hidden,
@@ -36,6 +37,8 @@ from .legacy_format import (
     safe_join,
 )
 from .output_folder import unfinished_publication
+from .preprocessing import ImageDecodeError
+from .shards import ShardIndex, ShardReader, read_shard_index, shard_files
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, Columns, find_table, read_table
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,8 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
 CLASSIFICATION = "COCO_classification"
 DEFAULT_IMAGE_REF = "image_info"
-CONVERT_HELP = "see the README section 'Input formats' or use `python -m train_pytorch_model convert`"
+CONVERT_HELP = "docs/data-formats.md lists what is read; `python -m train_pytorch_model convert` writes an " \
+    "ImageDirectory"
 
 
 @dataclass
@@ -58,6 +62,8 @@ class ImageDirectory:
     categories: list[str] | None  # class names in category-id order; None when not labeled
     schema: dict = field(default_factory=dict)  # the `_schema.json` (generated for fallbacks)
     annotation_column: str | None = "category"
+    shards: ShardIndex | None = None  # Parquet shards: `files` then name rows ("<shard> row <n>"), not files
+    _reader: ShardReader | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -68,6 +74,18 @@ class ImageDirectory:
 
     def path(self, i: int) -> Path:
         return self.root / self.files[i]
+
+    def image_source(self, i: int) -> Path | bytes:
+        """What decode_image reads for row i: its file (to open inside `root`), or a shard row's bytes
+        (ImageDecodeError, with the reason, for a row without an image)."""
+        if self.shards is None:
+            return self.path(i)
+        if self._reader is None:  # kept: samples and examples read a few rows, each file opened once
+            self._reader = ShardReader(self.shards)
+        data = self._reader.row_bytes(i)
+        if not isinstance(data, bytes):
+            raise ImageDecodeError(data)
+        return data
 
 
 def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unlabeled: bool = False, *,
@@ -106,7 +124,10 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
         return InvalidDatasetError(f"{role} data '{given}' is not valid: {message}")
 
     meta = read_meta(root, InvalidDatasetError) if table is None else None
-    if table is None and (meta is not None or (os.path.lexists(root / "images.lst")
+    shards = shard_files(given, role, image_column) if meta is None else None
+    if shards is not None:
+        directory = _read_shards(given, shards, role, image_column, label_column, keep_unlabeled, error)
+    elif table is None and (meta is not None or (os.path.lexists(root / "images.lst")
                                                and os.path.lexists(root / "_schema.json"))):
         directory = _read_meta_layout(root, meta or {}, error, keep_unlabeled)
     elif (table := table or find_table(root, error)) is not None:
@@ -131,8 +152,9 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
 
 
 def check_categories(categories: list[str] | None, layout: str, error) -> None:
-    """Category names end up in JSON, CSV and MLflow: each must be text that UTF-8 can encode (a folder
-    name with undecodable bytes arrives as surrogate escapes), caught here rather than after training."""
+    """The class list obeys categories.py's rules (count, names, no duplicates or look-alikes), whatever layout
+    it came from; caught here rather than after training. A folder name with undecodable bytes (it arrives as
+    surrogate escapes) is named by its bytes."""
     for name in categories or ():
         try:
             name.encode("utf-8")
@@ -140,6 +162,22 @@ def check_categories(categories: list[str] | None, layout: str, error) -> None:
             what = "class folder" if layout == "image_folder" else "category"
             raw = os.fsencode(name) if layout == "image_folder" else name
             raise error(f"{what} name {quote(raw)} is not valid UTF-8 text; rename it.") from None
+    problem = category_list_problem(categories) if categories is not None else None
+    if problem:
+        raise error(f"{problem}.")
+
+
+def _read_shards(given: Path, files: list[Path], role: str, image_column: str | None, label_column: str | None,
+                 keep_unlabeled: bool, error) -> ImageDirectory:
+    index, labels, categories = read_shard_index(given, files, role, image_column, label_column)
+    if categories is not None and not keep_unlabeled and -1 in labels:
+        names = index.row_names()
+        raise error(f"{labels.count(-1)} rows have no label (-1 or empty), first {names[labels.index(-1)]}; "
+                    "training needs a label on every row (score reads unlabeled shards).")
+    if categories is None:
+        labels = array("q", [-1]) * index.rows
+    return ImageDirectory(index.root, "parquet", index.row_names(), range(index.rows), labels, categories,
+                          default_schema(categories), "category" if categories is not None else None, shards=index)
 
 
 # --- meta route -------------------------------------------------------------------------------------------
@@ -159,7 +197,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
             raise error(f"{quote(name)} (_meta.yaml key '{key}') is a symlink leading outside the folder; "
                         "copy the file in.")
 
-    schema = read_json(safe_join(root, schema_name), InvalidDatasetError)
+    schema = read_json(safe_join(root, schema_name), InvalidDatasetError, inside=root)
     image_ref, annotation_column, categories = _parse_schema(schema, error)
 
     name_to_id = {name: i for i, name in enumerate(categories)} if categories is not None else {}
@@ -167,7 +205,7 @@ def _read_meta_layout(root: Path, meta: dict, error, keep_unlabeled: bool = Fals
     ids, labels = array("q"), array("l")
     unlabeled = 0
     list_path = safe_join(root, list_name)
-    for number, row in iter_json_lines(list_path, InvalidDatasetError):
+    for number, row in iter_json_lines(list_path, InvalidDatasetError, inside=root):
         where = f"{list_name} line {number}"
         info = row.get(image_ref)
         if not isinstance(info, dict):
@@ -251,6 +289,8 @@ def _parse_categories(raw, error) -> list[str]:
     """Category names in id order. Gaps in ids are closed up (the original padded them with 'Others')."""
     if not isinstance(raw, list) or not raw:
         raise error("the annotation column has no 'categories' list; add [{\"id\": 0, \"name\": ...}, ...].")
+    if len(raw) > MAX_CLASSES:  # before building anything from a million entries
+        raise error(f"_schema.json lists {len(raw)} categories, more than the {MAX_CLASSES} allowed.")
     by_id: dict[int, str] = {}
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:

@@ -17,26 +17,24 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from .config import seed
 from .errors import InvalidParameterError, PretrainedWeightsNotFoundError
-from .model_directory import ModelSpec, write_untrained_model_directory
-from .models import (
-    DESIGNER_MODEL_NAMES,
-    IMAGENET_CLASSES,
-    MODEL_NAMES,
-    Classifier,
-    build_net,
-    cpu_state_dict,
-    flag_name_of,
-    load_legacy_state,
-    load_weights_file,
-)
-from .output_folder import reserved_output
-from .weights import check_weights_url, pretrained_weights
+from .model_names import DESIGNER_MODEL_NAMES, MODEL_NAMES, unknown_name_message
+
+if TYPE_CHECKING:
+    from .model_directory import ModelSpec
+
+# torch and the modules that import it load in run(): `--help` and a mistyped name are answered at once.
 
 log = logging.getLogger(__name__)
+
+
+def model_name(text: str) -> str:
+    if text not in MODEL_NAMES:
+        raise argparse.ArgumentTypeError(unknown_name_message(text))
+    return text
 
 
 def parse_bool(text: str) -> bool:
@@ -50,28 +48,32 @@ def parse_bool(text: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-name", required=True, choices=MODEL_NAMES, metavar="NAME",
+    parser.add_argument("--model-name", required=True, type=model_name, metavar="NAME",
                         help=f"any torchvision classification architecture ({len(MODEL_NAMES)}: "
                              f"torchvision.models.list_models()); designer's are {', '.join(DESIGNER_MODEL_NAMES)}")
     parser.add_argument("--untrained-model", required=True, type=Path, help="output folder (new or empty)")
-    parser.add_argument("--pretrained", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
+    parser.add_argument("--pretrained", type=parse_bool, nargs="?", const=True, default="false", metavar="BOOL",
                         help="start from torchvision's DEFAULT ImageNet weights: --weights, else the torch hub "
-                             "cache, else downloaded (default false)")
+                             "cache, else downloaded (default %(default)s)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="torchvision state dict file with the ImageNet weights (implies --pretrained)")
     parser.add_argument("--weights-url", default=None, metavar="URL",
                         help="download the weights from this mirror instead of torchvision's URL; the file name "
                              "must be torchvision's (<arch>-<sha256 prefix>.pth), the content is checked against "
                              "it (implies --pretrained)")
-    parser.add_argument("--memory-efficient", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
-                        help="DenseNet only: checkpointing, less memory for more compute (default false)")
-    parser.add_argument("--zero-init-residual", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
-                        help="ResNet only: zero-initialise the last BatchNorm of each residual block (default false)")
-    parser.add_argument("--random-seed", type=int, default=1,
-                        help="seed of the random initialisation when not pretrained (default 1)")
+    parser.add_argument("--memory-efficient", type=parse_bool, nargs="?", const=True, default="false", metavar="BOOL",
+                        help="DenseNet only: checkpointing, less memory for more compute (default %(default)s)")
+    parser.add_argument("--zero-init-residual", type=parse_bool, nargs="?", const=True, default="false", metavar="BOOL",
+                        help="ResNet only: zero-initialise the last BatchNorm of each residual block "
+                             "(default %(default)s)")
+    parser.add_argument("--random-seed", type=seed, default=1,
+                        help="seed of the random initialisation when not pretrained, 0 to 2^63-1 (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .model_directory import write_untrained_model_directory
+    from .output_folder import reserved_output
+
     # A weights file or URL means pretrained, whatever --pretrained says: the component always passes
     # `--pretrained <value>`, and connecting "weights" should be enough there.
     out = args.untrained_model
@@ -89,6 +91,20 @@ def build_untrained(model_name: str, *, pretrained: bool, weights: Path | None =
                     memory_efficient: bool = False, zero_init_residual: bool = False,
                     seed: int = 1) -> tuple[ModelSpec, dict, str]:
     """The spec, the `model` state dict of an untrained directory, and where the weights came from."""
+    import torch
+
+    from .model_directory import ModelSpec
+    from .models import (
+        IMAGENET_CLASSES,
+        Classifier,
+        build_net,
+        cpu_state_dict,
+        flag_name_of,
+        load_legacy_state,
+        load_weights_file,
+    )
+    from .weights import check_weights_url, pretrained_weights
+
     flag_name = flag_name_of(model_name)
     flags = {"memory_efficient": memory_efficient, "zero_init_residual": zero_init_residual}
     for name, value in flags.items():

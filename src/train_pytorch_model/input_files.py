@@ -28,8 +28,10 @@ class UnreadableInputError(Exception):
 
 def resolves_inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
     """True when `path` (after following symlinks) is inside `root`."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
+    return _is_within(os.path.realpath(root), os.path.realpath(path))
+
+
+def _is_within(real_root: str, real: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
@@ -42,7 +44,7 @@ def open_input(path: str | os.PathLike, *, inside: str | os.PathLike | None, max
     target = os.fspath(path)
     if inside is not None:
         target = os.path.realpath(target)  # opened as resolved, so a link swapped in afterwards is not followed
-        if not resolves_inside(inside, target):
+        if not _is_within(os.path.realpath(inside), target):
             raise UnreadableInputError("the path (or a symlink on it) leads outside the input folder")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)  # a FIFO: no wait for a writer
     if inside is not None:

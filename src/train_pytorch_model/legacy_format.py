@@ -224,7 +224,7 @@ def is_safe_relative(relative: str) -> bool:
     """True when `relative` is a relative POSIX path that stays lexically inside its folder.
 
     Rejects absolute paths, drive letters, URLs and `..` components. Symlinks are checked
-    later, when the file is opened (`resolves_inside` in `data.ImageDataset`), to keep indexing cheap:
+    later, when the file is opened (`input_files.open_input`), to keep indexing cheap:
     this runs once per row of a table of millions, so it builds no Path.
     """
     if not relative or "://" in relative or "\\" in relative or "\x00" in relative:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,9 +21,20 @@ from pathlib import Path
 
 import torch
 
+from .categories import MAX_CLASSES, category_list_problem
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidModelDirectoryError, quote
 from .input_files import UnreadableInputError, read_input
-from .legacy_format import META_FILE, dump_json, dump_yaml, read_json, read_meta, read_yaml, resolves_inside, write_text
+from .legacy_format import (
+    META_FILE,
+    dump_json,
+    dump_yaml,
+    read_json,
+    read_meta,
+    read_text,
+    read_yaml,
+    resolves_inside,
+    write_text,
+)
 from .models import (
     FAMILIES,
     MODEL_FAMILY,
@@ -41,7 +52,7 @@ from .models import (
     pretrained_missing_error,
 )
 from .output_folder import JOURNAL, staged_output, unfinished_publication
-from .preprocessing import AUGMENTATIONS, Preprocessing
+from .preprocessing import ImageDecodeError, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +63,6 @@ INFO_FILE = "training_info.json"
 MODEL_INFO_FILE = "model_info.json"  # untrained directory: architecture, weights source, preprocessing defaults
 README_FILE = "README.txt"  # architectures beyond designer's 13: who can read the directory
 TASK_TYPE = "MultiClassification"
-MAX_CLASSES = 100_000  # a tampered num_classes must not build a gigantic head
 MAX_SAMPLE_BYTES = 16 * 2**20  # an image copied into _samples.json
 
 
@@ -185,7 +195,7 @@ def read_untrained_model_directory(path: str | os.PathLike) -> tuple[ModelSpec, 
     spec = read_model_spec(path)
     weights = _weights_path(path)
     if weights is not None:
-        return spec, _load_model(weights, spec)
+        return spec, _load_model(weights, spec, inside=path)
     if spec.pretrained:
         cached = find_cached_weights(spec.model_name)
         if cached is None:
@@ -207,8 +217,8 @@ def _weights_path(directory: Path) -> Path | None:
     return weights
 
 
-def _load_model(weights: Path, spec: ModelSpec) -> Classifier:
-    state = load_weights_file(weights, spec.model_name, spec.flag_value)
+def _load_model(weights: Path, spec: ModelSpec, inside: Path | None = None) -> Classifier:
+    state = load_weights_file(weights, spec.model_name, spec.flag_value, inside=inside)
     return load_legacy_state(spec.model_name, spec.flag_value, state, str(weights))
 
 
@@ -228,7 +238,7 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
     weights = _weights_path(path)
     if weights is None:
         raise InvalidModelDirectoryError(f'ModelDirectory "{path}" has no weights file \'{WEIGHTS_FILE}\'.')
-    model = _load_model(weights, spec)
+    model = _load_model(weights, spec, inside=path)
     info_path = path / INFO_FILE
     if info_path.is_file():
         info = read_json(info_path, InvalidModelDirectoryError)
@@ -238,7 +248,7 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
                 f"'{info_path}' needs a 'classes' list and a 'preprocessing' object; "
                 "the trained model directory is damaged: train it again."
             )
-        classes = [str(c) for c in info["classes"]]
+        classes = info["classes"]
         try:
             preprocessing = Preprocessing.from_dict(info["preprocessing"])
         except (TypeError, ValueError):
@@ -248,10 +258,16 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
         classes = _read_label_map(path / LABEL_MAP_FILE, model.num_classes)
         preprocessing = _legacy_preprocessing(read_yaml(path / SPEC_FILE, InvalidModelDirectoryError))
         source = path / SPEC_FILE
-    if preprocessing is None or not _is_valid(preprocessing):
+    if preprocessing is None:  # (Preprocessing checks its own values: an out-of-range recipe is None here)
         raise InvalidModelDirectoryError(
             f"'{source}' has an invalid preprocessing recipe ({preprocessing}); the trained model directory is "
             "damaged: use an intact copy, or train again."
+        )
+    problem = category_list_problem(classes)
+    if problem:  # a tampered list: ["a", "a"] would give one probability column the other class's value
+        raise InvalidModelDirectoryError(
+            f"'{source}' has an invalid class list: {problem}. The trained model directory is damaged or was "
+            "edited: use an intact copy, or train again."
         )
     if len(classes) != model.num_classes:
         raise InvalidModelDirectoryError(
@@ -264,13 +280,13 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
 
 def _read_label_map(path: Path, num_classes: int) -> list[str]:
     names = [str(i) for i in range(num_classes)]
-    if path.is_file():
+    if os.path.lexists(path):
+        text = read_text(path, InvalidModelDirectoryError)  # the input opener: inside the directory, bounded
         try:
-            with open(path, newline="", encoding="utf-8") as handle:
-                for row in list(csv.reader(handle))[1:]:
-                    if len(row) >= 2 and row[0].isascii() and row[0].isdigit() and int(row[0]) < num_classes:
-                        names[int(row[0])] = row[1]
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            for row in list(csv.reader(io.StringIO(text, newline="")))[1:]:
+                if len(row) >= 2 and row[0].isascii() and row[0].isdigit() and int(row[0]) < num_classes:
+                    names[int(row[0])] = row[1]
+        except csv.Error as exc:
             raise InvalidModelDirectoryError(
                 f"'{path}' cannot be read as a label map ({exc}); use an intact copy of the model directory."
             ) from None
@@ -288,21 +304,6 @@ def _legacy_preprocessing(spec: dict) -> Preprocessing | None:
                 return None
             return Preprocessing(image_size=None, mean=tuple(params["mean"]), std=tuple(params["std"]))
     return Preprocessing(image_size=None, mean=(0.5,) * 3, std=(0.5,) * 3)
-
-
-def _is_valid(p: Preprocessing) -> bool:
-    """Three finite means, three finite positive stds, a sane size and crop, a known augmentation."""
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    return (
-        len(p.mean) == 3 and all(number(v) for v in p.mean)
-        and len(p.std) == 3 and all(number(v) and v > 0 for v in p.std)
-        and (p.image_size is None or (isinstance(p.image_size, int) and not isinstance(p.image_size, bool)
-                                      and 1 <= p.image_size <= 4096))
-        and number(p.crop_fraction) and 0 < p.crop_fraction <= 1
-        and p.augmentation in AUGMENTATIONS
-    )
 
 
 # --- writing -----------------------------------------------------------------------------------------------
@@ -398,9 +399,11 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
         for name in column_names:
             if name == "image":
                 try:
-                    data = read_input(directory.path(i), inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
-                    row[name] = base64.b64encode(data).decode("ascii")
-                except UnreadableInputError:
+                    source = directory.image_source(i)  # a file, or a shard row's bytes
+                    data = source if isinstance(source, bytes) else \
+                        read_input(source, inside=directory.root, max_bytes=MAX_SAMPLE_BYTES)
+                    row[name] = base64.b64encode(data).decode("ascii") if len(data) <= MAX_SAMPLE_BYTES else None
+                except (UnreadableInputError, ImageDecodeError):
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
                 row[name] = directory.categories[directory.labels[i]]

@@ -30,25 +30,22 @@ import torch
 import torchvision
 from torch import nn
 
+from .categories import MAX_CLASSES
 from .errors import InvalidModelDirectoryError, PretrainedWeightsNotFoundError, quote
+from .input_files import UnreadableInputError, open_input
+from .model_names import DENSENET_NAMES, DESIGNER_MODEL_NAMES, MODEL_NAMES, RESNET_NAMES, unknown_name_message  # noqa: F401 (re-exported)
 
 LEGACY_PACKAGE = "azureml.designer.modules.dl.pytorch.initialize_models.vision.classification"
 
 # family -> (legacy module, legacy class, model names, the init_params flag besides pretrained)
 FAMILIES = {
-    "densenet": (f"{LEGACY_PACKAGE}.densenet", "DenseNet",
-                 ("densenet121", "densenet161", "densenet169", "densenet201"), "memory_efficient"),
-    "resnet": (f"{LEGACY_PACKAGE}.resnet", "ResNet",
-               ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2"), "zero_init_residual"),
+    "densenet": (f"{LEGACY_PACKAGE}.densenet", "DenseNet", DENSENET_NAMES, "memory_efficient"),
+    "resnet": (f"{LEGACY_PACKAGE}.resnet", "ResNet", RESNET_NAMES, "zero_init_residual"),
 }
 # The other architectures: recorded under our own (module, class), which only this project reads.
 TORCHVISION_FAMILY = "torchvision"
 FAMILIES[TORCHVISION_FAMILY] = ("train_pytorch_model.models", "TorchvisionClassifier", (), None)
 
-DESIGNER_MODEL_NAMES = tuple(name for _, _, names, _ in FAMILIES.values() for name in names)
-# Classification only: detection, segmentation, video, optical flow and quantized models live in submodules.
-MODEL_NAMES = tuple(torchvision.models.list_models(module=torchvision.models))
 MODEL_FAMILY = {name: TORCHVISION_FAMILY for name in MODEL_NAMES} | {
     name: family for family, (_, _, names, _) in FAMILIES.items() for name in names}
 READERS_NOTE = ("Only train-pytorch-model and MLflow read this model directory: Azure ML designer's modules know "
@@ -59,10 +56,7 @@ IMAGENET_CLASSES = 1000
 def check_model_name(name) -> str:
     """`name` if it is a torchvision classification architecture, else InvalidModelDirectoryError."""
     if name not in MODEL_NAMES:
-        raise InvalidModelDirectoryError(
-            f"Model name {quote(name)} is not a torchvision classification architecture. Supported: "
-            f"{', '.join(MODEL_NAMES[:12])}, ... ({len(MODEL_NAMES)} names, torchvision.models.list_models())."
-        )
+        raise InvalidModelDirectoryError(f"Model name {quote(name)}: {unknown_name_message(str(name)[:100])}")
     return name
 
 
@@ -156,17 +150,20 @@ def replace_head(net: nn.Module, num_classes: int) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _reference_shapes(model_name: str, flag_value: bool) -> tuple[dict, str]:
-    """The state-dict shapes of the net with a 1000-way head, and the head's key prefix: built on the meta
-    device (no memory), or for real where an architecture cannot be (RegNet), without touching the RNG."""
+def _reference_shapes(model_name: str, flag_value: bool) -> tuple[dict, str, frozenset]:
+    """The state-dict shapes of the net with a 1000-way head, the head's key prefix, and the keys whose tensors
+    are floating point (not BatchNorm's int64 counters): built on the meta device (no memory), or for real where
+    an architecture cannot be (RegNet), without touching the RNG."""
     try:
         with torch.device("meta"):
             net = build_net(model_name, IMAGENET_CLASSES, flag_value)
     except NotImplementedError:
         with torch.random.fork_rng(devices=[]):
             net = build_net(model_name, IMAGENET_CLASSES, flag_value)
-    shapes = {f"model.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
-    return shapes, f"model.{head_of(net)[0]}."
+    state = net.state_dict()
+    shapes = {f"model.{k}": tuple(v.shape) for k, v in state.items()}
+    floating = frozenset(f"model.{k}" for k, v in state.items() if v.is_floating_point())
+    return shapes, f"model.{head_of(net)[0]}.", floating
 
 
 def expected_weights_bytes(model_name: str, flag_value: bool = False) -> int:
@@ -277,12 +274,13 @@ def weights_bytes_limit(model_name: str, flag_value: bool = False) -> int:
     return expected + max(expected, 256 * 2**20)
 
 
-def load_weights_file(path: Path, model_name: str, flag_value: bool = False) -> dict:
+def load_weights_file(path: Path, model_name: str, flag_value: bool = False, *, inside: Path | None = None) -> dict:
     """Plain tensors only, checked before they are inflated or used.
 
     weights_only=True refuses pickles that would run code. Before loading: a regular file, and for
     torch's zip format uncompressed members (torch.save never compresses) whose sizes, read from the
-    archive's directory, stay within what the architecture can hold.
+    archive's directory, stay within what the architecture can hold. `inside`: the model directory the file
+    must resolve into (None: a file named by the user or the torch hub cache).
     """
     path = Path(path)
     limit = weights_bytes_limit(model_name, flag_value)
@@ -290,20 +288,31 @@ def load_weights_file(path: Path, model_name: str, flag_value: bool = False) -> 
         mode = os.stat(path).st_mode
     except OSError as exc:
         raise InvalidModelDirectoryError(f"Weights file '{path}' cannot be read: {exc.strerror or exc}.") from None
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+    if stat.S_ISDIR(mode):
         raise InvalidModelDirectoryError(
-            f"Weights file '{path}' is {kind}. It must be the state dict file written by torch.save: re-create the "
+            f"Weights file '{path}' is a folder. It must be the state dict file written by torch.save: re-create the "
             "model directory with init-model."
         )
+    try:  # the one input opener: a regular file (a FIFO or device would block or never end)
+        handle = open_input(path, inside=inside, max_bytes=None)
+    except UnreadableInputError as exc:
+        raise InvalidModelDirectoryError(
+            f"Weights file '{path}' is {exc.reason}. It must be the state dict file written by torch.save: "
+            "re-create the model directory with init-model."
+        ) from None
+    with handle:
+        return _load_weights(handle, path, model_name, limit)
+
+
+def _load_weights(handle, path: Path, model_name: str, limit: int) -> dict:
     members = []
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
+        if zipfile.is_zipfile(handle):
+            with zipfile.ZipFile(handle) as archive:
                 members = archive.infolist()
     except Exception as exc:  # a damaged archive directory fails in many ways (BadZipFile, struct.error, ...)
         raise _weights_error(path, f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    size = sum(m.file_size for m in members) if members else os.path.getsize(path)
+    size = sum(m.file_size for m in members) if members else os.fstat(handle.fileno()).st_size
     compressed = [m.filename for m in members if m.compress_type != zipfile.ZIP_STORED]
     if compressed:
         raise _weights_error(path, f"it has compressed members (e.g. {quote(compressed[0])}), which torch.save "
@@ -312,7 +321,8 @@ def load_weights_file(path: Path, model_name: str, flag_value: bool = False) -> 
         raise _weights_error(path, f"it holds {size / 2**20:.0f} MiB, more than a {model_name} state dict can "
                                    f"({limit / 2**20:.0f} MiB)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        handle.seek(0)
+        state = torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as exc:  # every failure means the same thing to the user
         raise _weights_error(path, f"{type(exc).__name__}: {_load_failure_reason(exc)}") from None
     return state  # load_legacy_state checks the tensors
@@ -327,7 +337,10 @@ def _weights_error(path: Path, reason: str) -> InvalidModelDirectoryError:
 
 
 def _check_tensors(state, path: Path) -> None:
-    """A mapping of names to dense, real-valued, finite CPU tensors."""
+    """A mapping of names to dense, real-valued CPU tensors, each holding its own values: a stride-0 or
+    overlapping view (`torch.zeros(1).expand(200000, 200000)`, 1.6 KB on disk) claims more elements than its
+    storage has, and would allocate its claimed size at the first operation on its values. Values are not
+    touched here: shapes are checked against the architecture first (load_legacy_state)."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise _weights_error(path, "it is not a PyTorch state dict, a mapping of names to tensors")
@@ -336,6 +349,15 @@ def _check_tensors(state, path: Path) -> None:
             kind = ("sparse" if tensor.layout != torch.strided else "meta" if tensor.is_meta
                     else "quantized" if tensor.is_quantized else "complex")
             raise _weights_error(path, f"tensor {quote(key)} is {kind}; weights must be dense real tensors")
+        stored = tensor.untyped_storage().nbytes()
+        if tensor.numel() * tensor.element_size() > stored:
+            raise _weights_error(path, f"tensor {quote(key)} of shape {tuple(tensor.shape)} is a view of only "
+                                       f"{stored} bytes (stride 0 or overlapping); weights must hold their values")
+
+
+def _check_values(state: dict, path: Path) -> None:
+    """Finite values only (after the shapes are known to be the architecture's: bounded work)."""
+    for key, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InvalidModelDirectoryError(
                 f"'{path}': tensor {quote(key)} holds NaN or infinite values, so the model cannot learn or "
@@ -364,7 +386,7 @@ def load_legacy_state(model_name: str, flag_value: bool, state: dict, source: st
     if not any(k.startswith("model.") for k in state):
         # Also accept a bare torchvision state dict (e.g. a torch hub cache file).
         state = _rekey(state, lambda k: f"model.{k}")
-    reference, head = _reference_shapes(model_name, bool(flag_value))
+    reference, head, floating = _reference_shapes(model_name, bool(flag_value))
     # Auxiliary heads (GoogLeNet, Inception) are in torchvision's files, not in the nets we build.
     for key in [k for k in state if k not in reference and _is_aux_head(model_name, k)]:
         del state[key]
@@ -377,9 +399,15 @@ def load_legacy_state(model_name: str, flag_value: bool, state: dict, source: st
             f"'{source}' does not hold a {model_name} state dict (no usable classification head weights found). "
             "Re-create the untrained model directory with init-model."
         )
+    outputs = linear.shape[0] if linear is not None else classes
+    if max(classes, outputs) > MAX_CLASSES:
+        raise InvalidModelDirectoryError(
+            f"'{source}' has a classification head of {max(classes, outputs)} classes, more than the {MAX_CLASSES} "
+            "allowed. Re-create the model directory with init-model, or train again."
+        )
     expected = {k: ((classes,) + s[1:] if k.startswith(head) else s) for k, s in reference.items()}
-    if linear is not None:
-        expected |= {"out_linear_model.weight": tuple(linear.shape), "out_linear_model.bias": (linear.shape[0],)}
+    if linear is not None:  # the original's Linear(1000, C) stacked on the net's logits
+        expected |= {"out_linear_model.weight": (outputs, classes), "out_linear_model.bias": (outputs,)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [f"{k} {tuple(v.shape)} instead of {expected[k]}"
@@ -391,7 +419,17 @@ def load_legacy_state(model_name: str, flag_value: bool, state: dict, source: st
             f"{len(reshaped)} of another shape (e.g. {quote(reshaped[:2], 240)}). "
             "Was it saved from another model? Re-create the untrained model directory with init-model."
         )
-    out_linear = nn.Linear(linear.shape[1], linear.shape[0]) if linear is not None else None
+    floating |= {"out_linear_model.weight", "out_linear_model.bias"}
+    integers = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state.items()
+                if k in floating and not v.is_floating_point()]
+    if integers:  # cast silently, they would be a degenerate start (all zeros and ones)
+        raise InvalidModelDirectoryError(
+            f"'{source}' holds weights that are not floating point: {quote(integers[:3], 240)}"
+            f"{f' and {len(integers) - 3} more' if len(integers) > 3 else ''}. Save the state dict of a float model "
+            "(torch.save(model.state_dict(), path)), or re-create the directory with init-model."
+        )
+    _check_values(state, Path(source))
+    out_linear = nn.Linear(classes, outputs) if linear is not None else None
     model = Classifier(build_net(model_name, classes, flag_value), out_linear)
     try:
         model.load_state_dict(state)

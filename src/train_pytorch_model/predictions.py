@@ -18,6 +18,8 @@ LABEL_COLUMN = "category"
 SCORED_LABELS = "Scored Labels"
 PROBABILITY_PREFIX = "Scored Probabilities_"
 ERROR_COLUMN = "error"
+EXPLANATION_COLUMN = "explanation"  # `score --explain`: the heat-map PNG of the row, relative to the table's folder
+EXPLANATIONS_DIR = "explanations"
 # In `DataFrame.attrs`, which pandas keeps in the parquet file's metadata: the MLflow run that trained the model.
 TRAINING_RUN_ATTR = "train_pytorch_model.training_run_id"
 

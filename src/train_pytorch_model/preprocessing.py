@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+import torch.nn.functional as F
+from PIL import ExifTags, Image, ImageFile, ImageOps
 from torchvision.transforms import v2
 
 from .errors import InvalidPreprocessingError, quote
 from .input_files import UnreadableInputError, open_input, read_input
+from .limits import AUGMENTATIONS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 # Decompression bombs: `_opened` refuses more than MAX_IMAGE_PIXELS from the header, before decoding, so no
 # image decodes to more than 89 million pixels (268 MB of RGB). Pillow's own guard stays as a backstop (it
@@ -34,6 +36,7 @@ MAX_IMAGE_FILE_BYTES = 1 << 30
 # Only raster formats are ever opened (Pillow would hand EPS bytes to Ghostscript, and tries dozens of
 # formats on any file). A camera JPEG that Pillow calls MPO opens through JPEG.
 RASTER_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+JPEG_FORMATS = ("JPEG", "MPO")  # what Pillow can decode at a reduced DCT scale (draft mode)
 # Rows converted at a time from 16-bit / 32-bit greyscale to 8 bits: no full-size temporary copy.
 CONVERT_PIXELS_PER_CHUNK = 1 << 20
 # The longest side a resize may produce, as a multiple of the resize size: a 65535x1 image would otherwise be
@@ -44,8 +47,6 @@ ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTATIONS = ("flip_crop", "crop", "none")
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
 
 
 class ImageDecodeError(Exception):
@@ -115,15 +116,26 @@ def decode_image(source: str | Path | bytes, size_hint: int | None = None, *,
     `size_hint` lets JPEG decode at a reduced scale (draft mode): much faster for big photos.
     """
     with opened_image(source, inside) as image:
-        if size_hint and image.format in ("JPEG", "MPO"):
-            image.draft("RGB", (size_hint, size_hint))
-        image.load()  # decode now, while the file is open
-        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the decoded pixels
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            return _to_8_bits(image).convert("RGB")
-        if image.mode == "P":
-            return image.convert("RGBA").convert("RGB")
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _decoded_rgb(image, (size_hint, size_hint) if size_hint else None)
+
+
+def _decoded_rgb(image: Image.Image, draft: tuple[int, int] | None) -> Image.Image:
+    """An opened image decoded (a JPEG at the smallest DCT scale at least `draft` in size), oriented, RGB."""
+    if draft and image.format in JPEG_FORMATS:
+        image.draft("RGB", draft)
+    image.load()  # decode now, while the file is open
+    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the decoded pixels
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return _to_8_bits(image).convert("RGB")
+    if image.mode == "P":
+        return image.convert("RGBA").convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) from the header; 1 when absent or invalid."""
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if value in range(1, 9) else 1
 
 
 def _to_8_bits(image: Image.Image) -> Image.Image:
@@ -161,6 +173,74 @@ class _BoundedResize(v2.Transform):
         scale = min(self.size / min(width, height), self.max_side / max(width, height))
         target = (max(1, round(width * scale)), max(1, round(height * scale)))
         return inpt if target == (width, height) else inpt.resize(target, Image.BILINEAR, reducing_gap=None)
+
+
+DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg can apply while decoding (Pillow's draft mode)
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """A decoded RGB PIL image as a uint8 batch of one, NCHW seen, NHWC in memory: channels_last."""
+    with warnings.catch_warnings():  # read-only memory, never written to (resized into new memory)
+        warnings.simplefilter("ignore", UserWarning)
+        # (The batch dimension added first: its stride then says channels_last to torch's kernels.)
+        return torch.from_numpy(np.asarray(image))[None].permute(0, 3, 1, 2)
+
+
+class RandomCropFlip:
+    """The training augmentation in one pass, file -> uint8 CHW: torchvision's RandomResizedCrop (scale 0.5-1,
+    bilinear, antialiased) and RandomHorizontalFlip.
+
+    The crop is drawn on the header's (EXIF-oriented) size before any pixel is decoded, so a JPEG decodes at
+    the smallest DCT scale (1/8-1) that still leaves the crop at least `size` pixels a side (draft mode: a 6 MP
+    photo at 1/4), then crop + resize run as one call of torch's uint8 antialiased kernel (a quarter of
+    Pillow's time) and the flip on the small result. The output is a view of HWC memory: data.collate stacks
+    such images into an NHWC batch, which seen as NCHW is already channels_last.
+
+    Draws from torch's global RNG (data.py seeds it per sample), as torchvision's transforms do, in their order:
+    the crop, then the flip."""
+
+    def __init__(self, size: int, flip: bool, scale: tuple[float, float] = (0.5, 1.0)):
+        self.size, self.flip = size, flip
+        self.crop = v2.RandomResizedCrop(size, scale=scale, antialias=True)
+
+    def params(self, height: int, width: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The sample's crop (top, left, height, width) on an image of this size, and whether it is flipped."""
+        # torchvision reads only the stand-in's shape.
+        box = self.crop.make_params([torch.empty(1, 1, 1).expand(3, height, width)])
+        flip = self.flip and bool(torch.rand(1) < 0.5)
+        return (box["top"], box["left"], box["height"], box["width"]), flip
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """A decoded RGB PIL image -> augmented uint8 CHW."""
+        box, flip = self.params(image.height, image.width)
+        return self._crop_resize(image, box, (image.height, image.width), flip)
+
+    def load(self, source: str | Path | bytes, size_hint: int | None, inside: str | Path | None = None) -> torch.Tensor:
+        """A file (inside `inside`, see `opened_image`) or its bytes -> augmented uint8 CHW. `size_hint` None:
+        JPEGs decode at full scale."""
+        with opened_image(source, inside) as image:
+            if image.format not in JPEG_FORMATS:  # no DCT scale to choose; orientation may be known once decoded
+                return self(_decoded_rgb(image, None))
+            orientation = exif_orientation(image)
+            width, height = image.size if orientation < 5 else image.size[::-1]
+            box, flip = self.params(height, width)
+            reduce = next(s for s in DCT_SCALES if s == 1 or min(box[2], box[3]) >= s * self.size) if size_hint else 1
+            draft = (max(1, image.width // reduce), max(1, image.height // reduce)) if reduce > 1 else None
+            decoded = _decoded_rgb(image, draft)
+        return self._crop_resize(decoded, box, (height, width), flip)
+
+    def _crop_resize(self, image: Image.Image, box: tuple[int, int, int, int], full: tuple[int, int],
+                     flip: bool) -> torch.Tensor:
+        """`box` (on an image of size `full`) of `image` (the same image, maybe DCT-scaled) -> size x size."""
+        ry, rx = image.height / full[0], image.width / full[1]
+        top, left = min(image.height - 1, round(box[0] * ry)), min(image.width - 1, round(box[1] * rx))
+        height = max(1, min(image.height - top, round(box[2] * ry)))
+        width = max(1, min(image.width - left, round(box[3] * rx)))
+        # Pillow copies the crop out (cheap) and hands it over as HWC; seen as NCHW it is channels_last, the layout
+        # of torch's vectorised uint8 kernel.
+        crop = _pixels(image.crop((left, top, left + width, top + height)))
+        out = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return out[0].flip(-1) if flip else out[0]
 
 
 @dataclass
@@ -216,9 +296,8 @@ class Preprocessing:
     def resize_size(self) -> int | None:
         return None if self.image_size is None else max(self.image_size, round(self.image_size / self.crop_fraction))
 
-    # Resizing and cropping run on the PIL image, before PILToTensor: Pillow's resampling costs a fraction of
-    # torch's uint8 antialiased resize on small images, and uses no OpenMP threads, which would otherwise
-    # fight the model's threads when decoding runs in the training process (--num-workers 0).
+    # Evaluation resizes the PIL image (Pillow's BILINEAR, reducing_gap None): the exact resize that export_info
+    # states and serving repeats, so it stays as it is. Training crops and resizes in RandomCropFlip.
 
     def eval_transform(self) -> v2.Transform:
         """PIL RGB -> uint8 CHW tensor, deterministic."""
@@ -228,14 +307,12 @@ class Preprocessing:
                       v2.CenterCrop(self.image_size)]
         return v2.Compose(steps + [v2.PILToTensor()])
 
-    def train_transform(self) -> v2.Transform:
-        """Light augmentation for training; uses torch's global RNG (seeded per sample by data.py)."""
+    def train_transform(self) -> RandomCropFlip | v2.Transform:
+        """Light augmentation for training (random-resized crop, flip); uses torch's global RNG (seeded per sample
+        by data.py). Its `load` takes a file, to decode JPEGs at the scale the crop needs."""
         if self.image_size is None or self.augmentation == "none":
             return self.eval_transform()
-        steps = [v2.RandomResizedCrop(self.image_size, scale=(0.5, 1.0), antialias=True)]
-        if self.augmentation == "flip_crop":
-            steps.append(v2.RandomHorizontalFlip())
-        return v2.Compose(steps + [v2.PILToTensor()])
+        return RandomCropFlip(self.image_size, flip=self.augmentation == "flip_crop")
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW batch -> normalised float batch, on the batch's device."""

@@ -12,6 +12,11 @@ what every request format of `mlflow models serve` becomes (`dataframe_split`, `
 uses the network. The MLmodel carries a signature and an input example (one
 small image), so `mlflow.models.get_serving_input` and Azure ML's test tab have a request to show.
 Output: the predictions table of `predictions.py`: `Scored Labels` and `Scored Probabilities_<class>`.
+
+Explanations on request: the MLflow param `explain: true` (`{"dataframe_split": ..., "params": {"explain": true}}`)
+adds column `explanation`, a base64 PNG per image: the image as the model saw it under a Grad-CAM heat map of the
+predicted class (explain.py). Bounded: at most MAX_EXPLAINED_IMAGES images per such request and model inputs of at
+most MAX_EXPLAINED_SIDE pixels a side (a backward pass costs about twice the forward), else a named error.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 from .errors import InvalidDatasetError, quote
 from .image_directory import ImageDirectory
 from .model_directory import TrainedModel, read_trained_model_directory
-from .predictions import SCORED_LABELS, probability_column
+from .predictions import EXPLANATION_COLUMN, SCORED_LABELS, probability_column
 from .preprocessing import ImageDecodeError, decode_image
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,6 +43,9 @@ PREDICT_BATCH = 64
 MAX_IMAGE_BYTES = 32 * 2**20  # per image in a request; decode_image bounds the pixels
 EXAMPLE_SIDE = 32  # pixels of the input example's longer side: a request body of a few hundred bytes
 IMAGE_COLUMN = "image"
+EXPLAIN_PARAM = "explain"
+MAX_EXPLAINED_IMAGES = 8  # per request that asks for explanations
+MAX_EXPLAINED_SIDE = 1024  # pixels of the model input's longer side (legacy models without a resize keep the size)
 _BASE64 = re.compile(rb"[A-Za-z0-9+/\s]*={0,2}\s*")
 _DATA_URL = re.compile(rb"data:[\w/+.-]*;base64,")
 _URL = re.compile(rb"\s*[A-Za-z][A-Za-z0-9+.-]{1,15}://")  # https://, azureml://, wasbs://, file://, ...
@@ -104,6 +112,11 @@ class ImageClassifierPyfunc:
         size_hint = self.trained.preprocessing.resize_size
         probabilities = []
         values = list(frame[IMAGE_COLUMN])
+        explain = wants_explanations(params)
+        if explain and len(values) > MAX_EXPLAINED_IMAGES:
+            raise InvalidDatasetError(f"A request with '{EXPLAIN_PARAM}' may hold at most {MAX_EXPLAINED_IMAGES} "
+                                      f"images (this one has {len(values)}): explanations cost a backward pass each.")
+        explained = []
         for start in range(0, len(values), PREDICT_BATCH):
             tensors = []
             for row, value in enumerate(values[start:start + PREDICT_BATCH], start=start):
@@ -111,13 +124,39 @@ class ImageClassifierPyfunc:
                     tensors.append(self.transform(decode_image(image_bytes(value, row), size_hint)))
                 except ImageDecodeError as exc:
                     raise InvalidDatasetError(f"Row {row}: '{IMAGE_COLUMN}' is not a readable image ({exc}).") from None
+                if explain and max(tensors[-1].shape[-2:]) > MAX_EXPLAINED_SIDE:
+                    raise InvalidDatasetError(
+                        f"Row {row}: the model sees this image at {tuple(tensors[-1].shape[-2:])} pixels; explanations "
+                        f"are given for at most {MAX_EXPLAINED_SIDE} pixels a side. Send a smaller image.")
+            explained += tensors if explain else []
             probabilities.append(self.predict_tensors(tensors))
         classes = self.trained.classes
         probs = torch.cat(probabilities).numpy() if probabilities else torch.empty(0, len(classes)).numpy()
         result = pd.DataFrame({SCORED_LABELS: [classes[i] for i in probs.argmax(axis=1)] if len(probs) else []})
         for index, label in enumerate(classes):
             result[probability_column(label)] = probs[:, index].astype("float64") if len(probs) else []
+        if explain:
+            result[EXPLANATION_COLUMN] = [self.explanation(tensor, int(p.argmax()))
+                                          for tensor, p in zip(explained, probs)]
         return result
+
+    def explanation(self, image: torch.Tensor, target: int) -> str:
+        """Base64 PNG of `image` (uint8 CHW, as the model sees it) under the heat map of class `target`."""
+        from .explain import explained_images, png_bytes
+
+        prep = self.trained.preprocessing
+        picture = explained_images(self.trained.model, prep.normalize, image.unsqueeze(0), torch.tensor([target]))[0]
+        return base64.b64encode(png_bytes(picture)).decode("ascii")
+
+
+def wants_explanations(params) -> bool:
+    """The `explain` param: true/false (a JSON boolean, or its text as some clients send it)."""
+    value = (params or {}).get(EXPLAIN_PARAM, False)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", ""):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    raise InvalidDatasetError(f"Param '{EXPLAIN_PARAM}' must be true or false, got {quote(value, 40)}.")
 
 
 def request_frame(model_input) -> pd.DataFrame:
@@ -160,7 +199,7 @@ def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *,
     import mlflow
     from mlflow.models import Model, ModelSignature
     from mlflow.models.utils import _save_example  # what MLflow's own flavors call: example + serving example
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     code_dir = stage / "code"
     shutil.copytree(PACKAGE_DIR, code_dir / PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -182,7 +221,10 @@ def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *,
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
         outputs=Schema([ColSpec("string", SCORED_LABELS)]
-                       + [ColSpec("double", probability_column(c)) for c in classes]),
+                       + [ColSpec("double", probability_column(c)) for c in classes]
+                       + [ColSpec("string", EXPLANATION_COLUMN, required=False)]),
+        # MLflow hands a request's params to predict only when the signature declares them.
+        params=ParamSchema([ParamSpec(EXPLAIN_PARAM, "boolean", False)]),
     )
     model = Model(signature=signature, metadata=metadata)
     _save_example(model, pd.DataFrame({IMAGE_COLUMN: [example_png(examples)]}), str(stage))
@@ -200,7 +242,7 @@ def example_png(examples: ImageDirectory | None) -> bytes:
     image = Image.new("RGB", (EXAMPLE_SIDE, EXAMPLE_SIDE), (128, 128, 128))
     if examples is not None and len(examples):
         try:
-            image = decode_image(examples.path(0), EXAMPLE_SIDE, inside=examples.root)
+            image = decode_image(examples.image_source(0), EXAMPLE_SIDE, inside=examples.root)
             image.thumbnail((EXAMPLE_SIDE, EXAMPLE_SIDE))
         except ImageDecodeError:
             pass  # the example only illustrates the request: a grey square does as well

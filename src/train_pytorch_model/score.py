@@ -1,8 +1,8 @@
 """`score`: a trained model directory + images -> a table of predictions (designer's
 "Score Image Model", spec section 4).
 
-Images: an ImageDirectory (or `<class>/<image>` tree or flat folder), a zip/tar of one, a single
-image file, or several image files (`--image-directory a.jpg b.png`).
+Images: an ImageDirectory (or `<class>/<image>` tree or flat folder, table, MLTable, Parquet shards), a
+zip/tar of one, a single image file, or several image files (`--image-directory a.jpg b.png`).
 
 Output folder:
 - `scored.parquet` and `scored.csv`, the same table, one row per image in the directory's row
@@ -13,6 +13,9 @@ Output folder:
   label and empty probabilities, so the table still lists every image. The parquet file's metadata
   names the MLflow run that trained the model (`evaluate` tags its run with it); the CSV escapes
   text that a spreadsheet would run as a formula (`predictions.csv_safe`).
+- with `--explain`: `explanations/<row>.png` per scored image, named in column `explanation`: the
+  image as the model saw it (resized and cropped) under a Grad-CAM heat map of what drove the
+  predicted class (explain.py).
 
 Images are decoded and resized in DataLoader workers with the model's own evaluation recipe
 (`training_info.json`), batched, and run under `torch.inference_mode` on the GPU when present.
@@ -46,7 +49,7 @@ from .archives import (
     space_hint,
 )
 from .config import auto_or_int
-from .data import ImageDataset, default_num_workers
+from .data import ImageDataset, default_num_workers, shard_loader
 from .distributed import pick_device
 from .errors import (
     DirectoryNotFoundError,
@@ -55,12 +58,15 @@ from .errors import (
     InvalidParameterError,
     TemporaryFolderError,
 )
+from .explain import explained_images, png_bytes
 from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
 from .legacy_format import read_json
 from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory
 from .output_folder import reserved_output, staged_output
 from .predictions import (
     ERROR_COLUMN,
+    EXPLANATION_COLUMN,
+    EXPLANATIONS_DIR,
     LABEL_COLUMN,
     SCORED_CSV,
     SCORED_LABELS,
@@ -69,10 +75,23 @@ from .predictions import (
     csv_safe,
     probability_column,
 )
+from .preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
 RUN_ID = re.compile(r"[\w-]{1,64}", re.ASCII)  # MLflow's hex ids and Azure ML's job names
+MAX_SCORE_BATCH = 64
+# Input pixels per forward pass when --batch-size is not given: activations grow with the pixels (~140 bytes per
+# input pixel for resnet18, more for deeper nets), so 64 images of 512 px, 16 of 1024 px, 1 of 4096 px
+# (a 4096-px model at batch 64 needed ~2.3 GB per image, 150 GB a batch).
+MAX_BATCH_PIXELS = MAX_SCORE_BATCH * 512 * 512
+
+
+def default_batch_size(preprocessing: Preprocessing) -> int:
+    """The scoring batch for the model's image size, within MAX_BATCH_PIXELS; a legacy recipe without a resize
+    (images at their own sizes, scored one shape group at a time) keeps MAX_SCORE_BATCH."""
+    size = preprocessing.image_size
+    return MAX_SCORE_BATCH if size is None else max(1, min(MAX_SCORE_BATCH, MAX_BATCH_PIXELS // (size * size)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,18 +101,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of one, or one or more image files")
     parser.add_argument("--scored-data", required=True, type=Path,
                         help=f"output folder (new or empty) for {SCORED_PARQUET} and {SCORED_CSV}")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--num-workers", default=None, type=auto_or_int, metavar="auto|N",
-                        help="image decoding processes (default auto)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"images per forward pass (default: {MAX_SCORE_BATCH}, fewer when the model's image size "
+                             f"is over 512 px: at most {MAX_BATCH_PIXELS // 2**20} M input pixels per batch)")
+    parser.add_argument("--num-workers", default="auto", type=auto_or_int, metavar="auto|N",
+                        help="image decoding processes (default %(default)s)")
     parser.add_argument("--image-column", default=None, metavar="NAME", help="image path column of a table input")
     parser.add_argument("--label-column", default=None, metavar="NAME", help="label column of a table input")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     parser.add_argument("--max-extracted-gib", type=float, default=MAX_EXTRACTED_GIB,
                         help="an archive is unpacked to a temporary folder (TMPDIR): " + MAX_EXTRACTED_HELP)
+    parser.add_argument("--explain", action="store_true",
+                        help=f"also write a Grad-CAM heat map over each image (what the model looked at for its "
+                             f"prediction) as {EXPLANATIONS_DIR}/<row>.png, named in column '{EXPLANATION_COLUMN}'; "
+                             "about 3x the scoring time")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise InvalidParameterError("Batch size", args.batch_size, "must be an integer >= 1")
     max_extracted_bytes = extracted_bytes_limit(args.max_extracted_gib)
     device = pick_device(args.device)
@@ -102,12 +127,15 @@ def run(args: argparse.Namespace) -> int:
         workers = default_num_workers(device) if args.num_workers is None else args.num_workers
         started = time.perf_counter()
         columns = dict(image_column=args.image_column, label_column=args.label_column)
-        with images_to_score(args.image_directory, max_extracted_bytes=max_extracted_bytes, **columns) as directory:
-            table = score_directory(trained, directory, device=device, batch_size=args.batch_size,
-                                    num_workers=workers)
+        images = images_to_score(args.image_directory, max_extracted_bytes=max_extracted_bytes,
+                                 **columns)
+        with staged_output(args.scored_data) as stage, images as directory:
+            table = score_directory(trained, directory, device=device, num_workers=workers,
+                                    batch_size=args.batch_size or default_batch_size(trained.preprocessing),
+                                    explain_to=stage / EXPLANATIONS_DIR if args.explain else None)
+            table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
+            write_table(stage, table)
         seconds = time.perf_counter() - started
-        table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
-        write_scored(args.scored_data, table)
     failed = int((table[ERROR_COLUMN] != "").sum())
     print(f"Scored {len(table) - failed} of {len(table)} images on {device} in {seconds:.1f}s "
           f"({len(trained.classes)} classes); table written to {Path(args.scored_data) / SCORED_PARQUET} and .csv")
@@ -180,15 +208,23 @@ def _keep_items(items):
 
 @torch.inference_mode()
 def score_directory(trained: TrainedModel, directory: ImageDirectory, *, device: torch.device,
-                    batch_size: int = 64, num_workers: int = 0) -> pd.DataFrame:
-    """The scored table for every row of `directory` (see the module docstring)."""
+                    batch_size: int = 64, num_workers: int = 0, explain_to: Path | None = None) -> pd.DataFrame:
+    """The scored table for every row of `directory` (see the module docstring). With `explain_to`, a heat-map
+    overlay per scored image is written there as <row>.png, and named in column EXPLANATION_COLUMN."""
     prep = trained.preprocessing
     dataset = ImageDataset(directory, array("l", [0] * len(directory)), prep.eval_transform(), prep.resize_size, seed=0)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_keep_items, num_workers=num_workers,
-                        persistent_workers=False, pin_memory=device.type == "cuda")
+    if directory.shards is not None:  # every row once, a row group at a time
+        loader = shard_loader(dataset, train=False, batch_size=batch_size, rank=0, world_size=1,
+                              num_workers=num_workers, collate_fn=_keep_items, device=device)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_keep_items,
+                            num_workers=num_workers, persistent_workers=False, pin_memory=device.type == "cuda")
     model = trained.model.to(device).eval()
     probabilities = np.full((len(directory), len(trained.classes)), np.nan, dtype=np.float32)
     errors = [""] * len(directory)
+    explanations = [""] * len(directory)
+    if explain_to is not None:
+        explain_to.mkdir()
     for items in loader:
         by_shape: dict[tuple, list] = {}
         for image, _target, index, error in items:
@@ -201,10 +237,18 @@ def score_directory(trained: TrainedModel, directory: ImageDirectory, *, device:
             indices = [index for index, _ in group]
             batch = torch.stack([image for _, image in group]).to(device, non_blocking=True)
             probabilities[indices] = model(prep.normalize(batch)).softmax(dim=1).float().cpu().numpy()
+            if explain_to is not None:
+                predicted = torch.from_numpy(probabilities[indices].argmax(axis=1))
+                for index, picture in zip(indices, explained_images(model, prep.normalize, batch, predicted)):
+                    explanations[index] = f"{EXPLANATIONS_DIR}/{index:06d}.png"
+                    (explain_to.parent / explanations[index]).write_bytes(png_bytes(picture))
     if errors.count("") == 0:
         raise InvalidDatasetError(f"None of the {len(directory)} images in '{directory.root}' could be read; "
                                   f"first: '{directory.files[0]}' ({errors[0]}).")
-    return scored_table(directory, trained.classes, probabilities, errors)
+    table = scored_table(directory, trained.classes, probabilities, errors)
+    if explain_to is not None:
+        table[EXPLANATION_COLUMN] = explanations
+    return table
 
 
 def scored_table(directory: ImageDirectory, classes: list[str], probabilities: np.ndarray,
@@ -221,7 +265,6 @@ def scored_table(directory: ImageDirectory, classes: list[str], probabilities: n
     return pd.DataFrame(columns)
 
 
-def write_scored(out: Path, table: pd.DataFrame) -> None:
-    with staged_output(out) as stage:
-        table.to_parquet(stage / SCORED_PARQUET, index=False)  # pandas keeps `table.attrs` in the metadata
-        csv_safe(table).to_csv(stage / SCORED_CSV, index=False)
+def write_table(folder: Path, table: pd.DataFrame) -> None:
+    table.to_parquet(folder / SCORED_PARQUET, index=False)  # pandas keeps `table.attrs` in the metadata
+    csv_safe(table).to_csv(folder / SCORED_CSV, index=False)

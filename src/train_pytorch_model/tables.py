@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
+from .categories import MAX_CLASSES, category_name_problem
 from .errors import InvalidDatasetError, quote
 from .legacy_format import (
     dump_json_line,
@@ -54,7 +55,6 @@ IMAGE_COLUMNS = ("image_url", "image_path", "image", "path", "file", "file_name"
 LABEL_COLUMNS = ("label", "category", "class")
 URI_SCHEMES = ("azureml", "amldatastore", "https", "http", "wasbs", "wasb", "abfss", "abfs")
 PARQUET_BATCH_ROWS = 8192
-MAX_CATEGORY_CHARS = 1024
 
 Error = Callable[[str], InvalidDatasetError]
 
@@ -287,13 +287,13 @@ class _RowCollector:
             raise self.error(f"{where}: label {quote(value)} is a list (multi-label); one label per image is needed.")
         if not isinstance(value, str):
             raise self.error(f"{where}: label {quote(value)} is not a category name (a string).")
-        if len(value) > MAX_CATEGORY_CHARS:
-            raise self.error(f"{where}: label {quote(value)} is longer than {MAX_CATEGORY_CHARS} characters.")
         if value not in self.names:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise self.error(f"{where}: label {quote(value)} is not valid UTF-8 text.") from None
+            problem = category_name_problem(value)
+            if problem:
+                raise self.error(f"{where}: {problem}.")
+            if len(self.names) >= MAX_CLASSES:  # before the index of a million labels is built
+                raise self.error(f"{where}: label {quote(value)} is class number {MAX_CLASSES + 1}; "
+                                 f"at most {MAX_CLASSES} classes are allowed.")
         return value
 
     def _relative(self, value, where: str) -> str:

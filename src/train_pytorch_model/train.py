@@ -27,20 +27,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from . import preemption
 from .config import TrainConfig
 from .data import BadImageTracker
 from .distributed import Context
 from .errors import TrainingDivergedError, quote
-from .gpu_decode import GpuBatch, decode_batch
 from .models import cpu_state_dict, head_of
 from .preprocessing import Preprocessing
+from .progress import Silent
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHT_DECAY = {"sgd": 1e-4, "adamw": 0.05}
 BN_RECALIBRATION_IMAGES = 1024  # the most recent training images kept (uint8) to re-estimate BatchNorm statistics
 
 
@@ -89,7 +88,7 @@ class EarlyStopping:
 
 def make_optimizer(model: nn.Module, config: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """One parameter group, or two (backbone, head) when the backbone is frozen for the first epochs."""
-    decay = DEFAULT_WEIGHT_DECAY[config.optimizer] if config.weight_decay is None else config.weight_decay
+    decay = config.weight_decay  # TrainConfig settles auto from the optimizer
     params: list = list(model.parameters())
     if config.freeze_backbone_epochs:
         head = {id(p) for p in head_of(getattr(model, "module", model))[1].parameters()}
@@ -140,11 +139,33 @@ def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+class WeightAverage(AveragedModel):
+    """An exponential moving average of the weights and buffers (AveragedModel's state dict, so checkpoints
+    keep their keys) whose update never waits for the device. AveragedModel's own update reads its step
+    counter, a CPU tensor, and copies it to the device every step: a host sync per step. Here the average
+    starts as the weights themselves (W_0, as torch's EMA formula states) and every update is one lerp kernel
+    per dtype; the counter is only counted, on the host."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+        self.n_averaged += 1  # the copy made above is the first average
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+        torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], 1 - self.decay)
+        counts = [i for i, t in enumerate(averaged) if not t.is_floating_point()]  # BatchNorm's batch counters
+        if counts:
+            torch._foreach_copy_([averaged[i] for i in counts], [current[i] for i in counts])
+        self.n_averaged += 1
+
+
+def make_ema(model: nn.Module, decay: float) -> WeightAverage | None:
     """An exponential moving average of the weights (and buffers), validated and saved instead of the weights."""
-    if not decay:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return WeightAverage(model, decay) if decay else None
 
 
 def make_batch_mix(config: TrainConfig, num_classes: int):
@@ -204,6 +225,7 @@ class EpochMetrics:
     valid_top5: float | None
     data_wait_fraction: float
     seconds: float
+    decode_fallbacks: int | None = None  # --decode gpu: JPEGs the device decoder refused, decoded by PIL instead
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -328,20 +350,14 @@ class Trainer:
         self.recent = collections.deque()  # uint8 training batches kept for BatchNorm re-estimation
         self._next_epoch_batches = None  # (epoch, iterator) started before validation
 
-    def load(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's uint8 images and targets on the device: copied (pinned, non-blocking), or decoded there
-        (`--decode gpu`: a GpuBatch; rows that fail to decode leave it, into `batch.failures`)."""
-        if isinstance(batch, GpuBatch):
-            images = decode_batch(batch, self.ctx.device)
-        else:
-            images = batch.images.to(self.ctx.device, non_blocking=True)
-        return images, batch.targets.to(self.ctx.device, non_blocking=True)
-
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return self.preprocessing.normalize(images).contiguous(memory_format=self.memory_format)
+        # The layout is set on the uint8 batch, a quarter of the float's bytes (a no-op when it already has it).
+        return self.preprocessing.normalize(images.contiguous(memory_format=self.memory_format))
 
     def to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = self.load(batch)
+        """Normalised images and targets on the device. A batch moves itself there: copied (data.Batch) or
+        decoded there (`--decode gpu`: rows that fail to decode leave it, into `batch.failures`)."""
+        images, targets = batch.to_device(self.ctx.device)
         return self.normalize(images), targets
 
     def _batches(self, epoch: int):
@@ -368,7 +384,7 @@ class Trainer:
         while sum(len(b) for b in self.recent) - len(self.recent[0]) >= BN_RECALIBRATION_IMAGES:
             self.recent.popleft()
 
-    def train_epoch(self, state: TrainingState, epoch: int, log_progress,
+    def train_epoch(self, state: TrainingState, epoch: int, progress: Silent = Silent(),
                     stop_requested=preemption.never) -> TrainResult:
         """One epoch. Raises Interrupted when a stop was requested on some rank (the epoch is abandoned)."""
         model, config, ctx = state.model, self.config, self.ctx
@@ -379,21 +395,23 @@ class Trainer:
         steps = len(self.train_loader)
         start = tick = time.perf_counter()
         self.recent.clear()
+        progress.start_epoch(epoch, steps)
         for step, batch in enumerate(self._batches(epoch), start=1):
             wait += time.perf_counter() - tick
             # Single process: the stop flag is checked every step (a Python bool, no sync). DDP ranks agree on it
             # at print steps, together with divergence, so they all stop at the same step.
             if not ctx.distributed and stop_requested():
                 raise preemption.Interrupted(epoch)
-            pixels, targets = self.load(batch)
+            pixels, targets = batch.to_device(ctx.device)
             self.train_bad.record(batch.failures)
             # BatchNorm cannot train on one image, and only bad files make batches this small (drop_last): a
             # step with no weight keeps DDP ranks in lockstep without a per-step agreement. (len() of a device
             # tensor is its shape: no sync.)
             weight = 1.0 if len(targets) >= 2 else 0.0
-            if weight == 0.0:
-                pixels = torch.zeros(2, 3, config.image_size, config.image_size, dtype=torch.uint8, device=ctx.device)
-                targets = torch.zeros(2, dtype=torch.int64, device=ctx.device)
+            if weight == 0.0:  # a whole batch of zeros: a compiled model sees no new shape
+                pixels = torch.zeros(config.batch_size, 3, config.image_size, config.image_size, dtype=torch.uint8,
+                                     device=ctx.device)
+                targets = torch.zeros(config.batch_size, dtype=torch.int64, device=ctx.device)
             else:  # the filler batch is no training image: it stays out of the BatchNorm re-estimation
                 self._keep_for_bn(pixels)
             images = self.normalize(pixels)
@@ -416,7 +434,9 @@ class Trainer:
             if step % config.print_freq == 0 or step == steps:
                 self._check_step(sums, stop_requested, epoch, step)  # the one deliberate sync of a print step
                 loss_sum, _, seen = sums.tolist()
-                log_progress(epoch, step, steps, loss_sum / max(seen, 1), seen / (time.perf_counter() - start))
+                progress.step(step, loss_sum / max(seen, 1))
+            else:
+                progress.step(step)  # the bar advances; no device value is read
             tick = time.perf_counter()
         elapsed = time.perf_counter() - start
         loss_sum, correct, seen, elapsed_sum = ctx.all_reduce_sum([*sums.tolist(), elapsed])
@@ -437,7 +457,16 @@ class Trainer:
         if stop:
             raise preemption.Interrupted(epoch)
 
+    def _decode_fallbacks(self) -> float | None:
+        """`--decode gpu`: the JPEGs the device decoder has refused so far, over all ranks (at epoch ends only)."""
+        if self.config.decode != "gpu":
+            return None
+        from .gpu_decode import decoder_for
+
+        return self.ctx.all_reduce_sum([decoder_for(self.ctx.device).fallbacks])[0]
+
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # --compile: one graph, the training step's (fit says why)
     def recalibrate_batchnorm(self, model: nn.Module) -> None:
         """Re-estimate BatchNorm running statistics as exact averages over the recent training images.
 
@@ -460,6 +489,7 @@ class Trainer:
         model.train(was_training)
 
     @torch.inference_mode()
+    @torch.compiler.set_stance("force_eager")  # --compile: one graph, the training step's (fit says why)
     def evaluate(self, model: nn.Module) -> EvalResult:
         """Loss, top-1 and top-5 over the whole validation set, summed exactly over ranks.
 
@@ -492,27 +522,36 @@ class Trainer:
         return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None,
                           predictions=predictions)
 
-    def fit(self, state: TrainingState, on_epoch_end, log_progress, stop_requested=preemption.never) -> TrainingState:
+    def fit(self, state: TrainingState, on_epoch_end, progress: Silent = Silent(),
+            stop_requested=preemption.never) -> TrainingState:
         """Run epochs from `state.next_epoch`. `on_epoch_end(state, metrics, stopping)` logs and checkpoints.
 
         `stop_requested()` is this rank's wish to stop (SIGTERM); it is agreed over all ranks during the epoch
-        and after every epoch's `on_epoch_end`, and raises Interrupted."""
+        and after every epoch's `on_epoch_end`, and raises Interrupted.
+
+        With `--compile`, only the training step runs compiled (one graph: its batches all have one shape, the
+        filler batch included); BatchNorm re-estimation and validation run the same module eagerly."""
         if state.early_stopping.should_stop:  # resumed from the checkpoint of a run that had stopped
             return state
         for epoch in range(state.next_epoch, self.config.epochs):
             started = time.perf_counter()
+            fallbacks = self._decode_fallbacks()
             lr = state.optimizer.param_groups[-1]["lr"]  # the head's (the last group)
             with stop_requested.deferred():
-                trained = self.train_epoch(state, epoch, log_progress, stop_requested)
+                trained = self.train_epoch(state, epoch, progress, stop_requested)
             model = state.evaluated_model
             if self.config.bn_recalibration:
+                progress.phase("BatchNorm re-estimation")
                 self.recalibrate_batchnorm(model)
+            progress.phase("validation")
             validated = self.evaluate(model)
+            progress.end_epoch()
             metrics = EpochMetrics(
                 epoch=epoch + 1, lr=lr, train_loss=trained.loss, train_accuracy=trained.accuracy,
                 train_images_per_second=trained.images_per_second, valid_loss=validated.loss,
                 valid_top1=validated.top1, valid_top5=validated.top5, data_wait_fraction=trained.data_wait_fraction,
-                seconds=time.perf_counter() - started)
+                seconds=time.perf_counter() - started,
+                decode_fallbacks=None if fallbacks is None else int(self._decode_fallbacks() - fallbacks))
             state.history.append(metrics)
             if state.early_stopping.step(epoch, validated.loss, validated.top1):
                 state.best_state = cpu_state_dict(model)  # a copy: the live weights keep changing

@@ -1,6 +1,6 @@
 """`train`: the job itself, as a story in phases (`train_model`):
 
-    settle the config -> read the data -> build the model -> resume -> fit -> write, log, register
+    read the data -> build the model -> settle the config -> resume -> fit -> write, log, register
 
 Each phase is one function below, in that order. The input is one `TrainConfig` (config.py).
 """
@@ -51,8 +51,10 @@ from .model_directory import (
 from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults, weights_digest
 from .output_folder import check_output_folder, overlap, release_output, staged_output
 from .preprocessing import Preprocessing
+from .progress import Progress, Silent, fit_width, format_seconds
 from .registry import check_model_name
 from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
+from .shard_data import process_streams
 from .tracking import Tracker, redact
 from .train import (
     EarlyStopping,
@@ -91,22 +93,22 @@ def run(args: argparse.Namespace) -> int:
 def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
     writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None)
     with preemption.StopOnSigterm(lambda: writer.interrupted_error(config.epochs)) as stop_requested:
-        config = resolve(config, ctx)
-        configure_torch(config, ctx)
-
+        check_request(config)  # what needs no data: refused now, not after reading it or hours of training
+        seed_everything(config.random_seed)  # before the model's random initialisation
         data = read_data(config, ctx)
         model, spec = build_model(config.untrained_model, len(data.classes))
-        config = settle_for_model(config, spec, data, ctx, model)
+        config, preprocessing = settle(config, ctx, spec, model, training_images=len(data.train))
+        configure_torch(config, ctx)
         identity = checkpoint.run_identity(
             model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes,
             untrained_weights=weights_digest(model.state_dict()),  # other starting weights: another run
-            train_dir=data.train, valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity())
+            train_dir=data.train, valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity(),
+            data_streams=training_streams(config, ctx, data))
         if already_written(config, ctx, identity):
             return finish_restart(config, ctx, identity)
         if ctx.is_main:  # now, not after hours of training
             check_output_folder(config.trained_model, inputs=(config.untrained_model, config.training_data,
                                                               config.validation_data, config.checkpoint_dir))
-        preprocessing = preprocessing_for(config, spec)
         trainer = make_trainer(config, ctx, data, preprocessing)
         state = make_training_state(model, config, ctx, steps_per_epoch=len(trainer.train_loader))
 
@@ -116,7 +118,8 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
                   "training_images": len(data.train), "validation_images": len(data.valid),
                   "run_identity": identity_digest(identity)}
         tracker = Tracker(ctx.is_main, config.mlflow_tracking_uri,
-                          run_name=f"train {spec.model_name} {len(data.classes)} classes {config.epochs} epochs")
+                          run_name=f"train {spec.model_name} {len(data.classes)} classes "
+                                   f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}")
         failed = True
         try:
             tracker.log_params(params)
@@ -134,30 +137,48 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
                 release_output(config.trained_model)
 
 
-# --- 1. settle the configuration ------------------------------------------------------------------------------
+# --- 1. read the data, build the model, settle the configuration ------------------------------------------
+# (read_data and build_model are below, with the other builders.)
 
-def resolve(config: TrainConfig, ctx: distributed.Context) -> TrainConfig:
-    """Decide every `auto` for this device: the config then says what really runs."""
+def settle(config: TrainConfig, ctx: distributed.Context, spec: ModelSpec, model: torch.nn.Module,
+           training_images: int) -> tuple[TrainConfig, Preprocessing]:
+    """Decide every `auto` for this device, architecture and data: the returned config says what really runs (it is
+    what MLflow, training_info.json and the checkpoint identity record), with the preprocessing it implies.
+    (Weight decay depends on the optimizer only: TrainConfig settles it itself.)"""
     if config.precision == "fp16" and ctx.device.type != "cuda":
         raise InvalidParameterError("Precision", "fp16", "fp16 needs a GPU; use bf16 or fp32 on CPU")
-    if config.registered_model_name:  # "" registers nothing, as before
-        check_model_name(config.registered_model_name)  # not after hours of training
-    check_checkpoint_dir(config)
     on_gpu = ctx.device.type == "cuda"
     workers = config.num_workers
-    return config.replace(
+    defaults = preprocessing_defaults(spec.model_name)  # the architecture's size and normalisation
+    image_size = config.image_size or defaults["image_size"]
+    if defaults["fixed_size"] and image_size != defaults["image_size"]:
+        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} only takes "
+                                    f"{defaults['image_size']} pixels (leave --image-size at auto)")
+    if image_size < defaults["min_size"]:
+        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} needs at least "
+                                    f"{defaults['min_size']} pixels")
+    config = config.replace(
         device=str(ctx.device),
         precision=resolve_precision(config.precision, ctx.device),
         channels_last=on_gpu if config.channels_last is None else config.channels_last,
         num_workers=default_num_workers(ctx.device, ctx.local_world_size) if workers is None else workers,
         compile=config.compile and can_compile(ctx.device),
-        bn_recalibration=True if config.bn_recalibration is None else config.bn_recalibration,
+        image_size=image_size,
+        batch_size=trainable_batch_size(config.batch_size, training_images, ctx.world_size, model,
+                                        config.training_data),
     )
+    preprocessing = Preprocessing(image_size=image_size, mean=tuple(defaults["mean"]), std=tuple(defaults["std"]),
+                                  crop_fraction=defaults["image_size"] / defaults["resize_size"],
+                                  augmentation=config.augmentation)
+    return config, preprocessing
 
 
-def check_checkpoint_dir(config: TrainConfig) -> None:
-    """The checkpoint folder is written every epoch: never inside the output or an input (a 100 MB file in the
-    training data or the model). An input given as a table file stands for its folder, which holds the images."""
+def check_request(config: TrainConfig) -> None:
+    """The registered model name (the registry's rules), and the checkpoint folder: written every epoch, so never
+    inside the output or an input (a 100 MB file in the training data or the model). An input given as a table
+    file stands for its folder, which holds the images."""
+    if config.registered_model_name:  # "" registers nothing, as before
+        check_model_name(config.registered_model_name)
     if not config.checkpoint_dir:
         return
     for role, path in (("output", config.trained_model), ("untrained model", config.untrained_model),
@@ -179,7 +200,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 
 def configure_torch(config: TrainConfig, ctx: distributed.Context) -> None:
-    seed_everything(config.random_seed)
     if ctx.device.type == "cpu":
         # Same seed, same bits on CPU. (On GPU, cuDNN autotuning is worth more than bit-equality.)
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -239,46 +259,24 @@ def check_classes(train: ImageDirectory, valid: ImageDirectory) -> list[str]:
     return classes
 
 
-def trainable_batch_size(batch_size: int, train: ImageDirectory, world_size: int, model: torch.nn.Module) -> int:
+def trainable_batch_size(batch_size: int, training_images: int, world_size: int, model: torch.nn.Module,
+                         training_data: Path) -> int:
     """The requested batch size, or fewer when the training data is smaller; refused when it cannot train."""
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if has_batchnorm and batch_size < 2:
         raise InvalidParameterError("Batch size", batch_size, "must be at least 2: BatchNorm layers cannot train "
                                     "on one image per step")
-    per_rank = len(train) // world_size
+    per_rank = training_images // world_size
     if batch_size <= per_rank:
         return batch_size
     if per_rank < 2:
         raise InvalidDatasetError(
-            f"Training data '{train.root}' has {len(train)} images: too few for {world_size} process(es) "
+            f"Training data '{training_data}' has {training_images} images: too few for {world_size} process(es) "
             "(each needs at least 2)."
         )
     log.warning("Batch size %d is larger than the %d training images per process; using %d.",
                 batch_size, per_rank, per_rank)
     return per_rank
-
-
-def settle_for_model(config: TrainConfig, spec: ModelSpec, data: Data, ctx: distributed.Context,
-                     model: torch.nn.Module) -> TrainConfig:
-    """What depends on the architecture: its image size (auto, or the one it must have) and a trainable batch."""
-    defaults = preprocessing_defaults(spec.model_name)
-    image_size = config.image_size or defaults["image_size"]
-    if defaults["fixed_size"] and image_size != defaults["image_size"]:
-        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} only takes "
-                                    f"{defaults['image_size']} pixels (leave --image-size at auto)")
-    if image_size < defaults["min_size"]:
-        raise InvalidParameterError("Image size", image_size, f"{spec.model_name} needs at least "
-                                    f"{defaults['min_size']} pixels")
-    return config.replace(image_size=image_size,
-                          batch_size=trainable_batch_size(config.batch_size, data.train, ctx.world_size, model))
-
-
-def preprocessing_for(config: TrainConfig, spec: ModelSpec) -> Preprocessing:
-    """The architecture's normalisation and resize-to-crop ratio (torchvision's weights), at the run's size."""
-    defaults = preprocessing_defaults(spec.model_name)
-    return Preprocessing(image_size=config.image_size, mean=tuple(defaults["mean"]), std=tuple(defaults["std"]),
-                         crop_fraction=defaults["image_size"] / defaults["resize_size"],
-                         augmentation=config.augmentation)
 
 
 def identity_digest(identity: dict) -> str:
@@ -292,8 +290,9 @@ def already_written(config: TrainConfig, ctx: distributed.Context, identity: dic
     done = ctx.is_main and finished_output(config.trained_model, identity_digest(identity))
     done = ctx.broadcast_object(done)
     if done and ctx.is_main:
-        log.info("The trained model in %s was written by this same run (same inputs and parameters) before a "
-                 "restart: nothing to do.", config.trained_model)
+        print(f"{config.trained_model} already holds the trained model of this run (same inputs and parameters): "
+              "nothing to do. To train again, give --trained-model a new folder (and --checkpoint-dir, if any).",
+              flush=True)
     return done
 
 
@@ -322,8 +321,18 @@ def build_model(untrained_model: Path, num_classes: int) -> tuple[Classifier, Mo
     return model, spec
 
 
+def training_streams(config: TrainConfig, ctx: distributed.Context, data: Data) -> int | None:
+    """How many streams Parquet shards are read in (the batches depend on it; shard_data.py); None for files."""
+    if data.train.shards is None:
+        return None
+    return process_streams(data.train.shards.rows, config.num_workers, ctx.world_size, config.batch_size, train=True)
+
+
 def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, preprocessing: Preprocessing) -> Trainer:
     class_index = {name: i for i, name in enumerate(data.classes)}
+    if config.decode == "gpu" and (data.train.shards is not None or data.valid.shards is not None):
+        raise InvalidParameterError("Decode", config.decode, "--decode gpu reads image files; Parquet shards are "
+                                    "decoded on the CPU (--decode cpu)")
     if config.decode == "gpu":
         from .gpu_decode import build_gpu_dataset as builder  # workers read bytes; decode_batch decodes on device
     else:
@@ -404,61 +413,38 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
                  len(trainer.valid_bad.directory), trainer.num_classes, config.batch_size, config.precision,
                  config.num_workers)
 
-    progress = Progress(config.epochs, config.batch_size, enabled=ctx.is_main)
+    progress = Progress(config.epochs, config.batch_size, config.print_freq) if ctx.is_main else Silent()
 
     def on_epoch_end(state: TrainingState, m: EpochMetrics, stopping: bool) -> None:
-        progress.close()
         if not ctx.is_main:
             return
         best = state.early_stopping.best_epoch + 1 == m.epoch
-        top5 = f"  top-5 {m.valid_top5:.1%}" if m.valid_top5 is not None else ""
-        log.info("Epoch %d/%d  train loss %.4f acc %.1f%%  valid loss %.4f top-1 %.1f%%%s  lr %.3g  %.1f img/s  "
-                 "%.1fs%s", m.epoch, config.epochs, m.train_loss, 100 * m.train_accuracy, m.valid_loss,
-                 100 * m.valid_top1, top5, m.lr, m.train_images_per_second, m.seconds, "  (best)" if best else "")
+        log.info("%s", epoch_line(m, config, best))
         tracker.log_metrics(m.as_dict(), step=m.epoch)
         log_epoch_v1(m.epoch, m.as_dict())  # azureml-core v1 run, when one is live
         writer.save(state, identity)
 
-    with preemption.stopping_cleanly(stop_requested):
-        state = trainer.fit(state, on_epoch_end, progress.update, stop_requested=stop_requested)
+    try:
+        with preemption.stopping_cleanly(stop_requested):
+            state = trainer.fit(state, on_epoch_end, progress, stop_requested=stop_requested)
+    finally:
+        progress.close()
     writer.join()
     return state
 
 
-class Progress:
-    """Per-step progress of an epoch: a bar with ETA on a terminal (tqdm), plain lines with ETA in logs (an Azure
-    ML job's std_log.txt), at the trainer's print steps."""
-
-    def __init__(self, epochs: int, batch_size: int, enabled: bool):
-        self.epochs, self.batch_size, self.enabled = epochs, batch_size, enabled
-        self.terminal = enabled and sys.stderr.isatty()
-        self.bar = None
-
-    def update(self, epoch: int, step: int, steps: int, loss: float, images_per_second: float) -> None:
-        if not self.enabled:
-            return
-        if self.terminal:
-            if self.bar is None:
-                from tqdm import tqdm
-                self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step", leave=False,
-                                dynamic_ncols=True)
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
-            return
-        eta = (steps - step) * self.batch_size / max(images_per_second, 1e-9)
-        log.info("  epoch %d/%d  step %d/%d  loss %.4f  %.1f img/s  eta %s", epoch + 1, self.epochs, step, steps,
-                 loss, images_per_second, format_seconds(eta))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+BEST_BY = {"valid_loss": "lowest valid loss", "valid_top1": "highest valid top-1"}
 
 
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
+def epoch_line(m: EpochMetrics, config: TrainConfig, best: bool) -> str:
+    """An epoch's summary, wrapped to the terminal's width."""
+    top5 = f" top-5 {m.valid_top5:.1%}" if m.valid_top5 is not None else ""
+    parts = [f"Epoch {m.epoch}/{config.epochs}", f"train loss {m.train_loss:.4f} acc {m.train_accuracy:.1%}",
+             f"valid loss {m.valid_loss:.4f} top-1 {m.valid_top1:.1%}{top5}", f"lr {m.lr:.3g}",
+             f"{m.train_images_per_second:.1f} img/s", format_seconds(m.seconds)]
+    if best:
+        parts.append(f"best so far ({BEST_BY[config.early_stopping_metric]})")
+    return fit_width(parts)
 
 
 def summarize(state: TrainingState, config: TrainConfig) -> dict:
@@ -491,9 +477,9 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
                         run_id=tracker.run_id,  # params carry run_identity: a restart finds its own output
                         best_predictions=state.best_predictions,
                         samples=augmented_samples(data, preprocessing, config.random_seed))
-    log.info("Best epoch %d (validation loss %.4f, top-1 %.1f%%). Trained model written to %s",
-             summary["best_epoch"], summary["best_valid_loss"], 100 * (summary["best_valid_top1"] or 0),
-             config.trained_model)
+    print(f"Trained model written to {config.trained_model}: epoch {summary['best_epoch']} of "
+          f"{summary['epochs_run']} run, the one with the {BEST_BY[config.early_stopping_metric]} (valid loss "
+          f"{summary['best_valid_loss']:.4f}, top-1 {summary['best_valid_top1'] or 0:.1%}).", flush=True)
     tracker.log_metrics({"best_epoch": summary["best_epoch"], "best_valid_loss": summary["best_valid_loss"],
                          "best_valid_top1": summary["best_valid_top1"] or 0.0}, step=len(state.history))
     for name in TRAINING_FILES:  # shown on the run's page in `mlflow ui` and Azure ML studio
@@ -506,7 +492,7 @@ def register(config: TrainConfig, run_identity: str) -> str:
     from .registry import register_model
 
     version = register_model(config.trained_model, config.registered_model_name, run_identity)
-    log.info("Registered model '%s' version %s.", config.registered_model_name, version)
+    print(f"Registered model '{config.registered_model_name}' version {version}.", flush=True)
     return version
 
 
