@@ -124,3 +124,18 @@ def test_urls_bad_images_and_bad_json_are_a_400_with_the_error_line(server, imag
     assert status == 400 and answer["error"].startswith("JSONDecodeError")
     status, answer = score(server, {"input_data": 42})
     assert status == 400 and "'input_data' must be a list of images" in answer["error"]
+
+
+def test_explanations_are_returned_when_the_params_ask(server, trained, images):
+    """Issue 25: `"params": {"explain": true}` beside `input_data`: a heat-map PNG per image, bounded per request."""
+    texts = [base64.b64encode(image).decode() for image in images]
+    status, answer = score(server, {"input_data": texts, "params": {"explain": True}})
+    assert status == 200, answer
+    check(answer, expected(trained, images))
+    assert all(base64.b64decode(row["explanation"]).startswith(b"\x89PNG") for row in answer)
+    status, answer = score(server, {"input_data": texts * 3, "params": {"explain": True}})
+    assert status == 400 and "at most 8 images" in answer["error"]
+    status, answer = score(server, {"input_data": texts, "params": {"explain": "perhaps"}})
+    assert status == 400 and "explain" in answer["error"]
+    status, answer = score(server, {"input_data": texts, "params": ["explain"]})
+    assert status == 400 and "'params' must be an object" in answer["error"]

@@ -93,3 +93,23 @@ def test_usage_names_the_program_as_it_was_invoked(tmp_path):
     assert "(default 5)" in module and "(default auto)" in module  # argparse's %(default)s
     top = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120).stdout
     assert "or any torchvision classification architecture" in " ".join(top.split())
+
+
+def test_no_help_restates_its_default_as_a_literal():
+    """Every command's help says its default through argparse's %(default)s, so it cannot go stale."""
+    import argparse
+    import re
+
+    from train_pytorch_model.cli import build_parser
+
+    checked = 0
+    for command in COMMANDS:
+        parser = build_parser(command)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        for action in sub._actions:
+            if not action.help or action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool):
+                continue
+            checked += 1
+            assert not re.search(rf"default:? {re.escape(str(action.default))}\b", action.help), \
+                (command, action.dest, action.help)
+    assert checked >= 30

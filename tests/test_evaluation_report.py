@@ -133,3 +133,32 @@ def test_chromium_renders_the_report_with_images_and_heat_maps(tmp_path):
         # Content reaches down the page (the pictures), not only a header.
         lower = pixels[pixels.shape[0] // 2:]
         assert lower.std() > 10, name
+
+    # Printable: Chromium prints it to a PDF of more than one page, with the pictures in it.
+    pdf = tmp_path / "report.pdf"
+    result = chromium(f"--print-to-pdf={pdf}", "--no-pdf-header-footer", page.as_uri())
+    assert result.returncode == 0 and pdf.read_bytes().startswith(b"%PDF"), result.stderr[-2000:]
+    data = pdf.read_bytes()
+    assert len(re.findall(rb"/Type\s*/Page[^s]", data)) >= 2 and data.count(b"/Subtype /Image") >= 3
+
+
+def test_gallery_pictures_come_only_from_the_image_directory_and_the_scoring_model(tmp_path, capsys, caplog):
+    model = train_tiny_model(tmp_path / "model", classes=("cat", "dog"))
+    images = model.parent / "images"
+    assert main(["score", "--trained-model", str(model), "--image-directory", str(images), "--scored-data",
+                 str(tmp_path / "scored"), "--num-workers", "0"]) == 0
+    table = pd.read_parquet(tmp_path / "scored" / "scored.parquet")
+    table["category"] = ["dog" if p == "cat" else "cat" for p in table["Scored Labels"]]  # every row wrong
+    table.loc[0, "file"] = "../../outside.png"  # a path out of the folder: looked up, never opened
+    table.to_parquet(tmp_path / "scored" / "scored.parquet", index=False)
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--scored-data", str(tmp_path / "scored"), "--evaluation", str(out),
+                 "--trained-model", str(model), "--image-directory", str(images)]) == 0
+    page = (out / "report.html").read_text()
+    assert page.count('alt="heat map of the prediction"') == len(table) - 1 and "../../outside.png" in page
+    assert "No picture for '../../outside.png' in the report: not in the image directory" in caplog.text
+
+    other = train_tiny_model(tmp_path / "other", classes=("cat", "fox"))
+    assert main(["evaluate", "--scored-data", str(tmp_path / "scored"), "--evaluation", str(tmp_path / "e2"),
+                 "--trained-model", str(other), "--image-directory", str(images)]) != 0
+    assert "give the model that scored the table" in capsys.readouterr().err and not (tmp_path / "e2").exists()

@@ -4,7 +4,9 @@ endpoints run): the trained model folder served with both Azure ML request shape
     {"input_data": {"columns": ["image"], "data": ["<base64>", ...]}}   AutoML for images
     {"input_data": ["<base64>", ...]}                                    the model catalog's models
 
-The reply is a JSON list, one object per image: `Scored Labels` and `Scored Probabilities_<class>`.
+The reply is a JSON list, one object per image: `Scored Labels` and `Scored Probabilities_<class>`. A body with
+`"params": {"explain": true}` beside `input_data` also gets an `explanation` per image: a base64 PNG heat map of
+what drove the prediction (at most 8 images per such request; docs/reports.md).
 A bad request (not JSON, an unreadable image, a URL instead of image bytes) gets HTTP 400 with the error line.
 Locally: `AZUREML_MODEL_DIR=out azmlinfsrv --entry_script deploy/azureml/score.py` (docs/deploy.md).
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 from azureml_inference_server_http.api.aml_response import AMLResponse
+from mlflow.exceptions import MlflowException
 
 MAX_BODY_BYTES = 100 * 2**20  # a few dozen full-size images in base64; the server itself sets no limit
 model = None
@@ -47,7 +50,10 @@ def run(raw_data) -> AMLResponse | list:
     try:
         if len(raw_data) > MAX_BODY_BYTES:
             raise ValueError(f"the request body is over {MAX_BODY_BYTES // 2**20} MiB; send fewer images per request")
-        frame = request_frame(json.loads(raw_data))
-        return model.predict(frame).to_dict(orient="records")
-    except (TrainPyTorchModelError, ValueError) as exc:  # json's JSONDecodeError is a ValueError
+        body = json.loads(raw_data)
+        params = body.pop("params", None) if isinstance(body, dict) else None
+        if params is not None and not isinstance(params, dict):
+            raise ValueError("'params' must be an object, e.g. {\"explain\": true}")
+        return model.predict(request_frame(body), params=params).to_dict(orient="records")
+    except (TrainPyTorchModelError, ValueError, MlflowException) as exc:  # JSONDecodeError is a ValueError
         return AMLResponse({"error": f"{type(exc).__name__}: {exc}"}, 400, json_str=True)

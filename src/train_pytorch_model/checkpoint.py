@@ -64,9 +64,10 @@ def data_fingerprint(directory: ImageDirectory) -> str:
     if directory.shards is not None:
         for name in directory.shards.files:
             digest.update(f"{name}\t{_file_stamp(directory.shards.root / name)}\n".encode())
-    for i, (name, label) in enumerate(zip(directory.files, directory.labels)):
-        stamp = _file_stamp(directory.path(i)) if directory.shards is None else ""
-        digest.update(f"{name}\t{directory.categories[label]}\t{stamp}\n".encode())
+    for row, name in enumerate(directory.files):
+        labels = "\t".join(directory.label_names(row))  # one name; a multi-label row's set
+        stamp = _file_stamp(directory.path(row)) if directory.shards is None else ""
+        digest.update(f"{name}\t{labels}\t{stamp}\n".encode())
     return f"{len(directory.files)} images, sha256 {digest.hexdigest()[:16]}"
 
 

@@ -125,9 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--to parquet: shrink images whose longer side is larger to this many pixels (aspect "
                              f"kept, JPEG quality {JPEG_QUALITY}); default: store the bytes as they are")
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS,
-                        help=f"--to parquet: images per shard file at most (default {DEFAULT_SHARD_ROWS})")
+                        help="--to parquet: images per shard file at most (default %(default)s)")
     parser.add_argument("--shard-mib", type=int, default=DEFAULT_SHARD_MIB,
-                        help=f"--to parquet: MiB per shard file at most (default {DEFAULT_SHARD_MIB})")
+                        help="--to parquet: MiB per shard file at most (default %(default)s)")
     parser.add_argument("--image-column", default=None,
                         help="a table's image path column (default: the first of image_url, image_path, image, path, "
                              "file, file_name, filename)")

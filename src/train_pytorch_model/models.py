@@ -60,11 +60,6 @@ def check_model_name(name) -> str:
     return name
 
 
-def is_designer_model(name: str) -> bool:
-    """True for designer's 13 architectures, whose directories the original reads too."""
-    return MODEL_FAMILY.get(name) in ("densenet", "resnet")
-
-
 def flag_name_of(model_name: str) -> str | None:
     """The legacy init_params flag (memory_efficient / zero_init_residual) of a designer model, else None."""
     return FAMILIES[MODEL_FAMILY[model_name]][3]

@@ -37,6 +37,9 @@ class Silent:
     def end_epoch(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class Progress(Silent):
     def __init__(self, epochs: int, batch_size: int, print_freq: int, *, terminal: bool | None = None):
