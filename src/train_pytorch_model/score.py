@@ -60,6 +60,7 @@ from .errors import (
 )
 from .explain import explained_images, png_bytes
 from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
+from .init_model import parse_bool
 from .legacy_format import read_json
 from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory
 from .output_folder import staged_output
@@ -111,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
     parser.add_argument("--max-extracted-gib", type=float, default=MAX_EXTRACTED_GIB,
                         help="an archive is unpacked to a temporary folder (TMPDIR): " + MAX_EXTRACTED_HELP)
-    parser.add_argument("--explain", action="store_true",
+    parser.add_argument("--explain", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
                         help=f"also write a Grad-CAM heat map over each image (what the model looked at for its "
                              f"prediction) as {EXPLANATIONS_DIR}/<row>.png, named in column '{EXPLANATION_COLUMN}'; "
                              "about 3x the scoring time")
