@@ -99,6 +99,31 @@ def make_image_folder(tmp_path):
     return make
 
 
+MULTILABEL_CLASSES = ("can", "carton", "milk_bottle", "water_bottle")  # AutoML's multi-label fridge objects
+
+
+def write_multilabel_mltable(root: Path, count: int = 16, size=(32, 32), seed=0) -> Path:
+    """An MLTable folder in AutoML's multi-label shape: `images/<n>.png`, and JSON Lines rows
+    `{"image_url": "images/<n>.png", "label": ["can", "milk_bottle"]}`. Class k draws band k; every class has
+    images, and some images have one label, some several, one none."""
+    from train_pytorch_model.tables import write_mltable
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in range(count):
+        labels = [k for k in range(len(MULTILABEL_CLASSES)) if (n >> k) & 1 or n % len(MULTILABEL_CLASSES) == k]
+        labels = [] if n == count - 1 else labels
+        pixels = rng.integers(0, 40, size=(size[1], size[0], 3), dtype=np.uint8)
+        band = size[1] // len(MULTILABEL_CLASSES)
+        for k in labels:
+            pixels[k * band:(k + 1) * band, :, k % 3] = 230
+        Image.fromarray(pixels).save(root / "images" / f"{n}.png")
+        rows.append((f"images/{n}.png", [MULTILABEL_CLASSES[k] for k in labels]))
+    write_mltable(root, iter(rows))
+    return root
+
+
 def train_tiny_model(root: Path, classes=("cat", "dog", "fox")) -> Path:
     """A trained model directory in seconds: resnet18, 32 px, 1 epoch on generated images, its own MLflow store."""
     from train_pytorch_model.cli import main

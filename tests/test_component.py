@@ -29,9 +29,11 @@ SDK_EXAMPLE_MARKER = "<!-- executed by tests/test_component.py -->"
 EXPECTED_INPUTS = {
     "untrained_model": ("uri_folder", None, False, None),
     "training_data": ("uri_folder", None, False, None),
-    "validation_data": ("uri_folder", None, False, None),
+    "validation_data": ("uri_folder", None, True, None),  # optional: a stratified split when absent (issue 24)
     "image_column": ("string", None, True, None),
     "label_column": ("string", None, True, None),
+    "task": ("string", None, True, None),
+    "validation_fraction": ("number", None, True, 0.01),
     "epochs": ("integer", 5, False, 1),
     "batch_size": ("integer", 16, False, 1),
     "learning_rate": ("number", 0.001, False, 1e-9),  # "> 0": the schema only has an inclusive min
@@ -52,7 +54,7 @@ ALLOWED_FLAGS = {"--untrained-model", "--training-data", "--validation-data", "-
                  "--batch-size", "--learning-rate", "--random-seed", "--patience", "--image-size",
                  "--registered-model-name", "--num-workers", "--checkpoint-dir", "--optimizer", "--augmentation",
                  "--warmup-epochs", "--label-smoothing", "--precision", "--cache-validation", "--image-column",
-                 "--label-column"}
+                 "--label-column", "--task", "--validation-fraction"}
 # Names that mean something else in an input definition or a job YAML (`path: azureml:...`),
 # Python keywords (the SDK turns inputs into keyword arguments) and `self`.
 RESERVED_NAMES = set(keyword.kwlist) | {"self", "path", "type", "mode", "name", "version", "description",
@@ -268,7 +270,8 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     inputs.update({name: str(port["default"]) for name, port in spec["inputs"].items() if "default" in port})
     inputs.update(image_size="64", num_workers="2", registered_model_name="my-model", optimizer="sgd",
                   augmentation="crop", warmup_epochs="1", label_smoothing="0.1", precision="auto",
-                  cache_validation="True", image_column="path", label_column="y")  # booleans: True/False
+                  cache_validation="True", image_column="path", label_column="y",  # booleans: True/False
+                  task="multilabel", validation_fraction="0.25")
     argv = bind_command(spec["command"], inputs,
                         {"trained_model": str(tmp_path / "out"), "checkpoints": str(tmp_path / "ckpt")})
     assert argv[:4] == ["python", "-m", "train_pytorch_model", "train"]
@@ -281,6 +284,7 @@ def test_the_command_parses_with_the_train_cli(tmp_path):
     assert (args.image_size, str(args.num_workers), args.registered_model_name) == (64, "2", "my-model")
     assert (args.optimizer, args.augmentation, args.warmup_epochs, args.label_smoothing, args.cache_validation) == \
         ("sgd", "crop", 1, 0.1, True)
+    assert (args.task, args.validation_fraction) == ("multilabel", 0.25)
     assert Path(args.trained_model) == tmp_path / "out"
     assert Path(args.checkpoint_dir) == tmp_path / "ckpt"
 

@@ -105,9 +105,15 @@ def test_parameters_are_type_and_range_checked_from_the_yaml(data_inputs, name, 
 
 
 def test_a_missing_required_input_is_named(data_inputs):
-    del data_inputs["validation_data"]
-    with pytest.raises(ComponentSpecError, match="'validation_data'.*required"):
+    del data_inputs["training_data"]
+    with pytest.raises(ComponentSpecError, match="'training_data'.*required"):
         run_component(COMPONENT, data_inputs, {"trained_model": "out"}, "--dry-run")
+
+
+def test_validation_data_is_optional(data_inputs, capsys):
+    del data_inputs["validation_data"]
+    argv = dry_run(capsys, data_inputs)
+    assert "--validation-data" not in argv and "--training-data" in argv
 
 
 def test_unknown_inputs_and_outputs_are_refused(data_inputs):

@@ -197,3 +197,36 @@ def test_a_gpu_index_is_refused_by_name_when_several_processes_run(monkeypatch, 
     if not torch.cuda.is_available():
         with pytest.raises(InvalidParameterError, match="no CUDA GPU"):  # one process: the index is the user's choice
             distributed.pick_device(device, 0, 1)
+
+
+def test_torchrun_multilabel_without_validation_data(tmp_path, resnet18_dir):
+    """Two ranks split the same validation images off (seeded), gather every image's probabilities, and report the
+    metrics that one process measures on the saved weights."""
+    from conftest import write_multilabel_mltable
+    from train_pytorch_model import multilabel_metrics
+
+    data = write_multilabel_mltable(tmp_path / "ml", count=30)
+    out = tmp_path / "trained"
+    args = ["train", "--untrained-model", str(resnet18_dir), "--training-data", str(data), "--trained-model",
+            str(out), "--image-size", "32", "--num-workers", "0", "--batch-size", "3", "--epochs", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "train_pytorch_model", *args], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((out / "training_info.json").read_text())
+    held_out = set(info["validation_split"]["validation_files"])
+    directory = load_image_directory(data)
+    rows = [i for i, name in enumerate(directory.files) if name in held_out]
+    valid = directory.subset(rows)
+    trained = read_trained_model_directory(out)
+    dataset = build_dataset(valid, {c: i for i, c in enumerate(trained.classes)}, trained.preprocessing,
+                            train=False, seed=1)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    with torch.inference_mode():
+        probabilities = trained.model(trained.preprocessing.normalize(batch.images)).float().sigmoid()
+    expected = multilabel_metrics.summary(batch.targets.numpy() > 0.5, probabilities.numpy())
+    with open(out / "metrics.csv") as handle:
+        metrics = list(csv.DictReader(handle))[0]
+    assert float(metrics["valid_iou"]) == pytest.approx(expected["iou"], abs=1e-6)
+    assert float(metrics["valid_map"]) == pytest.approx(expected["map"], abs=1e-6)
+    assert float(metrics["valid_f1_macro"]) == pytest.approx(expected["f1_macro"], abs=1e-6)

@@ -252,7 +252,7 @@ def test_unexpected_exception_still_ends_with_one_named_line(tmp_path, capsys, m
     def broken(*args, **kwargs):
         raise KeyError("no such thing")
 
-    monkeypatch.setattr("train_pytorch_model.train_command.check_classes", broken)
+    monkeypatch.setattr("train_pytorch_model.train_command.resolve_task", broken)
     code = main(_train_argv(tmp_path, "--num-workers", "0"))
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]

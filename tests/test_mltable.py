@@ -109,7 +109,6 @@ def test_mltable_with_relative_and_https_urls(tmp_path):
     ({"image_url": "/etc/passwd", "label": "a"}, "outside"),
     ({"image_url": AZUREML.format("nowhere/x.png"), "label": "a"}, "not found inside the input folder"),
     ({"image_url": "s3://bucket/x.png", "label": "a"}, "scheme that is not read"),
-    ({"image_url": "fridge/can/0.png", "label": ["a", "b"]}, "multi-label"),
     ({"image_url": "fridge/can/0.png", "label": {"x": 1}}, "not a category name"),
     ({"image_url": 7, "label": "a"}, "not a file path"),
     ({"image_url": "fridge/can/0.png", "label": "x" * 5000}, "longer than 1024"),

@@ -347,13 +347,38 @@ def test_a_damaged_row_group_skips_its_rows_by_name(tmp_path):
                                      for v in damaged)
 
 
-def test_list_labels_are_named_multi_label(tmp_path):
+def test_list_labels_are_multi_label(tmp_path):
+    from train_pytorch_model.errors import SingleLabelFormatError
+    from train_pytorch_model.tasks import MultiClass
+
     table = pa.table({"image": pa.array(good_rows(2), shard_schema(None).field("image").type),
                       "label": pa.array([[0, 1], [1]])})
     (tmp_path / "m").mkdir()
     pq.write_table(table, tmp_path / "m" / "x.parquet")
-    with pytest.raises(InvalidDatasetError, match=r"holds a list of labels per image \(multi-label\)"):
-        load_image_directory(tmp_path / "m", "Training")
+    directory = load_image_directory(tmp_path / "m", "Training")
+    assert directory.is_multilabel and [directory.label_names(i) for i in range(2)] == [["0", "1"], ["1"]]
+    with pytest.raises(SingleLabelFormatError, match="label lists"):
+        MultiClass().prepare(directory, "Training")
+
+
+def test_a_hub_dataset_with_a_sequence_of_classlabel_trains_multilabel(tmp_path):
+    """datasets' multi-label layout: `Sequence(ClassLabel(names))`, ids per image; an empty list is no class."""
+    names = ["can", "carton", "milk_bottle"]
+    sets = [[0], [1, 2], [], [0, 2], [2], [0, 1], [1], [0, 1, 2]] * 2
+    images = [{"bytes": png((200 * (0 in s), 200 * (1 in s), 200 * (2 in s))), "path": f"{i}.png"}
+              for i, s in enumerate(sets)]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "labels": datasets.Sequence(datasets.ClassLabel(names=names))})
+    dataset = datasets.Dataset.from_dict({"image": images, "labels": sets}, features=features)
+    folder = hub_layout(tmp_path / "hub", dataset, shards=2)
+    directory = load_image_directory(folder, "Training")
+    assert directory.categories == names
+    assert [directory.label_names(i) for i in range(len(sets))] == [[names[k] for k in sorted(s)] for s in sets]
+    out = tmp_path / "model"
+    assert main(["train", "--untrained-model", str(resnet18()), "--training-data", str(folder),
+                 "--validation-data", str(folder), "--trained-model", str(out), *FAST]) == 0
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["task"] == "multilabel" and info["classes"] == names
 
 
 def test_gpu_decode_of_shards_is_refused_by_name(tmp_path, shards, capsys):
@@ -498,3 +523,12 @@ def test_the_benchmark_shim_delays_and_counts_opens_below_its_prefix_only(tmp_pa
                              str(tmp_path / "elsewhere")], env=env, capture_output=True, text=True, check=True)
     assert float(result.stdout) >= 0.1  # two delayed opens of 50 ms
     assert (tmp_path / "log").read_text() == "oo"  # counted; the file elsewhere was not
+
+
+def test_a_shard_set_without_validation_data_is_refused_by_name(tmp_path, capsys):
+    write_shard(tmp_path / "s" / "train-00000-of-00002.parquet", good_rows(4), [0, 1, 0, 1])
+    write_shard(tmp_path / "s" / "train-00001-of-00002.parquet", good_rows(4), [0, 1, 0, 1])
+    code = main(["train", "--untrained-model", str(resnet18()), "--training-data", str(tmp_path / "s"),
+                 "--trained-model", str(tmp_path / "t"), *FAST])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("ValidationSplitError: ") and "give --validation-data" in last

@@ -42,12 +42,17 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
-    """One server for the module: it takes seconds to start. The venv's bin goes first on PATH, where
+    """One server for the module: it takes seconds to start."""
+    yield from serve(trained, tmp_path_factory)
+
+
+def serve(model: Path, tmp_path_factory):
+    """`mlflow models serve` of `model` on a free port; yields its URL. The venv's bin goes first on PATH, where
     MLflow looks for `uvicorn`."""
     port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(trained),
+    process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model),
                                 "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -191,3 +196,42 @@ def test_the_server_returns_explanations_when_asked_and_refuses_too_many(server,
     many = {"columns": ["image"], "data": [[b64(images[:1])[0]]] * (MAX_EXPLAINED_IMAGES + 1)}
     status, answer = post(server, {"dataframe_split": many, "params": {"explain": True}})
     assert status == 400 and f"at most {MAX_EXPLAINED_IMAGES} images" in json.dumps(answer)
+
+
+@pytest.fixture(scope="module")
+def multilabel_model(tmp_path_factory) -> Path:
+    from conftest import write_multilabel_mltable
+    from train_pytorch_model.cli import main
+
+    root = tmp_path_factory.mktemp("serving-multilabel")
+    data = write_multilabel_mltable(root / "ml", count=12)
+    assert main(["train", "--untrained-model", str(REPO / "examples" / "legacy_untrained_model" / "resnet18"),
+                 "--training-data", str(data), "--trained-model", str(root / "model"), "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
+                 "--mlflow-tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]) == 0
+    return root / "model"
+
+
+def test_a_served_multilabel_model_answers_label_sets_and_a_threshold_param(multilabel_model, tmp_path_factory):
+    from conftest import MULTILABEL_CLASSES
+
+    images = [(multilabel_model.parent / "ml" / "images" / f"{n}.png").read_bytes() for n in range(4)]
+    expected = mlflow.pyfunc.load_model(str(multilabel_model)).predict(pd.DataFrame({"image": images}))
+    columns = [f"Scored Probabilities_{c}" for c in sorted(MULTILABEL_CLASSES)]
+    texts = b64(images)
+    url = next(server := serve(multilabel_model, tmp_path_factory))
+    try:
+        bodies = [{"dataframe_split": {"columns": ["image"], "data": [[t] for t in texts]}},
+                  {"dataframe_records": [{"image": t} for t in texts]}, {"inputs": texts},
+                  {"instances": [{"image": t} for t in texts]}]
+        for body in bodies:
+            status, answer = post(url, body)
+            assert status == 200, answer
+            predictions = pd.DataFrame(answer["predictions"])
+            assert list(predictions["Scored Labels"]) == list(expected["Scored Labels"])
+            assert (predictions[columns] - expected[columns]).abs().to_numpy().max() < 1e-6
+        status, answer = post(url, {"dataframe_records": [{"image": t} for t in texts], "params": {"threshold": 0.0}})
+        assert status == 200, answer
+        assert all(json.loads(row["Scored Labels"]) == sorted(MULTILABEL_CLASSES) for row in answer["predictions"])
+    finally:
+        server.close()  # stops the server (the generator's finally)

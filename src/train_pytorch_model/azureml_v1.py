@@ -30,10 +30,20 @@ V1_NAMES = {
 }
 
 
+# A multi-label run (which the original did not have): its metrics instead of top-1/top-5.
+MULTILABEL_V1_NAMES = {
+    **{k: v for k, v in V1_NAMES.items() if k not in ("valid_top1", "valid_top5")},
+    "valid_iou": "Validation IoU", "valid_f1_micro": "Validation F1 micro", "valid_f1_macro": "Validation F1 macro",
+    "valid_map": "Validation mAP", "valid_exact_match": "Validation exact set accuracy",
+}
+
+
 def v1_metric_row(metrics: dict) -> dict[str, float]:
     """Map the trainer's epoch metrics to the original's names and order (pure)."""
     values = dict(metrics)
     values["train_error"] = 1.0 - float(metrics["train_accuracy"])
+    if "valid_iou" in values:
+        return {v1_name: float(values[key]) for key, v1_name in MULTILABEL_V1_NAMES.items()}
     if values.get("valid_top5") is None:
         values["valid_top5"] = 1.0  # under 5 classes every label is in the top 5, as the original logged
     return {v1_name: float(values[key]) for key, v1_name in V1_NAMES.items()}

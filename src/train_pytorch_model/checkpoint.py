@@ -52,8 +52,9 @@ FORMAT = 2
 def data_fingerprint(directory: ImageDirectory) -> str:
     """Row order, file names and labels (not the mount path, which changes between Azure ML attempts)."""
     digest = hashlib.sha256()
-    for name, label in zip(directory.files, directory.labels):
-        digest.update(f"{name}\t{directory.categories[label]}\n".encode())
+    for row, name in enumerate(directory.files):
+        labels = "\t".join(directory.label_names(row))  # one name; a multi-label row's set
+        digest.update(f"{name}\t{labels}\n".encode())
     return f"{len(directory.files)} images, sha256 {digest.hexdigest()[:16]}"
 
 

@@ -22,6 +22,7 @@ from .limits import AUGMENTATIONS, DEFAULT_WEIGHT_DECAY, MAX_IMAGE_SIZE, MIN_IMA
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CLASS_WEIGHTS = ("none", "balanced")
 STOPPING_METRICS = ("valid_loss", "valid_top1")
+TASKS = ("auto", "multiclass", "multilabel")
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes any 64-bit value; data.py derives per-sample seeds below it
 
 
@@ -78,8 +79,10 @@ class TrainConfig:
                                    identity=False, required=True, type=Path)
     training_data: Path = _field(None, "labeled training images: ImageDirectory, class folders, table or MLTable",
                                  group="directories", identity=False, required=True, type=Path)
-    validation_data: Path = _field(None, "labeled validation images, in any of the training data's formats",
-                                   group="directories", identity=False, required=True, type=Path)
+    validation_data: Path | None = _field(
+        None, "labeled validation images, in any of the training data's formats; without it, --validation-fraction "
+        "of the training images is held out (stratified, by the seed; recorded in training_info.json)",
+        group="directories", identity=False, type=Path)
     trained_model: Path = _field(None, "output folder (new or empty)", group="directories", identity=False,
                                  required=True, type=Path)
     image_column: str | None = _field(None, "image path column of a table or MLTable input (default: the first of "
@@ -103,6 +106,14 @@ class TrainConfig:
     patience: int = _field(3, "stop after this many epochs without a better validation loss; 0 never stops early "
                            "(default %(default)s)", group="designer parameters", type=integer)
     # extras
+    task: str = _field("auto", "multiclass (one label per image, softmax) or multilabel (a set of labels per image, "
+                       "one sigmoid per class); auto: multilabel when the table's labels are lists "
+                       "(default %(default)s)", choices=TASKS)
+    validation_fraction: float = _field(0.2, "without --validation-data: the fraction of training images held out "
+                                        "for validation (default %(default)s, as AutoML)", type=float)
+    positive_class_weights: str = _field("none", "multilabel: balanced weighs each class's positive images by "
+                                         "negatives/positives, for rare labels (default %(default)s)",
+                                         choices=CLASS_WEIGHTS)
     image_size: int | None = _field(None, f"square side images are resized/cropped to, {MIN_IMAGE_SIZE} to "
                                     f"{MAX_IMAGE_SIZE}; auto: the architecture's, 224 for designer's DenseNet/ResNet "
                                     "(default %(default)s)", type=auto_or_int, metavar="auto|N", shown="auto")
@@ -171,6 +182,9 @@ class TrainConfig:
         _check("Max bad image fraction", self.max_bad_image_fraction,
                math.isfinite(self.max_bad_image_fraction) and 0 <= self.max_bad_image_fraction <= 1,
                "must be between 0 and 1")
+        _check("Validation fraction", self.validation_fraction,
+               math.isfinite(self.validation_fraction) and 0 < self.validation_fraction < 1,
+               "must be a number between 0 and 1 (exclusive)")
         _check("Print frequency", self.print_freq, self.print_freq >= 1, "must be an integer >= 1")
         _check("Num workers", self.num_workers, self.num_workers is None or self.num_workers >= 0,
                "must be auto or an integer >= 0")

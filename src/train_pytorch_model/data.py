@@ -83,7 +83,7 @@ def decoded_item(dataset: ImageDataset, source, target: int, index: int, epoch: 
 @dataclass
 class Batch:
     images: torch.Tensor  # uint8 NCHW (channels_last from data.collate)
-    targets: torch.Tensor  # int64 N
+    targets: torch.Tensor  # int64 N, or float N x classes (multi-label)
     failures: list[tuple[int, str]]  # (row, reason) of rows left out of this batch
 
     def pin_memory(self) -> Batch:
@@ -116,7 +116,7 @@ def collate(items) -> Batch:
         stacked = default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
     else:
         stacked = default_collate(images)
-    return Batch(stacked, torch.tensor([item[1] for item in good]), failures)
+    return Batch(stacked, stack_targets([item[1] for item in good]), failures)
 
 
 class EpochTaggedSampler(Sampler):
@@ -338,10 +338,36 @@ class BadImageTracker:
             )
 
 
-def class_targets(directory: ImageDirectory, class_index: dict[str, int]) -> array:
-    """Each row's class index in the training class list (matched by category name)."""
+class MultiHotTargets:
+    """A multi-label directory's targets: row i -> float multi-hot over the training classes, made when the row
+    is loaded (the directory keeps only the compact label sets)."""
+
+    def __init__(self, label_sets, mapping: list[int], num_classes: int):
+        self.label_sets, self.mapping, self.num_classes = label_sets, mapping, num_classes
+
+    def __len__(self) -> int:
+        return len(self.label_sets)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        target = torch.zeros(self.num_classes)
+        target[[self.mapping[i] for i in self.label_sets[row]]] = 1.0
+        return target
+
+
+def class_targets(directory: ImageDirectory, class_index: dict[str, int]) -> array | MultiHotTargets:
+    """Each row's class index in the training class list (matched by category name); for a multi-label
+    directory, each row's multi-hot vector."""
     mapping = [class_index[name] for name in directory.categories]
+    if directory.label_sets is not None:
+        return MultiHotTargets(directory.label_sets, mapping, len(class_index))
     return array("l", (mapping[label] for label in directory.labels))
+
+
+def stack_targets(targets: list) -> torch.Tensor:
+    """A batch's targets: int64 class indices, or the float multi-hot rows of a multi-label dataset."""
+    if targets and isinstance(targets[0], torch.Tensor):
+        return torch.stack(targets)
+    return torch.tensor(targets, dtype=torch.int64)
 
 
 def build_dataset(directory: ImageDirectory, class_index: dict[str, int], preprocessing: Preprocessing,

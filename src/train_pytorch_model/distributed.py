@@ -59,7 +59,7 @@ class Context:
         return tensor.tolist()
 
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Every rank's rows (an int64 (n, k) tensor; n may differ, even be 0), concatenated in rank order, on
+        """Every rank's rows (an (n, k) tensor, int64 or float; n may differ, even be 0), concatenated in rank order, on
         every rank. Padded to the longest, as all_gather needs equal shapes."""
         if not self.distributed:
             return rows

@@ -76,6 +76,15 @@ class NotLabeledDatasetError(InvalidDatasetError):
 
 
 
+class SingleLabelFormatError(InvalidDatasetError):
+    """A multi-label run got a dataset whose format holds one label per image (a designer ImageDirectory or
+    <class>/<image> folders), or a multi-class run got label lists."""
+
+
+class ValidationSplitError(InvalidDatasetError):
+    """Without validation data, the training data cannot be split: a class has too few images."""
+
+
 class InvalidModelDirectoryError(TrainPyTorchModelError):
     """A ModelDirectory is missing files, names an unsupported model, or holds foreign weights."""
 

@@ -1,5 +1,6 @@
 """`evaluate`: a scored table (output of `score`) with true labels -> classification metrics
-(designer's "Evaluate Model" for a multi-class image classifier).
+(designer's "Evaluate Model" for a multi-class image classifier; a multi-label model's table is evaluated by
+evaluate_multilabel.py).
 
 Input: the `score` output folder, or a `.parquet`/`.csv` file with the same columns. The true
 labels are in `--label-column` (default `category`, which `score` fills from a labeled image
@@ -37,6 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError, quote
+from .evaluate_multilabel import evaluate_multilabel_table, is_multilabel_table, plot_label_confusion
+from .evaluate_multilabel import flat_metrics as multilabel_flat_metrics
+from .evaluate_multilabel import summary_text as multilabel_summary_text
 from .legacy_format import open_regular
 from .predictions import (
     ERROR_COLUMN,
@@ -99,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError(missing.lstrip("-").replace("-", " ").capitalize(), None,
                                     f"is needed with {given}: the gallery's heat maps take both the model and images")
     table = read_scored_table(args.scored_data)
+    if is_multilabel_table(table):  # a multi-label model's table: evaluate_multilabel.py
+        metrics, confusion = evaluate_multilabel_table(table, args.label_column)
+        write_evaluation(args.evaluation, metrics, confusion)
+        log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
+        print(multilabel_summary_text(metrics, args.evaluation))
+        return 0
     metrics, confusion = evaluate_table(table, args.label_column, ks)
     mistakes = confident_mistakes(table, args.label_column)
     pictures = None
@@ -303,6 +313,9 @@ def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame, *, table
         per_class.index.name = "label"
         per_class.to_csv(stage / PER_CLASS_FILE)
         confusion.to_csv(stage / CONFUSION_CSV)
+        if metrics.get("task") == "multilabel":  # per-class decisions; the pictures below are multi-class
+            plot_label_confusion(stage / CONFUSION_PNG, confusion)
+            return
         matrix, labels = confusion.to_numpy(), [str(c) for c in confusion.columns]
         caption = f"accuracy {metrics['accuracy']:.1%}, {int(matrix.sum())} images"
         reports.plot_confusion_matrix(stage / CONFUSION_PNG, matrix, labels, f"Confusion matrix ({caption})")
@@ -334,12 +347,15 @@ def log_to_mlflow(folder: Path, metrics: dict, tracking_uri: str | None, trainin
     if training_run_id:
         tracker.set_tags({TRAINING_RUN_TAG: training_run_id,
                           "mlflow.note.content": f"Evaluates the model trained by run {training_run_id}."})
-    flat = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro"]["f1"],
-            "macro_precision": metrics["macro"]["precision"], "macro_recall": metrics["macro"]["recall"],
-            "weighted_f1": metrics["weighted"]["f1"], "evaluated_rows": metrics["evaluated_rows"]}
-    flat.update({f"top_{k}_accuracy": v for k, v in metrics["top_k_accuracy"].items()})
-    if metrics["log_loss"] is not None:
-        flat["log_loss"] = metrics["log_loss"]
+    if metrics.get("task") == "multilabel":
+        flat = multilabel_flat_metrics(metrics)
+    else:
+        flat = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro"]["f1"],
+                "macro_precision": metrics["macro"]["precision"], "macro_recall": metrics["macro"]["recall"],
+                "weighted_f1": metrics["weighted"]["f1"], "evaluated_rows": metrics["evaluated_rows"]}
+        flat.update({f"top_{k}_accuracy": v for k, v in metrics["top_k_accuracy"].items()})
+        if metrics["log_loss"] is not None:
+            flat["log_loss"] = metrics["log_loss"]
     tracker.log_metrics(flat, step=0)
     for path in sorted(Path(folder).iterdir()):  # the report and every picture in it, too
         if path.is_file():

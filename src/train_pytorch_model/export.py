@@ -6,7 +6,8 @@
 
 Both take what `score` gives the model after decoding: a uint8 RGB batch `images` of shape
 (N, 3, image_size, image_size) (any height and width for a directory trained by the original
-module), and return `probabilities`, softmax over the classes in `classes` order. Normalisation
+module), and return `probabilities`, softmax over the classes in `classes` order (a multi-label model:
+one sigmoid per class; a class is predicted at `threshold`, written down too). Normalisation
 is inside the graph; the resize that comes before it is not, and is written down: in the ONNX
 file's `metadata_props` and in `export_info.json` beside both files (image size, resize rule,
 mean/std, class names). Each file is checked against PyTorch before the output is written.
@@ -43,17 +44,20 @@ EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 
 
 class ProbabilityModel(torch.nn.Module):
-    """uint8 NCHW images -> class probabilities: the trained network with its normalisation and softmax."""
+    """uint8 NCHW images -> class probabilities: the trained network with its normalisation and softmax (or a
+    multi-label model's sigmoid per class)."""
 
     def __init__(self, trained: TrainedModel):
         super().__init__()
         self.network = trained.model.eval()
+        self.multilabel = trained.is_multilabel
         prep = trained.preprocessing
         self.register_buffer("mean", torch.tensor(prep.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(prep.std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.network((images.float() - self.mean) / self.std).softmax(dim=1)
+        logits = self.network((images.float() - self.mean) / self.std)
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +98,10 @@ def export_info(trained: TrainedModel) -> dict:
         "model_name": trained.spec.model_name,
         "classes": list(trained.classes),
         "input": f"{INPUT_NAME}: uint8 RGB, shape (batch, 3, {side or 'height'}, {side or 'width'})",
-        "output": f"{OUTPUT_NAME}: float32 softmax, shape (batch, {len(trained.classes)}), in 'classes' order",
+        "output": f"{OUTPUT_NAME}: float32 {'sigmoid per class' if trained.is_multilabel else 'softmax'}, shape "
+                  f"(batch, {len(trained.classes)}), in 'classes' order",
+        "task": trained.task,
+        **({"threshold": trained.threshold} if trained.is_multilabel else {}),
         "image_size": side,
         "resize_size": prep.resize_size,
         "resize": resize_rule(prep) if side else "none: the model was trained on images as they are",

@@ -41,7 +41,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from .data import ImageDataset, build_dataset, sample_seed
+from .data import ImageDataset, build_dataset, sample_seed, stack_targets
 from .data import collate as data_collate
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
@@ -174,7 +174,7 @@ class GpuBatch:
     offsets: list[int]  # JPEG i is jpegs[offsets[i]:offsets[i + 1]]
     plans: list[Plan]  # one per JPEG
     decoded: torch.Tensor  # uint8 NCHW, final (data.collate's layout)
-    targets: torch.Tensor  # int64 N
+    targets: torch.Tensor  # int64 N, or float N x classes (multi-label)
     rows: list[int]
     failures: list[tuple[int, str]]
 
@@ -204,9 +204,10 @@ def collate(items) -> GpuBatch:
     view = packed.numpy()
     for item, start, end in zip(jpegs, offsets, offsets[1:]):
         view[start:end] = np.frombuffer(item[0], dtype=np.uint8)
-    targets = torch.tensor([item[2] for item in jpegs], dtype=torch.int64)
+    # The JPEGs' targets, then the CPU-decoded rows' (int64 classes, or float multi-hot rows).
+    targets = stack_targets([item[2] for item in jpegs] + [item[1] for item in others if item[0] is not None])
     return GpuBatch(packed, offsets, [item[1] for item in jpegs], decoded.images,
-                    torch.cat([targets, decoded.targets.to(torch.int64)]),
+                    targets,
                     [item[3] for item in jpegs] + [item[2] for item in others if item[0] is not None],
                     decoded.failures)
 

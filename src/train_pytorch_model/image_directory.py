@@ -22,11 +22,12 @@ import logging
 import os
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .categories import MAX_CLASSES, category_list_problem
 from .errors import DirectoryEmptyError, DirectoryNotFoundError, InvalidDatasetError, NotLabeledDatasetError, quote
+from .label_sets import LabelSets
 from .legacy_format import (
     is_hidden,
     is_safe_relative,
@@ -51,7 +52,10 @@ CONVERT_HELP = "docs/data-formats.md lists what is read; `python -m train_pytorc
 
 @dataclass
 class ImageDirectory:
-    """An indexed ImageDirectory: row i is image `files[i]` with label `categories[labels[i]]`."""
+    """An indexed ImageDirectory: row i is image `files[i]` with label `categories[labels[i]]`.
+
+    Multi-label (`label_sets` set; only tables and MLTables are): row i's categories are
+    `label_sets[i]`, and `labels[i]` only says whether the row is labeled (0) or not (-1)."""
 
     root: Path
     layout: str  # "meta", "mltable", "table", "image_folder" or "flat"
@@ -61,6 +65,7 @@ class ImageDirectory:
     categories: list[str] | None  # class names in category-id order; None when not labeled
     schema: dict = field(default_factory=dict)  # the `_schema.json` (generated for fallbacks)
     annotation_column: str | None = "category"
+    label_sets: LabelSets | None = None
     shards: ShardIndex | None = None  # Parquet shards: `files` then name rows ("<shard> row <n>"), not files
     _reader: ShardReader | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -71,9 +76,24 @@ class ImageDirectory:
     def is_labeled(self) -> bool:
         return self.categories is not None
 
+    @property
+    def is_multilabel(self) -> bool:
+        return self.label_sets is not None
+
     def path(self, i: int) -> Path:
         return self.root / self.files[i]
 
+    def subset(self, rows: list[int]) -> ImageDirectory:
+        """These rows only (same root, categories and schema)."""
+        return replace(self, files=[self.files[i] for i in rows], ids=array("q", (self.ids[i] for i in rows)),
+                       labels=array("l", (self.labels[i] for i in rows)),
+                       label_sets=self.label_sets.subset(rows) if self.label_sets is not None else None)
+
+    def label_names(self, i: int) -> list[str]:
+        """Row i's category names: one, or a multi-label row's set (none for an unlabeled row)."""
+        if self.label_sets is not None:
+            return self.label_sets.names(i, self.categories) if self.labels[i] >= 0 else []
+        return [self.categories[self.labels[i]]] if self.categories is not None and self.labels[i] >= 0 else []
     def image_source(self, i: int) -> Path | bytes:
         """What decode_image reads for row i: its file (to open inside `root`), or a shard row's bytes
         (ImageDecodeError, with the reason, for a row without an image)."""
@@ -129,7 +149,8 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
         index = read_table(table, Columns(image_column, label_column), keep_unlabeled, error)
         labeled = index.categories is not None
         directory = ImageDirectory(root, index.layout, index.files, index.ids, index.labels, index.categories,
-                                   default_schema(index.categories), "category" if labeled else None)
+                                   default_schema(index.categories), "category" if labeled else None,
+                                   index.label_sets)
     elif (coco := find_coco_file(root)) is not None:
         raise error(
             f"'{coco.name}' makes this a COCO folder, which never holds classification labels. "
@@ -164,7 +185,7 @@ def check_categories(categories: list[str] | None, layout: str, error) -> None:
 
 def _read_shards(given: Path, files: list[Path], role: str, image_column: str | None, label_column: str | None,
                  keep_unlabeled: bool, error) -> ImageDirectory:
-    index, labels, categories = read_shard_index(given, files, role, image_column, label_column)
+    index, labels, categories, label_sets = read_shard_index(given, files, role, image_column, label_column)
     if categories is not None and not keep_unlabeled and -1 in labels:
         names = index.row_names()
         raise error(f"{labels.count(-1)} rows have no label (-1 or empty), first {names[labels.index(-1)]}; "
@@ -172,7 +193,8 @@ def _read_shards(given: Path, files: list[Path], role: str, image_column: str | 
     if categories is None:
         labels = array("q", [-1]) * index.rows
     return ImageDirectory(index.root, "parquet", index.row_names(), range(index.rows), labels, categories,
-                          default_schema(categories), "category" if categories is not None else None, shards=index)
+                          default_schema(categories), "category" if categories is not None else None,
+                          label_sets=label_sets, shards=index)
 
 
 # --- meta route -------------------------------------------------------------------------------------------

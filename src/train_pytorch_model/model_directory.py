@@ -51,6 +51,7 @@ from .models import (
     preprocessing_defaults,
     pretrained_missing_error,
 )
+from .multilabel_metrics import DEFAULT_THRESHOLD
 from .output_folder import staged_output
 from .preprocessing import ImageDecodeError, Preprocessing
 
@@ -60,6 +61,7 @@ SPEC_FILE = "model_spec.yaml"
 WEIGHTS_FILE = "model"
 LABEL_MAP_FILE = "index_to_label.csv"
 INFO_FILE = "training_info.json"
+TASKS = ("multiclass", "multilabel")
 MODEL_INFO_FILE = "model_info.json"  # untrained directory: architecture, weights source, preprocessing defaults
 README_FILE = "README.txt"  # architectures beyond designer's 13: who can read the directory
 TASK_TYPE = "MultiClassification"
@@ -224,6 +226,16 @@ class TrainedModel:
     classes: list[str]
     preprocessing: Preprocessing
     spec: ModelSpec
+    task: str = "multiclass"  # or "multilabel": one sigmoid per class, labels at or above `threshold`
+    threshold: float = DEFAULT_THRESHOLD
+
+    @property
+    def is_multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes, or a multi-label model's sigmoid per class."""
+        return logits.sigmoid() if self.is_multilabel else logits.softmax(dim=1)
 
 
 def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
@@ -236,6 +248,7 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
         raise InvalidModelDirectoryError(f'ModelDirectory "{path}" has no weights file \'{WEIGHTS_FILE}\'.')
     model = _load_model(weights, spec, inside=path)
     info_path = path / INFO_FILE
+    task, threshold = "multiclass", DEFAULT_THRESHOLD
     if info_path.is_file():
         info = read_json(info_path, InvalidModelDirectoryError)
         if not isinstance(info, dict) or not isinstance(info.get("classes"), list) \
@@ -245,6 +258,13 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
                 "the trained model directory is damaged: train it again."
             )
         classes = info["classes"]
+        task, threshold = info.get("task", task), info.get("threshold", threshold)
+        if task not in TASKS or not valid_threshold(threshold):
+            raise InvalidModelDirectoryError(
+                f"'{info_path}' has task {quote(task)} and threshold {quote(threshold)}; the task must be one of "
+                f"{list(TASKS)} and the threshold a number from 0 to 1. The trained model directory is damaged: "
+                "train it again."
+            )
         try:
             preprocessing = Preprocessing.from_dict(info["preprocessing"])
         except (TypeError, ValueError):
@@ -271,7 +291,11 @@ def read_trained_model_directory(path: str | os.PathLike) -> TrainedModel:
             "its files come from different trainings. Use an intact trained model directory, or train again."
         )
     model.eval()
-    return TrainedModel(model, classes, preprocessing, spec)
+    return TrainedModel(model, classes, preprocessing, spec, task, float(threshold))
+
+
+def valid_threshold(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def _read_label_map(path: Path, num_classes: int) -> list[str]:
@@ -401,7 +425,8 @@ def training_samples(directory, schema: dict, count: int = 3) -> list[dict]:
                 except (UnreadableInputError, ImageDecodeError):
                     row[name] = None
             elif name == directory.annotation_column and directory.is_labeled:
-                row[name] = directory.categories[directory.labels[i]]
+                names = directory.label_names(i)  # a multi-label row: its list of categories
+                row[name] = names if directory.is_multilabel else (names[0] if names else None)
             elif name == "id":
                 row[name] = directory.ids[i]
         samples.append(row)

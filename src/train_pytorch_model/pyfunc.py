@@ -12,6 +12,10 @@ what every request format of `mlflow models serve` becomes (`dataframe_split`, `
 uses the network. The MLmodel carries a signature and an input example (one
 small image), so `mlflow.models.get_serving_input` and Azure ML's test tab have a request to show.
 Output: the predictions table of `predictions.py`: `Scored Labels` and `Scored Probabilities_<class>`.
+A multi-label model's `Scored Labels` is the predicted set (JSON list text) at its threshold (0.5 unless
+trained otherwise), stored in `training_info.json` and as the MLmodel's `model_config`; override it per
+load (`mlflow.pyfunc.load_model(uri, model_config={"threshold": 0.3})`) or per request (`params`:
+`{"threshold": 0.3}`, declared in the signature).
 
 Explanations on request: the MLflow param `explain: true` (`{"dataframe_split": ..., "params": {"explain": true}}`)
 adds column `explanation`, a base64 PNG per image: the image as the model saw it under a Grad-CAM heat map of the
@@ -32,10 +36,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .errors import InvalidDatasetError, quote
+from .errors import InvalidDatasetError, InvalidParameterError, quote
 from .image_directory import ImageDirectory
 from .model_directory import TrainedModel, read_trained_model_directory
-from .predictions import EXPLANATION_COLUMN, SCORED_LABELS, probability_column
+from .predictions import EXPLANATION_COLUMN, SCORED_LABELS, predicted_labels, probability_column
 from .preprocessing import ImageDecodeError, decode_image
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -92,17 +96,19 @@ def image_bytes(value, row: int) -> bytes:
 class ImageClassifierPyfunc:
     """What `mlflow.pyfunc.load_model` returns the implementation of."""
 
-    def __init__(self, trained: TrainedModel):
+    def __init__(self, trained: TrainedModel, threshold: float | None = None):
         self.trained = trained
         self.transform = trained.preprocessing.eval_transform()
+        self.threshold = trained.threshold if threshold is None else checked_threshold(threshold)
 
     @torch.inference_mode()
     def predict_tensors(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Softmax probabilities for uint8 CHW tensors (resized already when the recipe says so)."""
+        """Class probabilities (softmax, or a multi-label model's sigmoids) for uint8 CHW tensors (resized
+        already when the recipe says so)."""
         model, prep = self.trained.model, self.trained.preprocessing
         same_size = len({tuple(t.shape) for t in images}) == 1
         groups = [torch.stack(images)] if same_size else [t.unsqueeze(0) for t in images]
-        return torch.cat([model(prep.normalize(batch)).softmax(dim=1) for batch in groups])
+        return torch.cat([self.trained.probabilities(model(prep.normalize(batch))) for batch in groups])
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
         frame = request_frame(model_input)
@@ -132,7 +138,9 @@ class ImageClassifierPyfunc:
             probabilities.append(self.predict_tensors(tensors))
         classes = self.trained.classes
         probs = torch.cat(probabilities).numpy() if probabilities else torch.empty(0, len(classes)).numpy()
-        result = pd.DataFrame({SCORED_LABELS: [classes[i] for i in probs.argmax(axis=1)] if len(probs) else []})
+        requested = (params or {}).get("threshold")  # None: not in this request (MLflow fills in None)
+        threshold = self.threshold if requested is None else checked_threshold(requested)
+        result = pd.DataFrame({SCORED_LABELS: predicted_labels(probs, classes, self.trained.is_multilabel, threshold)})
         for index, label in enumerate(classes):
             result[probability_column(label)] = probs[:, index].astype("float64") if len(probs) else []
         if explain:
@@ -186,13 +194,19 @@ def _frame(data, **kwargs) -> pd.DataFrame:
         raise InvalidDatasetError(f"Input cannot be read as a table with an '{IMAGE_COLUMN}' column: {exc}.") from None
 
 
-def _load_pyfunc(data_path: str) -> ImageClassifierPyfunc:
-    """MLflow's hook: `data_path` is the model directory."""
-    return ImageClassifierPyfunc(read_trained_model_directory(data_path))
+def checked_threshold(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise InvalidParameterError("Threshold", value, "must be a number from 0 to 1")
+    return float(value)
+
+
+def _load_pyfunc(data_path: str, model_config: dict | None = None) -> ImageClassifierPyfunc:
+    """MLflow's hook: `data_path` is the model directory; `model_config` may override the threshold."""
+    return ImageClassifierPyfunc(read_trained_model_directory(data_path), (model_config or {}).get("threshold"))
 
 
 def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *,
-                      examples: ImageDirectory | None = None) -> None:
+                      examples: ImageDirectory | None = None, threshold: float | None = None) -> None:
     """Add MLmodel, environment files, an input example and a copy of this package to `stage` (the
     legacy files stay). `examples`: the training data, whose first image, shrunk to a thumbnail, is the
     example; without it the example is a grey square."""
@@ -223,13 +237,17 @@ def save_mlflow_model(stage: Path, classes: list[str], metadata: dict, *,
         outputs=Schema([ColSpec("string", SCORED_LABELS)]
                        + [ColSpec("double", probability_column(c)) for c in classes]
                        + [ColSpec("string", EXPLANATION_COLUMN, required=False)]),
-        # MLflow hands a request's params to predict only when the signature declares them.
-        params=ParamSchema([ParamSpec(EXPLAIN_PARAM, "boolean", False)]),
+        # MLflow hands a request's params to predict only when the signature declares them. A multi-label model
+        # (`threshold` given) also takes a threshold; its default is None, not the threshold: MLflow passes the
+        # default to every call, which would hide a threshold given by `model_config` at load.
+        params=ParamSchema([ParamSpec(EXPLAIN_PARAM, "boolean", False)]
+                           + ([ParamSpec("threshold", "double", None)] if threshold is not None else [])),
     )
     model = Model(signature=signature, metadata=metadata)
     _save_example(model, pd.DataFrame({IMAGE_COLUMN: [example_png(examples)]}), str(stage))
-    mlflow.pyfunc.add_to_model(model, loader_module=__name__, code="code",
-                               conda_env="conda.yaml", python_env="python_env.yaml")
+    mlflow.pyfunc.add_to_model(model, loader_module=__name__, code="code", conda_env="conda.yaml",
+                               python_env="python_env.yaml",
+                               model_config={"threshold": threshold} if threshold is not None else None)
     model.save(str(stage / "MLmodel"))
 
 

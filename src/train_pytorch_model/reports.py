@@ -18,11 +18,18 @@ if TYPE_CHECKING:
 
 COLUMNS = ("epoch", "lr", "train_loss", "train_accuracy", "train_images_per_second",
            "valid_loss", "valid_top1", "valid_top5", "data_wait_fraction", "seconds")
+MULTILABEL_COLUMNS = ("valid_iou", "valid_f1_micro", "valid_f1_macro", "valid_map", "valid_exact_match")
+MULTILABEL_CURVES = {"valid_iou": "validation IoU", "valid_f1_micro": "validation F1 micro",
+                     "valid_f1_macro": "validation F1 macro", "valid_map": "validation mAP",
+                     "valid_exact_match": "validation exact set"}
+
+
 METRICS_CSV = "metrics.csv"
 CURVES_PNG = "training_curves.png"
 VALID_CONFUSION_PNG = "validation_confusion_matrix.png"
 VALID_CONFUSION_CSV = "validation_confusion_matrix.csv"
 TRAINING_IMAGES_PNG = "training_images.png"
+# (A multi-label run has no single confusion matrix: it writes the others; `evaluate` gives per-class decisions.)
 TRAINING_FILES = (METRICS_CSV, CURVES_PNG, VALID_CONFUSION_PNG, VALID_CONFUSION_CSV, TRAINING_IMAGES_PNG)
 
 MATRIX_CLASSES = 30  # a confusion matrix with more classes shows the MATRIX_CLASSES most confused ones
@@ -47,29 +54,44 @@ def _save(fig, path: Path, dpi: int = 100) -> None:
 
 # --- training ----------------------------------------------------------------------------------------------------
 
+def is_multilabel(history) -> bool:
+    return bool(history) and history[0].valid_iou is not None
+
+
 def write_metrics_csv(path: Path, history) -> None:
+    """One row per epoch; a multi-label run has its metrics instead of top-1/top-5."""
+    columns = COLUMNS
+    if is_multilabel(history):
+        columns = tuple(c for c in COLUMNS if c not in ("valid_top1", "valid_top5")) + MULTILABEL_COLUMNS
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(COLUMNS)
+        writer.writerow(columns)
         for m in history:
-            writer.writerow(["" if getattr(m, c) is None else getattr(m, c) for c in COLUMNS])
+            writer.writerow(["" if getattr(m, c) is None else getattr(m, c) for c in columns])
 
 
 def write_training_report(folder: Path, history, best_epoch: int, classes: list[str],
                           best_predictions: torch.Tensor | None, samples: list[tuple[torch.Tensor, int]]) -> None:
     """TRAINING_FILES in `folder`: per-epoch metrics, curves with the saved epoch marked, the validation confusion
-    matrix of that epoch, and augmented training images (uint8 CHW, class index) as the model saw them."""
+    matrix of that epoch (multi-class runs), and augmented training images (uint8 CHW, class index) as the model
+    saw them."""
     write_metrics_csv(folder / METRICS_CSV, history)
     plot_training_curves(folder / CURVES_PNG, history, best_epoch)
+    if not is_multilabel(history):
+        write_validation_confusion(folder, best_epoch, classes, best_predictions)
+    images = [image.permute(1, 2, 0).numpy() for image, _ in samples]
+    plot_image_grid(folder / TRAINING_IMAGES_PNG, images, [classes[label] for _, label in samples],
+                    columns=MOSAIC_PER_CLASS, title="Training images after augmentation (what the model sees)")
+
+
+def write_validation_confusion(folder: Path, best_epoch: int, classes: list[str],
+                               best_predictions: torch.Tensor | None) -> None:
     pairs = np.zeros((0, 2), dtype=np.int64) if best_predictions is None else best_predictions.numpy()
     matrix = confusion_from_pairs(pairs, len(classes))
     write_confusion_csv(folder / VALID_CONFUSION_CSV, matrix, classes)
     accuracy = np.trace(matrix) / max(matrix.sum(), 1)
     plot_confusion_matrix(folder / VALID_CONFUSION_PNG, matrix, classes,
                           f"Validation, best epoch {best_epoch}: accuracy {accuracy:.1%}, {int(matrix.sum())} images")
-    images = [image.permute(1, 2, 0).numpy() for image, _ in samples]
-    plot_image_grid(folder / TRAINING_IMAGES_PNG, images, [classes[label] for _, label in samples],
-                    columns=MOSAIC_PER_CLASS, title="Training images after augmentation (what the model sees)")
 
 
 def plot_training_curves(path: Path, history, best_epoch: int | None = None) -> None:
@@ -78,11 +100,17 @@ def plot_training_curves(path: Path, history, best_epoch: int | None = None) -> 
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
     loss_ax.plot(epochs, [m.train_loss for m in history], "o-", label="training")
     loss_ax.plot(epochs, [m.valid_loss for m in history], "o-", label="validation")
-    loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
-    acc_ax.plot(epochs, [m.train_accuracy for m in history], "o-", label="training top-1")
-    acc_ax.plot(epochs, [m.valid_top1 for m in history], "o-", label="validation top-1")
-    if history and history[0].valid_top5 is not None:
-        acc_ax.plot(epochs, [m.valid_top5 for m in history], "o-", label="validation top-5")
+    if is_multilabel(history):
+        loss_ax.set(title="Loss", xlabel="epoch", ylabel="binary cross-entropy")
+        acc_ax.plot(epochs, [m.train_accuracy for m in history], "o-", label="training exact set")
+        for column, label in MULTILABEL_CURVES.items():
+            acc_ax.plot(epochs, [getattr(m, column) for m in history], "o-", label=label)
+    else:
+        loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+        acc_ax.plot(epochs, [m.train_accuracy for m in history], "o-", label="training top-1")
+        acc_ax.plot(epochs, [m.valid_top1 for m in history], "o-", label="validation top-1")
+        if history and history[0].valid_top5 is not None:
+            acc_ax.plot(epochs, [m.valid_top5 for m in history], "o-", label="validation top-5")
     acc_ax.set(title="Accuracy", xlabel="epoch", ylim=(0, 1.02))
     for ax in (loss_ax, acc_ax):
         if best_epoch:

@@ -13,6 +13,10 @@ Output folder:
   label and empty probabilities, so the table still lists every image. The parquet file's metadata
   names the MLflow run that trained the model (`evaluate` tags its run with it); the CSV escapes
   text that a spreadsheet would run as a formula (`predictions.csv_safe`).
+- A multi-label model: `Scored Labels` is the predicted set as JSON list text (`["can", "milk_bottle"]`)
+  at the model's threshold (or `--threshold`), each probability its class's own sigmoid; a multi-label
+  table's true `category` is its set as JSON list text too. The parquet metadata says so
+  (`train_pytorch_model.task`, `train_pytorch_model.threshold`), for `evaluate`.
 - with `--explain`: `explanations/<row>.png` per scored image, named in column `explanation`: the
   image as the model saw it (resized and cropped) under a Grad-CAM heat map of what drove the
   predicted class (explain.py).
@@ -61,6 +65,7 @@ from .errors import (
 from .explain import explained_images, png_bytes
 from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
 from .init_model import parse_bool
+from .label_sets import label_set_text
 from .legacy_format import read_json
 from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory
 from .output_folder import staged_output
@@ -72,8 +77,11 @@ from .predictions import (
     SCORED_CSV,
     SCORED_LABELS,
     SCORED_PARQUET,
+    TASK_ATTR,
+    THRESHOLD_ATTR,
     TRAINING_RUN_ATTR,
     csv_safe,
+    predicted_labels,
     probability_column,
 )
 from .preprocessing import Preprocessing
@@ -110,6 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default=None, metavar="NAME", help="image path column of a table input")
     parser.add_argument("--label-column", default=None, metavar="NAME", help="label column of a table input")
     parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    parser.add_argument("--threshold", default=None, type=float,
+                        help="multi-label models: a class is in the predicted set when its probability reaches this "
+                             "(default: the model's, 0.5)")
     parser.add_argument("--max-extracted-gib", type=float, default=MAX_EXTRACTED_GIB,
                         help="an archive is unpacked to a temporary folder (TMPDIR): " + MAX_EXTRACTED_HELP)
     parser.add_argument("--explain", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
@@ -121,9 +132,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise InvalidParameterError("Batch size", args.batch_size, "must be an integer >= 1")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise InvalidParameterError("Threshold", args.threshold, "must be a number from 0 to 1")
     max_extracted_bytes = extracted_bytes_limit(args.max_extracted_gib)
     device = pick_device(args.device)
     trained = read_trained_model_directory(args.trained_model)
+    if args.threshold is not None:
+        trained.threshold = args.threshold
     workers = default_num_workers(device) if args.num_workers is None else args.num_workers
     started = time.perf_counter()
     columns = dict(image_column=args.image_column, label_column=args.label_column)
@@ -235,7 +250,7 @@ def score_directory(trained: TrainedModel, directory: ImageDirectory, *, device:
         for group in by_shape.values():
             indices = [index for index, _ in group]
             batch = torch.stack([image for _, image in group]).to(device, non_blocking=True)
-            probabilities[indices] = model(prep.normalize(batch)).softmax(dim=1).float().cpu().numpy()
+            probabilities[indices] = trained.probabilities(model(prep.normalize(batch))).float().cpu().numpy()
             if explain_to is not None:
                 predicted = torch.from_numpy(probabilities[indices].argmax(axis=1))
                 for index, picture in zip(indices, explained_images(model, prep.normalize, batch, predicted)):
@@ -244,24 +259,35 @@ def score_directory(trained: TrainedModel, directory: ImageDirectory, *, device:
     if errors.count("") == 0:
         raise InvalidDatasetError(f"None of the {len(directory)} images in '{directory.root}' could be read; "
                                   f"first: '{directory.files[0]}' ({errors[0]}).")
-    table = scored_table(directory, trained.classes, probabilities, errors)
+    table = scored_table(directory, trained.classes, probabilities, errors, trained.is_multilabel, trained.threshold)
+    if trained.is_multilabel:
+        table.attrs.update({TASK_ATTR: trained.task, THRESHOLD_ATTR: str(trained.threshold)})
     if explain_to is not None:
         table[EXPLANATION_COLUMN] = explanations
     return table
 
 
 def scored_table(directory: ImageDirectory, classes: list[str], probabilities: np.ndarray,
-                 errors: list[str]) -> pd.DataFrame:
+                 errors: list[str], multilabel: bool = False, threshold: float = 0.5) -> pd.DataFrame:
     columns: dict[str, object] = {"id": np.asarray(directory.ids, dtype=np.int64), "file": list(directory.files)}
     if directory.is_labeled:
-        columns[LABEL_COLUMN] = [directory.categories[label] if label >= 0 else None for label in directory.labels]
+        columns[LABEL_COLUMN] = [true_label(directory, row) for row in range(len(directory))]
     scored = np.array([e == "" for e in errors], dtype=bool)
-    best = probabilities.argmax(axis=1) if len(classes) and scored.any() else np.zeros(len(errors), dtype=np.int64)
-    columns[SCORED_LABELS] = [classes[b] if ok else None for b, ok in zip(best, scored)]
+    labels = predicted_labels(np.nan_to_num(probabilities), classes, multilabel, threshold) if len(classes) \
+        else [None] * len(errors)
+    columns[SCORED_LABELS] = [label if ok else None for label, ok in zip(labels, scored)]
     for index, label in enumerate(classes):
         columns[probability_column(label)] = probabilities[:, index].astype(np.float64)
     columns[ERROR_COLUMN] = errors
     return pd.DataFrame(columns)
+
+
+def true_label(directory: ImageDirectory, row: int) -> str | None:
+    """The `category` cell: the class name, a multi-label row's set as JSON list text, None when unlabeled."""
+    if directory.labels[row] < 0:
+        return None
+    names = directory.label_names(row)
+    return label_set_text(names) if directory.is_multilabel else names[0]
 
 
 def write_table(folder: Path, table: pd.DataFrame) -> None:

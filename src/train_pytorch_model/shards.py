@@ -35,6 +35,7 @@ import numpy as np
 
 from .errors import InvalidDatasetError, quote
 from .input_files import UnreadableInputError, open_input
+from .label_sets import LabelSets
 
 HF_METADATA_KEY = b"huggingface"
 IMAGE_FEATURE = "Image"
@@ -241,8 +242,8 @@ def read_shard_index(root: Path, files: list[Path], role: str, image_column: str
     if rows == 0:
         raise InvalidDatasetError(f"{role} data '{root}' holds Parquet shards without any row.")
     index = ShardIndex(base, names, image, np.array(groups, dtype=np.int64).reshape(-1, 3), rows, starts)
-    ids, categories = labels.finish()
-    return index, ids, categories
+    ids, categories, label_sets = labels.finish()
+    return index, ids, categories, label_sets
 
 
 def _image_column(schema, wanted: str | None, error) -> str:
@@ -289,8 +290,9 @@ class LabelColumn:
     """Every row's class id, from a label column read in batches: the one place label values are decoded.
 
     ClassLabel (datasets): integer ids into the feature's `names` (-1 or null: no label). Without it:
-    integers or text, named by their values and sorted (numbers numerically). A list per row is
-    multi-label, which single-label training refuses by name."""
+    integers or text, named by their values and sorted (numbers numerically). A list per row
+    (`Sequence(ClassLabel)`, or a list of names) is multi-label: the rows' sets are kept as label sets
+    (label_sets.py), a null list being no label and an empty one an image with none of the classes."""
 
     def __init__(self, role: str):
         self.role = role
@@ -298,10 +300,13 @@ class LabelColumn:
         self.names: list[str] | None = None  # from ClassLabel
         self.values: dict = {}  # value -> provisional id, without ClassLabel
         self.ids = array("q")
+        self.sets: LabelSets | None = None  # multi-label: each row's ids (then `ids` is 0, or -1 unlabeled)
         self.file, self.file_rows = None, 0  # rows of the current file seen so far, for messages
 
     def start(self, column: str | None, feature) -> None:
         self.column = column
+        if isinstance(feature, dict) and isinstance(feature.get("feature"), dict):
+            feature = feature["feature"]  # Sequence(ClassLabel) / List(ClassLabel): multi-label class ids
         if isinstance(feature, dict) and feature.get("_type") == CLASS_LABEL_FEATURE:
             names = feature.get("names")
             if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
@@ -316,8 +321,45 @@ class LabelColumn:
             self.file, self.file_rows = file, 0
         kind = values.type
         if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-            raise error(f"column {quote(self.column)} holds a list of labels per image (multi-label); one label "
-                        "per image is needed.")
+            self._add_lists(values, error)
+        elif self.sets is not None:  # a file of single labels after lists: one-label sets
+            before = len(self.ids)
+            self.add_single(values, error)
+            for i in range(before, len(self.ids)):
+                self.sets.append((self.ids[i],) if self.ids[i] >= 0 else ())
+                self.ids[i] = 0 if self.ids[i] >= 0 else -1
+        else:
+            self.add_single(values, error)
+        self.file_rows += len(values)
+
+    def _add_lists(self, values, error) -> None:
+        if self.sets is None:  # the first list: the rows so far become one-label sets
+            self.sets = LabelSets.of_single_labels(self.ids)
+            self.ids = array("q", (0 if i >= 0 else -1 for i in self.ids))
+        for offset, row in enumerate(values.to_pylist()):
+            if row is None:
+                self.ids.append(-1)
+                self.sets.append(())
+                continue
+            ids = []
+            for value in row:
+                if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+                    raise error(f"row {self.file_rows + offset}: label {quote(value)} in the list is not a class id "
+                                "or name.")
+                if self.names is not None:
+                    if not isinstance(value, int) or not 0 <= value < len(self.names):
+                        raise error(f"row {self.file_rows + offset}: label {quote(value)} is not a class id of its "
+                                    f"ClassLabel (0 to {len(self.names) - 1}).")
+                    ids.append(value)
+                else:
+                    ids.append(self.values.setdefault(value, len(self.values)))
+            self.ids.append(0)
+            self.sets.append(ids)
+
+    def add_single(self, values, error) -> None:
+        import pyarrow as pa
+
+        kind = values.type
         if pa.types.is_integer(kind):
             data = np.asarray(values.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
             if self.names is not None:
@@ -336,19 +378,22 @@ class LabelColumn:
         else:
             raise error(f"label column {quote(self.column)} is {kind}; class labels are integers (ClassLabel) "
                         "or text.")
-        self.file_rows += len(values)
 
-    def finish(self) -> tuple[array, list[str] | None]:
-        """(class id per row, class names); (empty, None) without a label column."""
+    def finish(self) -> tuple[array, list[str] | None, LabelSets | None]:
+        """(class id per row, class names, multi-label sets or None); (empty, None, None) without a label
+        column. Multi-label: the id is 0 for a labeled row, -1 for none, and the classes are in the sets."""
         if self.column is None:
-            return array("q"), None
+            return array("q"), None, None
         if self.names is not None:
-            return self.ids, list(self.names)
+            return self.ids, list(self.names), self.sets
         ordered = sorted(self.values, key=lambda v: (isinstance(v, str), v))
         new_id = np.full(len(self.values) + 1, -1, dtype=np.int64)  # the last entry maps -1 (no label) to -1
         for position, value in enumerate(ordered):
             new_id[self.values[value]] = position
-        return array("q", new_id[np.frombuffer(self.ids, dtype=np.int64)].tolist()), [str(v) for v in ordered]
+        names = [str(v) for v in ordered]
+        if self.sets is not None:
+            return self.ids, names, self.sets.renumbered(new_id[:-1].tolist())
+        return array("q", new_id[np.frombuffer(self.ids, dtype=np.int64)].tolist()), names
 
 
 # --- reading rows ----------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ folder is ever read: `..`, absolute paths and paths that are not found inside ar
 
 Tables stream: JSON Lines and CSV line by line, Parquet in record batches of two columns, so memory
 is the index (one path and one label id per row), whatever the table's size.
+
+Multi-label: a label cell that holds a list (`"label": ["can", "milk_bottle"]` in JSON Lines, a Parquet
+list column, or JSON list text in a CSV cell) makes the table multi-label; its rows' categories are then
+kept as label sets (label_sets.py), an empty list being an image with none of the categories.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from urllib.parse import unquote
 
 from .categories import MAX_CLASSES, category_name_problem
 from .errors import InvalidDatasetError, quote
+from .label_sets import LabelSets, as_label_list
 from .legacy_format import (
     dump_json_line,
     dump_yaml,
@@ -69,6 +74,7 @@ class TableIndex:
     labels: array
     categories: list[str] | None
     source: Path  # the MLTable or table file
+    label_sets: LabelSets | None = None  # multi-label: each row's categories (then `labels` is 0, or -1 unlabeled)
 
 
 @dataclass
@@ -265,26 +271,44 @@ class _RowCollector:
         self.names: dict[str, int] = {}  # category -> id in order of first appearance
         self.labeled = False
         self.unlabeled = 0
+        self.sets: LabelSets | None = None  # set by the first list label
         self.mount_skip: int | None = None  # leading datastore folders the input mount takes off
 
     def add_all(self, rows: Iterator[tuple]) -> None:
         for where, image, label, has_label in rows:
             self.labeled |= has_label
-            if label is None or label == "":
+            names = as_label_list(label)
+            if names is not None:
+                self._start_label_sets()
+                self.labels.append(0)
+                self.sets.append(self.names.setdefault(self._category(name, where), len(self.names))
+                                 for name in names)
+            elif label is None or label == "":
                 self.unlabeled += 1
                 if has_label and not self.keep_unlabeled:
                     continue
                 self.labels.append(-1)
+                if self.sets is not None:
+                    self.sets.append(())
             else:
-                self.labels.append(self.names.setdefault(self._category(label, where), len(self.names)))
+                category = self.names.setdefault(self._category(label, where), len(self.names))
+                if self.sets is None:
+                    self.labels.append(category)
+                else:
+                    self.labels.append(0)
+                    self.sets.append((category,))
             self.files.append(self._relative(image, where))
             self.ids.append(len(self.files) - 1)
+
+    def _start_label_sets(self) -> None:
+        """The first list label: the table is multi-label; the rows so far become one-element sets."""
+        if self.sets is None:
+            self.sets = LabelSets.of_single_labels(self.labels)
+            self.labels = array("l", (0 if label >= 0 else -1 for label in self.labels))
 
     def _category(self, value, where: str) -> str:
         if isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # integer class ids, as Parquet tables often have
-        if isinstance(value, list):
-            raise self.error(f"{where}: label {quote(value)} is a list (multi-label); one label per image is needed.")
         if not isinstance(value, str):
             raise self.error(f"{where}: label {quote(value)} is not a category name (a string).")
         if value not in self.names:
@@ -335,15 +359,18 @@ class _RowCollector:
         new_id = array("l", [0] * len(self.names))
         for i, name in enumerate(categories):
             new_id[self.names[name]] = i
-        labels = array("l", (new_id[label] if label >= 0 else -1 for label in self.labels))
+        sets = self.sets.renumbered(new_id) if self.sets is not None else None
+        labels = self.labels if sets is not None else \
+            array("l", (new_id[label] if label >= 0 else -1 for label in self.labels))
         files, ids = self.files, self.ids
         if not self.keep_unlabeled and -1 in labels:  # a data file of the MLTable without the label column
             keep = [i for i, label in enumerate(labels) if label >= 0]
             files, ids = [files[i] for i in keep], array("q", (ids[i] for i in keep))
             labels = array("l", (labels[i] for i in keep))
+            sets = sets.subset(keep) if sets is not None else None
         if self.unlabeled and not self.keep_unlabeled:
             log.warning("%s: %d rows without a label were left out.", source, self.unlabeled)
-        return TableIndex(layout, files, ids, labels, categories, source)
+        return TableIndex(layout, files, ids, labels, categories, source, sets)
 
 
 def _datastore_path(value: str) -> str | None:

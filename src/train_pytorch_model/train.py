@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -37,6 +36,7 @@ from .errors import TrainingDivergedError, quote
 from .models import cpu_state_dict, head_of
 from .preprocessing import Preprocessing
 from .progress import Silent
+from .tasks import MultiClass, MultiLabel
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +203,20 @@ class TrainResult:
 
 @dataclass
 class EvalResult:
-    """One pass over the whole validation set, summed exactly over every rank."""
+    """One pass over the whole validation set, exact over every rank. Multi-class: top1/top5 (top5 None with
+    fewer than 5 classes); multi-label: the multilabel_metrics summary instead."""
 
     loss: float
-    top1: float
-    top5: float | None  # None with fewer than 5 classes
+    top1: float | None
+    top5: float | None
     # This rank's (true class, predicted class) per validation image, still on the device: the best epoch's
-    # become the validation confusion matrix.
+    # become the validation confusion matrix (multi-class).
     predictions: torch.Tensor | None = None
+    iou: float | None = None
+    f1_micro: float | None = None
+    f1_macro: float | None = None
+    map: float | None = None
+    exact_match: float | None = None
 
 
 @dataclass
@@ -226,6 +232,12 @@ class EpochMetrics:
     data_wait_fraction: float
     seconds: float
     decode_fallbacks: int | None = None  # --decode gpu: JPEGs the device decoder refused, decoded by PIL instead
+    # multi-label runs (tasks.py): their validation metrics instead of top-1/top-5
+    valid_iou: float | None = None
+    valid_f1_micro: float | None = None
+    valid_f1_macro: float | None = None
+    valid_map: float | None = None
+    valid_exact_match: float | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -340,12 +352,13 @@ class Trainer:
 
     def __init__(self, ctx: Context, config: TrainConfig, preprocessing: Preprocessing, num_classes: int,
                  train_loader, valid_loader, train_bad: BadImageTracker, valid_bad: BadImageTracker,
-                 class_weights: torch.Tensor | None = None):
+                 task: MultiClass | MultiLabel | None = None, loss_weights: torch.Tensor | None = None):
         self.ctx, self.config, self.preprocessing, self.num_classes = ctx, config, preprocessing, num_classes
+        self.task = task or MultiClass()
         self.train_loader, self.valid_loader = train_loader, valid_loader
         self.train_bad, self.valid_bad = train_bad, valid_bad
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        self.class_weights = None if class_weights is None else class_weights.to(ctx.device)
+        self.loss_weights = None if loss_weights is None else loss_weights.to(ctx.device)
         self.batch_mix = make_batch_mix(config, num_classes)
         self.recent = collections.deque()  # uint8 training batches kept for BatchNorm re-estimation
         self._next_epoch_batches = None  # (epoch, iterator) started before validation
@@ -411,15 +424,14 @@ class Trainer:
             if weight == 0.0:  # a whole batch of zeros: a compiled model sees no new shape
                 pixels = torch.zeros(config.batch_size, 3, config.image_size, config.image_size, dtype=torch.uint8,
                                      device=ctx.device)
-                targets = torch.zeros(config.batch_size, dtype=torch.int64, device=ctx.device)
+                targets = self.task.filler_targets(config.batch_size, self.num_classes, ctx.device)
             else:  # the filler batch is no training image: it stays out of the BatchNorm re-estimation
                 self._keep_for_bn(pixels)
             images = self.normalize(pixels)
             mixed_images, mixed_targets = self.batch_mix(images, targets) if self.batch_mix else (images, targets)
             with autocast(ctx.device, config.precision):
                 logits = model(mixed_images)
-                loss = F.cross_entropy(logits, mixed_targets, weight=self.class_weights,
-                                       label_smoothing=config.label_smoothing) * weight
+                loss = self.task.loss(logits, mixed_targets, self.loss_weights, config.label_smoothing) * weight
             state.optimizer.zero_grad(set_to_none=True)
             state.scaler.scale(loss).backward()
             state.scaler.step(state.optimizer)
@@ -429,7 +441,7 @@ class Trainer:
                 state.ema.update_parameters(state.raw_model)
             # In-place adds of device values and Python numbers: kernels only, nothing waits for the GPU.
             sums[0] += loss.detach().double() * len(targets)
-            sums[1] += (logits.argmax(1) == targets).sum() * weight
+            sums[1] += self.task.correct(logits, targets) * weight
             sums[2] += len(targets) * weight
             if step % config.print_freq == 0 or step == steps:
                 self._check_step(sums, stop_requested, epoch, step)  # the one deliberate sync of a print step
@@ -491,16 +503,15 @@ class Trainer:
     @torch.inference_mode()
     @torch.compiler.set_stance("force_eager")  # --compile: one graph, the training step's (fit says why)
     def evaluate(self, model: nn.Module) -> EvalResult:
-        """Loss, top-1 and top-5 over the whole validation set, summed exactly over ranks.
+        """The task's validation metrics (loss and top-1/top-5, or the multi-label ones) over the whole
+        validation set, exact over ranks.
 
         `model` is the bare module, not the DDP wrapper: ranks hold different numbers of validation
         batches, and DDP's forward would run a buffer broadcast per batch. Every rank evaluates
         rank 0's weights (the ones saved), so the result is what one process would measure."""
         self.ctx.broadcast_buffers(model)
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # loss, top-1, top-5, images
-        k = min(5, self.num_classes)
-        pairs = []
+        validation = self.task.validation(self.num_classes, self.ctx.device)
         for batch in self.valid_loader:
             images, targets = self.to_device(batch)
             self.valid_bad.record(batch.failures)
@@ -508,19 +519,8 @@ class Trainer:
                 continue
             with autocast(self.ctx.device, self.config.precision):
                 logits = model(images)
-            logits = logits.float()
-            hits = logits.topk(k, dim=1).indices == targets[:, None]
-            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-            sums[1] += hits[:, 0].sum()
-            sums[2] += hits.any(dim=1).sum()
-            sums[3] += len(targets)
-            pairs.append(torch.stack((targets, logits.argmax(1)), dim=1))
-        predictions = torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.int64, device=self.ctx.device)
-        loss_sum, top1, top5, seen = self.ctx.all_reduce_sum(sums.tolist())  # the one sync of a validation
-        if seen == 0:
-            return EvalResult(loss=math.inf, top1=0.0, top5=None, predictions=predictions)
-        return EvalResult(loss=loss_sum / seen, top1=top1 / seen, top5=top5 / seen if self.num_classes >= 5 else None,
-                          predictions=predictions)
+            validation.add(logits.float(), targets)
+        return EvalResult(**validation.result(self.ctx))
 
     def fit(self, state: TrainingState, on_epoch_end, progress: Silent = Silent(),
             stop_requested=preemption.never) -> TrainingState:
@@ -551,12 +551,15 @@ class Trainer:
                 train_images_per_second=trained.images_per_second, valid_loss=validated.loss,
                 valid_top1=validated.top1, valid_top5=validated.top5, data_wait_fraction=trained.data_wait_fraction,
                 seconds=time.perf_counter() - started,
-                decode_fallbacks=None if fallbacks is None else int(self._decode_fallbacks() - fallbacks))
+                decode_fallbacks=None if fallbacks is None else int(self._decode_fallbacks() - fallbacks),
+                valid_iou=validated.iou, valid_f1_micro=validated.f1_micro, valid_f1_macro=validated.f1_macro,
+                valid_map=validated.map, valid_exact_match=validated.exact_match)
             state.history.append(metrics)
-            if state.early_stopping.step(epoch, validated.loss, validated.top1):
+            if state.early_stopping.step(epoch, validated.loss, validated.top1 or 0.0):
                 state.best_state = cpu_state_dict(model)  # a copy: the live weights keep changing
                 # Read at the epoch end, and only when it is the best: no sync in the validation loop.
-                state.best_predictions = self.ctx.gather_rows(validated.predictions).cpu()
+                if validated.predictions is not None:
+                    state.best_predictions = self.ctx.gather_rows(validated.predictions).cpu()
             state.next_epoch = epoch + 1
             stop = self.ctx.broadcast_flag(state.early_stopping.should_stop)
             on_epoch_end(state, metrics, stopping=stop)

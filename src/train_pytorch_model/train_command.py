@@ -13,7 +13,6 @@ import json
 import logging
 import random
 import sys
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from .preprocessing import Preprocessing
 from .progress import Progress, Silent, fit_width, format_seconds
 from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
 from .shard_data import process_streams
+from .tasks import MultiClass, MultiLabel, resolve_task
 from .tracking import Tracker, redact
 from .train import (
     EarlyStopping,
@@ -66,6 +66,7 @@ from .train import (
     make_scaler,
     make_scheduler,
 )
+from .validation_split import split_validation
 
 log = logging.getLogger("train_pytorch_model")
 
@@ -123,7 +124,7 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
             tracker.log_params(params)
             resume(config, ctx, state, identity, writer)
             state = fit(config, ctx, trainer, state, tracker, writer, identity, stop_requested)
-            summary = summarize(state, config)
+            summary = summarize(state, config, data.task)
             if ctx.is_main:
                 write_outputs(config, state, spec, data, preprocessing, params, summary, tracker, ctx)
             ctx.barrier()
@@ -215,38 +216,31 @@ class Data:
     train: ImageDirectory
     valid: ImageDirectory
     classes: list[str]  # the training categories: class i of the model is classes[i]
+    task: MultiClass | MultiLabel
+    validation_split: dict | None = None  # how the validation images were split off, when none were given
 
 
 def read_data(config: TrainConfig, ctx: distributed.Context) -> Data:
     columns = dict(image_column=config.image_column, label_column=config.label_column)
     train = load_image_directory(config.training_data, "Training", **columns)
-    valid = load_image_directory(config.validation_data, "Validation", **columns)
     require_labeled(train, "Training")
-    require_labeled(valid, "Validation")
-    return Data(train, valid, check_classes(train, valid))
-
-
-def check_classes(train: ImageDirectory, valid: ImageDirectory) -> list[str]:
-    """The class list (training categories by id order) after checking both datasets agree."""
-    counts = Counter(train.labels)
-    classes = list(train.categories)
-    present = [c for i, c in enumerate(classes) if counts.get(i)]
-    if len(present) < 2:
-        raise InvalidDatasetError(
-            f"Training data '{train.root}' has images of {len(present)} class(es) {present}; "
-            "a classifier needs at least 2 classes with images."
-        )
-    empty = [c for i, c in enumerate(classes) if not counts.get(i)]
-    if empty:
-        log.warning("Training categories without any image (the model can never predict them): %s", empty)
-    used = {valid.categories[i] for i in set(valid.labels)}
-    extra = sorted(used - set(classes))
-    if extra:
-        raise InvalidDatasetError(
-            f"Validation data '{valid.root}' has categories {extra} that the training data '{train.root}' "
-            f"does not have (training categories: {classes[:20]}). Both must use the same category names."
-        )
-    return classes
+    valid = None
+    if config.validation_data:
+        valid = load_image_directory(config.validation_data, "Validation", **columns)
+        require_labeled(valid, "Validation")
+    task = resolve_task(config.task, train, valid)
+    task.check_config(config)
+    train = task.prepare(train, "Training")
+    split = None
+    if valid is None:
+        train, valid, split = split_validation(train, task.stratum(train), config.validation_fraction,
+                                               config.random_seed, method=f"stratified ({task.name})")
+        if ctx.is_main:
+            log.info("No validation data: %d of the training images held out for validation (stratified, seed %d).",
+                     split["validation_images"], config.random_seed)
+    else:
+        valid = task.prepare(valid, "Validation")
+    return Data(train, valid, task.classes(train, valid), task, split)
 
 
 def trainable_batch_size(batch_size: int, training_images: int, world_size: int, model: torch.nn.Module,
@@ -328,17 +322,8 @@ def make_trainer(config: TrainConfig, ctx: distributed.Context, data: Data, prep
                                      **common)
     train_bad = BadImageTracker(data.train, "Training", config.max_bad_image_fraction)
     valid_bad = BadImageTracker(data.valid, "Validation", config.max_bad_image_fraction)
-    weights = balanced_class_weights(train_set.targets, len(data.classes)) if config.class_weights == "balanced" \
-        else None
     return Trainer(ctx, config, preprocessing, len(data.classes), train_loader, valid_loader, train_bad, valid_bad,
-                   class_weights=weights)
-
-
-def balanced_class_weights(targets, num_classes: int) -> torch.Tensor:
-    """n / (classes x count) per class (scikit-learn's "balanced"); 1 for a class with no image."""
-    counts = torch.bincount(torch.as_tensor(targets, dtype=torch.int64), minlength=num_classes).double()
-    weights = counts.sum() / (num_classes * counts)
-    return torch.where(counts > 0, weights, torch.ones_like(weights)).float()
+                   task=data.task, loss_weights=data.task.loss_weights(config, train_set.targets, len(data.classes)))
 
 
 def make_training_state(model: Classifier, config: TrainConfig, ctx: distributed.Context,
@@ -398,7 +383,7 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
         if not ctx.is_main:
             return
         best = state.early_stopping.best_epoch + 1 == m.epoch
-        log.info("%s", epoch_line(m, config, best))
+        log.info("%s", epoch_line(m, config, best, trainer.task))
         tracker.log_metrics(m.as_dict(), step=m.epoch)
         log_epoch_v1(m.epoch, m.as_dict())  # azureml-core v1 run, when one is live
         writer.save(state, identity)
@@ -415,18 +400,17 @@ def fit(config: TrainConfig, ctx: distributed.Context, trainer: Trainer, state: 
 BEST_BY = {"valid_loss": "lowest valid loss", "valid_top1": "highest valid top-1"}
 
 
-def epoch_line(m: EpochMetrics, config: TrainConfig, best: bool) -> str:
+def epoch_line(m: EpochMetrics, config: TrainConfig, best: bool, task: MultiClass | MultiLabel | None = None) -> str:
     """An epoch's summary, wrapped to the terminal's width."""
-    top5 = f" top-5 {m.valid_top5:.1%}" if m.valid_top5 is not None else ""
     parts = [f"Epoch {m.epoch}/{config.epochs}", f"train loss {m.train_loss:.4f} acc {m.train_accuracy:.1%}",
-             f"valid loss {m.valid_loss:.4f} top-1 {m.valid_top1:.1%}{top5}", f"lr {m.lr:.3g}",
+             (task or MultiClass()).describe(m), f"lr {m.lr:.3g}",
              f"{m.train_images_per_second:.1f} img/s", format_seconds(m.seconds)]
     if best:
         parts.append(f"best so far ({BEST_BY[config.early_stopping_metric]})")
     return fit_width(parts)
 
 
-def summarize(state: TrainingState, config: TrainConfig) -> dict:
+def summarize(state: TrainingState, config: TrainConfig, task: MultiClass | MultiLabel) -> dict:
     """Put the best epoch's weights back into the model, and say which epoch that was. A run whose weights or
     losses are not finite writes no model."""
     best_epoch = state.early_stopping.best_epoch + 1
@@ -441,7 +425,7 @@ def summarize(state: TrainingState, config: TrainConfig) -> dict:
     return {
         "best_epoch": best_epoch, "epochs_run": len(state.history),
         "best_valid_loss": state.early_stopping.best_loss,
-        "best_valid_top1": state.history[best_epoch - 1].valid_top1,
+        f"best_{task.primary_metric}": getattr(state.history[best_epoch - 1], task.primary_metric),
         "stopped_early": len(state.history) < config.epochs,
     }
 
@@ -454,15 +438,17 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
     write_trained_model(config.trained_model, state.raw_model, spec, data.classes, preprocessing, data.train,
                         is_cuda=ctx.device.type == "cuda", history=state.history, summary=summary, params=params,
                         run_id=tracker.run_id,  # params carry run_identity: a restart finds its own output
-                        best_predictions=state.best_predictions,
+                        best_predictions=state.best_predictions, task_info=task_info(data),
                         samples=augmented_samples(data, preprocessing, config.random_seed))
+    best = f"best_{data.task.primary_metric}"
     print(f"Trained model written to {config.trained_model}: epoch {summary['best_epoch']} of "
           f"{summary['epochs_run']} run, the one with the {BEST_BY[config.early_stopping_metric]} (valid loss "
-          f"{summary['best_valid_loss']:.4f}, top-1 {summary['best_valid_top1'] or 0:.1%}).", flush=True)
+          f"{summary['best_valid_loss']:.4f}, {best[len('best_valid_'):]} {summary[best] or 0:.1%}).", flush=True)
     tracker.log_metrics({"best_epoch": summary["best_epoch"], "best_valid_loss": summary["best_valid_loss"],
-                         "best_valid_top1": summary["best_valid_top1"] or 0.0}, step=len(state.history))
+                         best: summary[best] or 0.0}, step=len(state.history))
     for name in TRAINING_FILES:  # shown on the run's page in `mlflow ui` and Azure ML studio
-        tracker.log_artifact(str(config.trained_model / name))
+        if (config.trained_model / name).exists():  # (a multi-label run has no confusion matrix)
+            tracker.log_artifact(str(config.trained_model / name))
     if config.registered_model_name:
         from .registry import register_model
         version = register_model(config.trained_model, config.registered_model_name)
@@ -470,10 +456,21 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
         summary["registered_version"] = version
 
 
+def task_info(data: Data) -> dict:
+    """What training_info.json says about the task: its name, a multi-label model's threshold, and the
+    validation split when one was made."""
+    info = {"task": data.task.name}
+    if isinstance(data.task, MultiLabel):
+        info["threshold"] = data.task.threshold
+    if data.validation_split is not None:
+        info["validation_split"] = data.validation_split
+    return info
+
+
 def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], preprocessing: Preprocessing,
                         train_dir: ImageDirectory, *, is_cuda: bool, history: list[EpochMetrics], summary: dict,
                         params: dict, run_id: str | None, best_predictions: torch.Tensor | None = None,
-                        samples: list[tuple[torch.Tensor, int]] = ()) -> None:
+                        samples: list[tuple[torch.Tensor, int]] = (), task_info: dict | None = None) -> None:
     from .pyfunc import save_mlflow_model
 
     with staged_output(out) as stage:
@@ -481,21 +478,25 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
         write_legacy_trained_files(
             stage, model=model, spec=spec, classes=classes, preprocessing=preprocessing, is_cuda=is_cuda,
             training_schema=schema, training_samples=training_samples(train_dir, schema),
-            extra_info={"training": {**params, **summary, "mlflow_run_id": run_id}},
+            extra_info={**(task_info or {"task": "multiclass"}),
+                        "training": {**params, **summary, "mlflow_run_id": run_id}},
             run_identity=params.get("run_identity"),
         )
         write_training_report(stage, history, summary["best_epoch"], classes, best_predictions, samples)
-        save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes},
-                          examples=train_dir)
+        task = task_info or {"task": "multiclass"}
+        save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes,
+                                                    **{k: task[k] for k in ("task", "threshold") if k in task}},
+                          examples=train_dir, threshold=task.get("threshold"))
 
 
 def augmented_samples(data: Data, preprocessing: Preprocessing, seed: int) -> list[tuple[torch.Tensor, int]]:
-    """A few training images of each class (the first classes), cropped and flipped as in the first epoch."""
+    """A few training images of each class (the first classes), cropped and flipped as in the first epoch.
+    (Multi-label: grouped by each image's rarest label.)"""
     class_index = {name: i for i, name in enumerate(data.classes)}
     dataset = build_dataset(data.train, class_index, preprocessing, train=True, seed=seed)
     rows: dict[int, list[int]] = {}
-    for row, target in enumerate(dataset.targets):
-        if target < MOSAIC_CLASSES and len(rows.setdefault(target, [])) < MOSAIC_PER_CLASS:
+    for row, target in enumerate(data.task.stratum(data.train)):
+        if 0 <= target < MOSAIC_CLASSES and len(rows.setdefault(target, [])) < MOSAIC_PER_CLASS:
             rows[target].append(row)
     samples = []
     for target in sorted(rows):
