@@ -170,7 +170,7 @@ def test_a_parquet_table_of_paths_is_still_a_table(tmp_path):
 
 
 def order_of(directory, *, seed=5, epoch=0, rank=0, world_size=1, workers=0, batch=4, train=True):
-    prep = Preprocessing(image_size=16, augmentation="none")
+    prep = Preprocessing(image_size=32, augmentation="none")
     dataset = build_dataset(directory, {c: i for i, c in enumerate(directory.categories)}, prep, train=train,
                             seed=seed)
     make = training_loader if train else evaluation_loader
@@ -317,7 +317,7 @@ def test_null_and_undecodable_images_are_skipped_by_file_and_row(tmp_path, caplo
     rows[6] = {"bytes": None, "path": "/etc/passwd"}  # a path without bytes is never followed
     write_shard(tmp_path / "s" / "x.parquet", rows, [0, 1] * 4)
     directory = load_image_directory(tmp_path / "s", "Training")
-    prep = Preprocessing(image_size=16, augmentation="none")
+    prep = Preprocessing(image_size=32, augmentation="none")
     dataset = build_dataset(directory, {"cat": 0, "dog": 1}, prep, train=False, seed=0)
     loader = evaluation_loader(dataset, batch_size=8, rank=0, world_size=1, num_workers=0, device=CPU)
     batches = list(loader)
@@ -523,6 +523,17 @@ def test_the_benchmark_shim_delays_and_counts_opens_below_its_prefix_only(tmp_pa
                              str(tmp_path / "elsewhere")], env=env, capture_output=True, text=True, check=True)
     assert float(result.stdout) >= 0.1  # two delayed opens of 50 ms
     assert (tmp_path / "log").read_text() == "oo"  # counted; the file elsewhere was not
+
+
+def test_looking_for_shards_stops_at_the_first_image_file(tmp_path, monkeypatch):
+    import train_pytorch_model.shards as shards_module
+
+    folder = write_image_folder(tmp_path / "big", {f"c{i}": 2 for i in range(5)})
+    listed = []
+    real_walk = os.walk
+    monkeypatch.setattr(shards_module.os, "walk", lambda *a, **k: (listed.append(d) or d for d in real_walk(*a, **k)))
+    assert shards_module.shard_files(folder, "Training", None) is None
+    assert len(listed) == 2  # the root and the first class folder: a million images are not listed twice
 
 
 def test_a_shard_set_without_validation_data_is_refused_by_name(tmp_path, capsys):
