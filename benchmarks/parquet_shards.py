@@ -12,7 +12,9 @@ folder and counts those opens. One `train` epoch (the same model, image size, ba
     shards + delay    its Parquet shards (convert --to parquet), every open delayed
 
 Target: shards + delay within 1.15x of the folder without delay. The epoch time is the training epoch's
-(metrics.csv: images / train_images_per_second), validation reads a small folder outside the delayed path.
+(metrics.csv: images / train_images_per_second), validation reads a small folder outside the delayed path. On
+a CPU the model's steps hide the data path, so the loader's epoch alone (its batches, no model: what a GPU
+waits for) is timed too, in its steady state (the second epoch), with the delayed opens it made.
 Also measured: convert throughput (with and without --max-side), shard sizes, and the decode cost of a
 multi-megapixel photo as training decodes it before and after `--max-side 512`. All figures of one run
 come from one machine in one sitting: compare the ratios, not the absolute times, on a loaded machine.
@@ -136,6 +138,49 @@ def train_epoch(data: Path, valid: Path, out: Path, args, env: dict | None) -> f
     return args.images / float(row["train_images_per_second"])
 
 
+# The data path alone: the training loader's batches for epochs 0 and 1, no model; epoch 1 is the steady state
+# (workers started, shard files already open), and the delayed opens are counted around it.
+SUPPLY = """
+import os, sys, time, torch
+from train_pytorch_model.data import build_dataset, training_loader
+from train_pytorch_model.image_directory import load_image_directory
+from train_pytorch_model.preprocessing import Preprocessing
+data, size, batch, workers, log = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+directory = load_image_directory(data, "Training")
+prep = Preprocessing(image_size=size, augmentation="flip_crop")
+dataset = build_dataset(directory, {c: i for i, c in enumerate(directory.categories)}, prep, train=True, seed=1)
+loader = training_loader(dataset, batch_size=batch, seed=1, rank=0, world_size=1, num_workers=workers,
+                         device=torch.device("cpu"))
+opened = lambda: os.path.getsize(log) if os.path.exists(log) else 0
+for epoch in (0, 1):
+    loader.sampler.set_epoch(epoch)
+    before, start = opened(), time.perf_counter()
+    images = sum(len(b) for b in loader)
+    seconds, opens = time.perf_counter() - start, opened() - before
+print(seconds, images, opens)
+"""
+
+
+def supply_epoch(data: Path, args, env: dict | None, log: Path) -> tuple[float, int]:
+    """(seconds per `args.images` images, delayed opens) of the loader's steady-state epoch, without a model."""
+    result = subprocess.run([sys.executable, "-c", SUPPLY, str(data), str(args.image_size), str(args.batch_size),
+                             str(args.workers), str(log)], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"the loader failed: {result.stderr[-3000:]}")
+    seconds, images, opens = result.stdout.split()
+    return float(seconds) * args.images / int(images), int(opens)
+
+
+def convert_seconds(folder: Path, out: Path, max_side: int | None) -> float:
+    """`convert --to parquet` in this process (the interpreter's start left out), index included."""
+    from train_pytorch_model.convert import ShardOptions, convert
+
+    started = time.perf_counter()
+    convert(folder, out, to="parquet", shards=ShardOptions(max_side=max_side))
+    return time.perf_counter() - started
+
+
 def decode_ms(data: bytes, size_hint: int, repeat: int) -> float:
     from train_pytorch_model.preprocessing import decode_image
 
@@ -156,17 +201,15 @@ def measure(args, work: Path) -> dict:
                      "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
                      "open_delay_ms": args.open_delay_ms}
 
-    seconds = cli("convert", "--input", str(folder), "--image-directory", str(mount / "shards"), "--to", "parquet")
+    seconds = convert_seconds(folder, mount / "shards", None)
     shards = sorted((mount / "shards" / "data").glob("*.parquet"))
     results["convert_images_per_second"] = args.images / seconds
     results["shards"] = [{"file": s.name, "mib": round(s.stat().st_size / 2**20, 2)} for s in shards]
     folder_mib = sum(p.stat().st_size for p in folder.rglob("*.jpg")) / 2**20
     results["folder_mib"] = round(folder_mib, 2)
-    seconds = cli("convert", "--input", str(folder), "--image-directory", str(work / "shrunk"), "--to", "parquet",
-                  "--max-side", str(args.side // 2))
+    seconds = convert_seconds(folder, work / "shrunk", args.side // 2)
     results["convert_max_side_images_per_second"] = args.images / seconds
     results["convert_max_side"] = args.side // 2
-    # (Both include the interpreter's start and the index: a few seconds that a large conversion amortises.)
 
     log = work / "opens.log"
     delayed = {"LD_PRELOAD": str(shim), "SLOW_OPEN_PREFIX": str(mount), "SLOW_OPEN_US": str(args.open_delay_ms * 1000),
@@ -179,6 +222,17 @@ def measure(args, work: Path) -> dict:
             log.unlink(missing_ok=True)
             epochs[name].append(train_epoch(data, valid, work / f"{name}-{attempt}", args, env))
             opens[name] = log.stat().st_size if log.exists() else 0
+    supply: dict[str, list[float]] = {name: [] for name in runs}
+    supply_opens: dict[str, int] = {}
+    for _ in range(args.repeat + 1):
+        for name, (data, env) in runs.items():
+            seconds, supply_opens[name] = supply_epoch(data, args, env, log)
+            supply[name].append(seconds)
+    fastest = {name: min(times) for name, times in supply.items()}
+    results["loader_epoch_seconds"] = {name: [round(t, 3) for t in times] for name, times in supply.items()}
+    results["loader_delayed_opens_per_epoch"] = supply_opens
+    results["loader_shards_delay_over_folder"] = fastest["shards_delay"] / fastest["folder"]
+    results["loader_folder_delay_over_folder"] = fastest["folder_delay"] / fastest["folder"]
     best = {name: min(times) for name, times in epochs.items()}
     results["epoch_seconds"] = {name: [round(t, 2) for t in times] for name, times in epochs.items()}
     results["delayed_opens_per_run"] = opens

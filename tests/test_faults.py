@@ -159,7 +159,7 @@ def test_sigkill_on_a_mounted_output_never_shows_markers_early(tmp_path):
     from train_pytorch_model.output_folder import check_output_folder, staged_output
     stale = base / "rerun"
     (stale / ".partial-left-by-a-killed-run").mkdir(parents=True)
-    check_output_folder(stale)
+    check_output_folder(stale, inputs=())
     with staged_output(stale) as stage:
         (stage / "_meta.yaml").write_text("type: ModelDirectory\n")
     assert sorted(p.name for p in stale.iterdir()) == ["_meta.yaml"]

@@ -356,3 +356,19 @@ def test_the_hazard_script_says_plainly_that_there_is_nothing_to_check_without_c
     hazard = hazard_script()
     assert hazard.main(["--iterations", "1"]) == 0
     assert "no CUDA device here, nothing to check" in capsys.readouterr().out
+
+
+def test_multilabel_targets_travel_with_their_rows_through_the_device_path(folder):
+    """`--decode gpu` packs JPEGs and CPU-decoded rows apart: each row's multi-hot target must stay with it."""
+    from train_pytorch_model.tables import write_mltable
+
+    rows = [(name, [["x"], ["y"], ["x", "y"], []][i % 4]) for i, name in enumerate(folder.files)]
+    write_mltable(folder.root, iter(rows))
+    directory = load_image_directory(folder.root / "MLTable", "Training")
+    assert directory.is_multilabel
+    gpu = build_gpu_dataset(directory, {"x": 0, "y": 1}, Preprocessing(image_size=32), train=False, seed=7)
+    batch = gpu_decode.collate([gpu[i] for i in range(len(gpu))])
+    decode_batch(batch, CPU)  # rows the decoder cannot read leave `rows` and `targets` together
+    assert batch.targets.dtype == torch.float32 and batch.targets.shape == (len(batch.rows), 2)
+    for target, row in zip(batch.targets.tolist(), batch.rows):
+        assert target == [float("x" in rows[row][1]), float("y" in rows[row][1])], folder.files[row]

@@ -170,7 +170,7 @@ def test_a_parquet_table_of_paths_is_still_a_table(tmp_path):
 
 
 def order_of(directory, *, seed=5, epoch=0, rank=0, world_size=1, workers=0, batch=4, train=True):
-    prep = Preprocessing(image_size=16, augmentation="none")
+    prep = Preprocessing(image_size=32, augmentation="none")
     dataset = build_dataset(directory, {c: i for i, c in enumerate(directory.categories)}, prep, train=train,
                             seed=seed)
     make = training_loader if train else evaluation_loader
@@ -317,7 +317,7 @@ def test_null_and_undecodable_images_are_skipped_by_file_and_row(tmp_path, caplo
     rows[6] = {"bytes": None, "path": "/etc/passwd"}  # a path without bytes is never followed
     write_shard(tmp_path / "s" / "x.parquet", rows, [0, 1] * 4)
     directory = load_image_directory(tmp_path / "s", "Training")
-    prep = Preprocessing(image_size=16, augmentation="none")
+    prep = Preprocessing(image_size=32, augmentation="none")
     dataset = build_dataset(directory, {"cat": 0, "dog": 1}, prep, train=False, seed=0)
     loader = evaluation_loader(dataset, batch_size=8, rank=0, world_size=1, num_workers=0, device=CPU)
     batches = list(loader)
@@ -525,6 +525,17 @@ def test_the_benchmark_shim_delays_and_counts_opens_below_its_prefix_only(tmp_pa
     assert (tmp_path / "log").read_text() == "oo"  # counted; the file elsewhere was not
 
 
+def test_looking_for_shards_stops_at_the_first_image_file(tmp_path, monkeypatch):
+    import train_pytorch_model.shards as shards_module
+
+    folder = write_image_folder(tmp_path / "big", {f"c{i}": 2 for i in range(5)})
+    listed = []
+    real_walk = os.walk
+    monkeypatch.setattr(shards_module.os, "walk", lambda *a, **k: (listed.append(d) or d for d in real_walk(*a, **k)))
+    assert shards_module.shard_files(folder, "Training", None) is None
+    assert len(listed) == 2  # the root and the first class folder: a million images are not listed twice
+
+
 def test_a_shard_set_without_validation_data_is_refused_by_name(tmp_path, capsys):
     write_shard(tmp_path / "s" / "train-00000-of-00002.parquet", good_rows(4), [0, 1, 0, 1])
     write_shard(tmp_path / "s" / "train-00001-of-00002.parquet", good_rows(4), [0, 1, 0, 1])
@@ -532,3 +543,33 @@ def test_a_shard_set_without_validation_data_is_refused_by_name(tmp_path, capsys
                  "--trained-model", str(tmp_path / "t"), *FAST])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("ValidationSplitError: ") and "give --validation-data" in last
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_on_shards_and_validate_every_row_once(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+    from test_distributed import env, evaluate_saved
+
+    train = tmp_path / "train"
+    assert main(["convert", "--input", str(write_image_folder(tmp_path / "f", CLASSES)), "--image-directory",
+                 str(train), "--to", "parquet", "--shard-rows", "6"]) == 0
+    valid = hub_layout(tmp_path / "valid", hf_dataset(13, names=("ant", "bee", "cat"), seed=3), shards=2)
+    out = tmp_path / "trained"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "train_pytorch_model", "train", "--untrained-model", str(resnet18()), "--training-data", str(train),
+         "--validation-data", str(valid), "--trained-model", str(out), "--image-size", "32", "--num-workers", "0",
+         "--batch-size", "3", "--epochs", "2"],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((out / "training_info.json").read_text())["training"]
+    assert info["world_size"] == 2
+    with open(out / "metrics.csv") as handle:
+        best = list(csv.DictReader(handle))[info["best_epoch"] - 1]
+    loss, top1 = evaluate_saved(out, valid)  # the saved weights on all 13 rows, in one process
+    assert float(best["valid_loss"]) == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert float(best["valid_top1"]) == pytest.approx(top1, abs=1e-9)

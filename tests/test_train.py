@@ -290,7 +290,8 @@ def count_device_syncs(monkeypatch, calls: list):
     {"mixup": 0.2, "cutmix": 1.0},
     {"class_weights": "balanced", "label_smoothing": 0.1},
     {"decode": "gpu"},
-], ids=["plain", "ema", "mixup-cutmix", "class-weights", "decode-gpu"])
+    {"task": "multilabel", "positive_class_weights": "balanced", "label_smoothing": 0.1},
+], ids=["plain", "ema", "mixup-cutmix", "class-weights", "decode-gpu", "multilabel"])
 def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_image_folder, resnet18_dir, monkeypatch,
                                                                options, device):
     """0 host syncs per step outside print steps, with every option: the count of host reads (.item(),
@@ -302,6 +303,11 @@ def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_im
     def count_reads(images_per_class: int) -> list:
         data_dir = make_image_folder(f"d{images_per_class}", {"a": images_per_class, "b": images_per_class},
                                      suffix=".jpg")
+        if options.get("task") == "multilabel":  # an MLTable of label lists over the same images
+            from train_pytorch_model.tables import write_mltable
+
+            write_mltable(data_dir, ((f"{c}/{n}.jpg", [c] if n % 2 else ["a", "b"])
+                                     for c in "ab" for n in range(images_per_class)))
         ctx = distributed.Context(torch.device(device))
         config = TrainConfig(untrained_model=resnet18_dir, training_data=data_dir, validation_data=data_dir,
                              trained_model=tmp_path / "o", image_size=32, batch_size=2, num_workers=0,

@@ -87,6 +87,7 @@ def hf_features(schema) -> dict:
 def shard_files(path: Path, role: str, image_column: str | None) -> list[Path] | None:
     """The Parquet files of the shard set at `path` (a folder or one .parquet file), sorted; None when `path`
     is not a shard set (no Parquet file, or its image column holds paths, not bytes)."""
+    from .image_directory import IMAGE_SUFFIXES  # (image_directory imports this module)
     from .legacy_format import is_hidden, resolves_inside
 
     path = Path(path)
@@ -97,6 +98,8 @@ def shard_files(path: Path, role: str, image_column: str | None) -> list[Path] |
         real_root = os.path.realpath(path)
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+            if any(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in filenames):
+                return None  # a folder of images (or a table of their paths): not listed further, however large
             for name in sorted(filenames):
                 if not is_hidden(name) and name.lower().endswith(".parquet"):
                     file = Path(dirpath, name)
