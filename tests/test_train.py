@@ -520,4 +520,7 @@ def test_any_documented_seed_trains_up_to_2_pow_63_minus_1(tmp_path, make_image_
     data = make_image_folder("data", {"a": 4, "b": 4})
     assert train(resnet18_dir, data, data, tmp_path / "out", "--epochs", "1", "--random-seed", str(2**63 - 1),
                  "--augmentation", "flip_crop") == 0
-    assert json.loads((tmp_path / "out" / "training_info.json").read_text())["training"]["random_seed"] == 2**63 - 1
+    training = json.loads((tmp_path / "out" / "training_info.json").read_text())["training"]
+    assert training["random_seed"] == 2**63 - 1
+    run = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(training["mlflow_run_id"])
+    assert run.info.run_name == "train resnet18 2 classes 1 epoch"  # not "1 epochs"
