@@ -98,7 +98,8 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
         seed_everything(config.random_seed)  # before the model's random initialisation
         data = read_data(config, ctx)
         model, spec = build_model(config.untrained_model, len(data.classes))
-        config, preprocessing = settle(config, ctx, spec, model, training_images=len(data.train))
+        config, preprocessing = settle(config, ctx, spec, model, training_images=len(data.train),
+                                       task=data.task.name)
         configure_torch(config, ctx)
         identity = checkpoint.run_identity(
             model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes,
@@ -142,7 +143,7 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
 # (read_data and build_model are below, with the other builders.)
 
 def settle(config: TrainConfig, ctx: distributed.Context, spec: ModelSpec, model: torch.nn.Module,
-           training_images: int) -> tuple[TrainConfig, Preprocessing]:
+           training_images: int, task: str | None = None) -> tuple[TrainConfig, Preprocessing]:
     """Decide every `auto` for this device, architecture and data: the returned config says what really runs (it is
     what MLflow, training_info.json and the checkpoint identity record), with the preprocessing it implies.
     (Weight decay depends on the optimizer only: TrainConfig settles it itself.)"""
@@ -165,6 +166,7 @@ def settle(config: TrainConfig, ctx: distributed.Context, spec: ModelSpec, model
         num_workers=default_num_workers(ctx.device, ctx.local_world_size) if workers is None else workers,
         compile=config.compile and can_compile(ctx.device),
         image_size=image_size,
+        task=task or config.task,  # read_data decided auto from the labels
         batch_size=trainable_batch_size(config.batch_size, training_images, ctx.world_size, model,
                                         config.training_data),
     )
