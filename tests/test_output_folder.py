@@ -215,6 +215,7 @@ CROSS_DEVICE_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [1, 3])
 def test_a_publication_killed_midway_across_file_systems_is_refused_then_redone(tmp_path, kill_after):
     from train_pytorch_model.errors import InvalidModelDirectoryError
