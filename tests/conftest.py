@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -26,6 +30,48 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(argv: list[str], health_path: str, port: int, log_path: Path, *, env: dict | None = None,
+                   cwd: Path | None = None, timeout_s: float = 180):
+    """Start a server process (its own session), wait until `health_path` answers 200, yield its URL, then stop
+    the whole process group. The log's tail is in every failure message."""
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert process.poll() is None, f"{argv[:4]} exited: {log_path.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}{health_path}", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no {health_path} in {timeout_s}s: {log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(process.pid, 15)  # the server and its workers
+        process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int = 20):
+    """Fail (instead of hanging the suite) if the block takes longer than `seconds`: a read that blocks on a
+    FIFO, a worker that never answers."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds}s: a hang")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def copy_writable(src: Path, dst: Path) -> Path:

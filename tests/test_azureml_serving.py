@@ -6,9 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +15,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import REPO, free_port, train_tiny_model, write_image_folder
+from conftest import REPO, free_port, running_server, train_tiny_model, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -38,31 +36,13 @@ def trained(tmp_path_factory) -> Path:
 def server(trained, tmp_path_factory):
     assert (SERVER_PACKAGES / "azureml_inference_server_http").is_dir(), f"run `make venv`: no {SERVER_PACKAGES}"
     port = free_port()
-    log_path = tmp_path_factory.mktemp("azmlinfsrv-log") / "server.log"
     # AZUREML_MODEL_DIR is the folder Azure ML mounts the registered model under.
     env = {**os.environ, "AZUREML_MODEL_DIR": str(trained.parent), "PYTHONPATH": str(SERVER_PACKAGES)}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "azureml_inference_server_http.amlserver",
-             "--entry_script", str(REPO / "deploy" / "azureml" / "score.py"), "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=trained.parent, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"azmlinfsrv exited: {log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"no answer in {START_TIMEOUT_S}s: {log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
+    argv = [sys.executable, "-m", "azureml_inference_server_http.amlserver",
+            "--entry_script", str(REPO / "deploy" / "azureml" / "score.py"), "--port", str(port)]
+    with running_server(argv, "/", port, tmp_path_factory.mktemp("azmlinfsrv-log") / "server.log", env=env,
+                        cwd=trained.parent, timeout_s=START_TIMEOUT_S) as url:
         yield url
-    finally:
-        os.killpg(process.pid, 15)
-        process.wait(timeout=30)
 
 
 def score(url: str, body) -> tuple[int, object]:

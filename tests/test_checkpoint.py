@@ -123,12 +123,23 @@ def test_unreadable_checkpoint_is_refused_and_leftovers_are_removed(tmp_path):
     assert checkpoint.read(tmp_path / "absent") is None
 
 
-def test_data_fingerprint_follows_rows_and_labels_not_the_mount_path(tmp_path, make_image_folder):
-    first = load_image_directory(make_image_folder("one", {"a": 3, "b": 3}))
-    same = load_image_directory(make_image_folder("two", {"a": 3, "b": 3}, seed=5))  # other pixels, other path
+def test_data_fingerprint_follows_rows_labels_and_file_contents_not_the_mount_path(tmp_path, make_image_folder):
+    import shutil
+
+    first_folder = make_image_folder("one", {"a": 3, "b": 3})
+    first = load_image_directory(first_folder)
+    moved = load_image_directory(shutil.copytree(first_folder, tmp_path / "mounted elsewhere"))  # copy2 keeps mtimes
     other = load_image_directory(make_image_folder("three", {"a": 3, "b": 4}))
-    assert checkpoint.data_fingerprint(first) == checkpoint.data_fingerprint(same)
+    assert checkpoint.data_fingerprint(first) == checkpoint.data_fingerprint(moved)
     assert checkpoint.data_fingerprint(first) != checkpoint.data_fingerprint(other)
+
+    # Issue 21 item 26: an image changed in place (same name, same label) is another dataset.
+    other_pixels = load_image_directory(make_image_folder("two", {"a": 3, "b": 3}, seed=5))
+    assert checkpoint.data_fingerprint(first) != checkpoint.data_fingerprint(other_pixels)
+    image = tmp_path / "mounted elsewhere" / moved.files[0]
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5 * 10**9))  # same bytes and size, edited later
+    assert checkpoint.data_fingerprint(first) != checkpoint.data_fingerprint(moved)
 
 
 def test_rng_states_round_trip():
@@ -247,3 +258,132 @@ def test_the_background_writer_saves_the_state_of_the_save_call_not_later_change
     assert writer.saved_epochs == 1
     saved = checkpoint.read(tmp_path)
     assert torch.equal(saved["model"]["weight"], expected)
+
+
+# --- issue 21: checkpoints of other starting weights, edited RNG states, shared folders, full disks -----------------
+
+def test_a_checkpoint_of_other_starting_weights_is_refused_by_name(tmp_path, make_image_folder, capsys):
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    checkpoints = tmp_path / "checkpoints"
+    for seed in ("1", "2"):
+        assert main(["init-model", "--model-name", "resnet18", "--untrained-model", str(tmp_path / f"start{seed}"),
+                     "--random-seed", seed]) == 0
+    assert main(train_args(tmp_path / "start1", data, data, tmp_path / "a", "--epochs", "1",
+                           "--checkpoint-dir", str(checkpoints))) == 0
+    capsys.readouterr()
+    assert main(train_args(tmp_path / "start2", data, data, tmp_path / "b", "--epochs", "1",
+                           "--checkpoint-dir", str(checkpoints))) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("CheckpointMismatchError: ") and "untrained_weights: 'sha256 " in last, last
+    assert not (tmp_path / "b").exists()
+
+
+def small_training_state():
+    from train_pytorch_model.train import EarlyStopping, TrainingState
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                         torch.amp.GradScaler("cpu", enabled=False), EarlyStopping(3), next_epoch=1,
+                         best_state={k: v.clone() for k, v in model.state_dict().items()}, history=[])
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("numpy", {"positions": [1, 2, 3]}, "rng: numpy"), ("python", (3, (1, 2), None), "rng: python"),
+    ("torch", torch.zeros(3), "rng: torch"), ("numpy", {"key": "PCG64"}, "rng: numpy"),
+])
+def test_an_edited_rng_state_is_a_named_error(tmp_path, field, value, problem):
+    from train_pytorch_model.train import EpochMetrics
+
+    state = small_training_state()
+    state.history = [EpochMetrics(1, 0.1, 1.0, 0.5, 10.0, 0.5, 0.5, None, 0.1, 1.0)]
+    state.early_stopping.step(0, 0.5)
+    saved = checkpoint.payload_of(state, {"epochs": 3})
+    if field == "numpy":
+        value = {**saved["rng"]["numpy"], **value}
+    saved["rng"] = {**saved["rng"], field: value}
+    torch.save(saved, tmp_path / checkpoint.CHECKPOINT_FILE)
+    edited, fresh = checkpoint.read(tmp_path), small_training_state()
+    torch_state = torch.get_rng_state()
+    with pytest.raises(CheckpointMismatchError, match="does not fit this model and run") as caught:
+        checkpoint.restore(edited, fresh, tmp_path / checkpoint.CHECKPOINT_FILE)
+    assert problem in str(caught.value)
+    assert torch.equal(torch.get_rng_state(), torch_state)  # refused before any generator was changed
+
+
+def test_a_refused_second_run_leaves_the_first_runs_save_in_progress_alone(tmp_path):
+    import fcntl
+
+    in_progress = tmp_path / f"{checkpoint.TEMPORARY_PREFIX}first-run"
+    abandoned = tmp_path / f"{checkpoint.TEMPORARY_PREFIX}killed-run"
+    abandoned.write_bytes(b"half a checkpoint")
+    with open(in_progress, "wb") as writing:  # the first run's writer holds its file locked while it writes
+        fcntl.flock(writing, fcntl.LOCK_EX)
+        writing.write(b"half of the first run's checkpoint")
+        (tmp_path / checkpoint.CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+        with pytest.raises(CheckpointMismatchError):  # the second run reads the folder and is refused
+            checkpoint.read(tmp_path)
+        assert in_progress.exists() and not abandoned.exists()
+    # The writer's own names are unique: two saves never share a temporary file.
+    first = checkpoint.write(tmp_path / "x", {"next_epoch": 1})
+    assert first.name == checkpoint.CHECKPOINT_FILE and not list((tmp_path / "x").glob(".*"))
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real file system with 1 MiB of room (tmpfs), as a full disk looks to a writer."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode(errors='replace').strip()})")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_checkpoint_that_does_not_fit_is_a_named_warning_and_training_goes_on(full_disk, caplog):
+    import logging
+
+    from train_pytorch_model.train import EarlyStopping, TrainingState
+
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights: more than the disk holds
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                          torch.amp.GradScaler("cpu", enabled=False), EarlyStopping(3), next_epoch=1)
+    writer = checkpoint.CheckpointWriter(full_disk)
+    with caplog.at_level(logging.WARNING):
+        writer.save(state, {"epochs": 3})
+        writer.join()  # no exception: the run goes on
+    assert writer.failed_epochs == [1] and writer.saved_epochs is None
+    assert "CheckpointWriteError: Cannot write the checkpoint of epoch 1" in caplog.text
+    assert "holds no finished epoch" in caplog.text
+    assert list(full_disk.iterdir()) == []  # the temporary file is gone too
+    message = str(writer.interrupted_error(3))  # and a SIGTERM now says what is really on disk
+    assert "holds no finished epoch yet" in message
+
+
+def test_a_checkpoint_dir_inside_an_input_is_refused_before_training(tmp_path, make_image_folder, resnet18_dir,
+                                                                     capsys):
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    for inside in (data / "checkpoints", tmp_path / "untrained" / "ckpt"):
+        untrained = tmp_path / "untrained"
+        if not untrained.exists():
+            import shutil
+            shutil.copytree(resnet18_dir, untrained)
+        assert main(train_args(untrained, data, data, tmp_path / "out", "--checkpoint-dir", str(inside))) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith('InvalidParameterError: Parameter "Checkpoint dir"') and "must not be inside" in last
+        assert not inside.exists()
+
+
+@pytest.mark.slow
+def test_training_with_a_full_checkpoint_disk_warns_each_epoch_and_writes_its_model(tmp_path, make_image_folder,
+                                                                                    resnet18_dir, full_disk):
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    process = start(train_args(resnet18_dir, data, data, tmp_path / "out", "--epochs", "2",
+                               "--checkpoint-dir", str(full_disk)))
+    code, stderr = finish(process)
+    assert code == 0, stderr[-3000:]
+    for epoch in (1, 2):
+        assert f"CheckpointWriteError: Cannot write the checkpoint of epoch {epoch} " in stderr
+    assert (tmp_path / "out" / "model").is_file() and list(full_disk.iterdir()) == []

@@ -169,3 +169,16 @@ def test_the_readme_parameter_table_lists_every_train_flag():
     listed = {flag for line in table for flag in re.findall(r"`(--[a-z-]+)`", line.split("|")[1])}
     flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if not f.metadata.get("required")}
     assert flags - listed == set(), "add a README parameter table row for each"
+
+
+@pytest.mark.parametrize("flag", ["--learning-rate", "--label-smoothing", "--weight-decay", "--mixup"])
+@pytest.mark.parametrize("text", ["1_0", " 0.1 ", "\u0660.1", "0x1p-3", "", "1" * 61])
+def test_number_flags_take_plain_decimals_only(flag, text, capsys):
+    with pytest.raises(SystemExit):
+        parse(flag, text)
+    assert "must be a number (digits 0-9" in capsys.readouterr().err
+
+
+def test_number_flags_take_the_usual_spellings():
+    config = parse("--learning-rate", "1e-4", "--label-smoothing", ".1", "--mixup", "2", "--weight-decay", "5E-2")
+    assert (config.learning_rate, config.label_smoothing, config.mixup, config.weight_decay) == (1e-4, 0.1, 2.0, 0.05)

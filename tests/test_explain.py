@@ -3,6 +3,8 @@ the served MLflow model, bounded in cost."""
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -135,3 +137,40 @@ def test_the_served_model_explains_on_request_within_bounds(trained, tmp_path):
 
     with pytest.raises(InvalidDatasetError, match="must be true or false"):
         _load_pyfunc(str(trained)).predict(pd.DataFrame({"image": [png]}), params={"explain": "perhaps"})
+
+
+def test_labels_to_explain_are_the_prediction_or_each_predicted_label():
+    from train_pytorch_model.explain import MAX_EXPLAINED_LABELS, labels_to_explain
+
+    probs = np.array([[0.2, 0.7, 0.6, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    assert labels_to_explain(probs) == [[1], [3]]
+    assert labels_to_explain(probs, multilabel=True, threshold=0.5) == [[1, 2], []]
+    assert labels_to_explain(np.full((1, 9), 0.9), multilabel=True) == [list(range(MAX_EXPLAINED_LABELS))]
+
+
+def test_a_multilabel_model_explains_each_predicted_label(tmp_path):
+    import json
+
+    import mlflow.pyfunc
+
+    from conftest import SHARED_FIXTURES, write_multilabel_mltable
+
+    data = write_multilabel_mltable(tmp_path / "ml", count=16)
+    model = tmp_path / "model"
+    assert main(["train", "--untrained-model", str(SHARED_FIXTURES / "legacy_untrained_model" / "resnet18"),
+                 "--training-data", str(data), "--trained-model", str(model), "--epochs", "1", "--batch-size", "8",
+                 "--image-size", "32", "--num-workers", "0"]) == 0
+    out = tmp_path / "scored"
+    # Threshold 0: every label is predicted, so every image has 4 heat maps (the classes' count, under the cap).
+    assert main(["score", "--trained-model", str(model), "--image-directory", str(data), "--scored-data", str(out),
+                 "--num-workers", "0", "--threshold", "0", "--explain"]) == 0
+    table = pd.read_parquet(out / "scored.parquet")
+    for labels, names in zip(table["Scored Labels"], table["explanation"]):
+        names = json.loads(names)
+        assert len(names) == len(json.loads(labels)) == 4 and all((out / name).is_file() for name in names)
+    image = (data / "images" / "0.png").read_bytes()
+    served = mlflow.pyfunc.load_model(str(model)).predict(pd.DataFrame({"image": [image]}),
+                                                          params={"explain": True, "threshold": 0.0})
+    maps = json.loads(served["explanation"][0])
+    assert sorted(maps) == sorted(json.loads(served["Scored Labels"][0])) and len(maps) == 4
+    assert all(base64.b64decode(text).startswith(b"\x89PNG") for text in maps.values())

@@ -10,13 +10,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SHARED_FIXTURES, write_image_folder
+from conftest import SHARED_FIXTURES, deadline, write_image_folder
 from train_pytorch_model import data as data_module
 from train_pytorch_model.cli import main
 from train_pytorch_model.errors import InvalidModelDirectoryError
@@ -159,27 +158,13 @@ def test_sigkill_on_a_mounted_output_never_shows_markers_early(tmp_path):
     from train_pytorch_model.output_folder import check_output_folder, staged_output
     stale = base / "rerun"
     (stale / ".partial-left-by-a-killed-run").mkdir(parents=True)
-    check_output_folder(stale)
+    check_output_folder(stale, inputs=())
     with staged_output(stale) as stage:
         (stage / "_meta.yaml").write_text("type: ModelDirectory\n")
     assert sorted(p.name for p in stale.iterdir()) == ["_meta.yaml"]
 
 
 # --- a DataLoader worker that dies, memory that runs out ----------------------------------------------------------
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail (instead of hanging the suite) if the block takes longer than `seconds`."""
-    def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds}s: a hang")
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _train_argv(tmp_path: Path, *extra: str) -> list[str]:

@@ -8,18 +8,16 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
 import struct
 import tracemalloc
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_image_folder
+from conftest import deadline, write_image_folder
 from train_pytorch_model import preprocessing
 from train_pytorch_model.errors import InvalidDatasetError
 from train_pytorch_model.image_directory import load_image_directory
@@ -28,20 +26,6 @@ from train_pytorch_model.preprocessing import ImageDecodeError, decode_image, pr
 from train_pytorch_model.pyfunc import example_png
 
 SECRET = "secret-token-7f3a: do not copy me"
-
-
-@contextmanager
-def deadline(seconds: int = 20):
-    """A read that blocks (a FIFO) fails the test instead of hanging it."""
-    def expired(*_):
-        raise TimeoutError("the read blocked")
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def png_bytes(image: Image.Image) -> bytes:

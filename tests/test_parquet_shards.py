@@ -543,3 +543,33 @@ def test_a_shard_set_without_validation_data_is_refused_by_name(tmp_path, capsys
                  "--trained-model", str(tmp_path / "t"), *FAST])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("ValidationSplitError: ") and "give --validation-data" in last
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_on_shards_and_validate_every_row_once(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port
+    from test_distributed import env, evaluate_saved
+
+    train = tmp_path / "train"
+    assert main(["convert", "--input", str(write_image_folder(tmp_path / "f", CLASSES)), "--image-directory",
+                 str(train), "--to", "parquet", "--shard-rows", "6"]) == 0
+    valid = hub_layout(tmp_path / "valid", hf_dataset(13, names=("ant", "bee", "cat"), seed=3), shards=2)
+    out = tmp_path / "trained"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         "-m", "train_pytorch_model", "train", "--untrained-model", str(resnet18()), "--training-data", str(train),
+         "--validation-data", str(valid), "--trained-model", str(out), "--image-size", "32", "--num-workers", "0",
+         "--batch-size", "3", "--epochs", "2"],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads((out / "training_info.json").read_text())["training"]
+    assert info["world_size"] == 2
+    with open(out / "metrics.csv") as handle:
+        best = list(csv.DictReader(handle))[info["best_epoch"] - 1]
+    loss, top1 = evaluate_saved(out, valid)  # the saved weights on all 13 rows, in one process
+    assert float(best["valid_loss"]) == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert float(best["valid_top1"]) == pytest.approx(top1, abs=1e-9)

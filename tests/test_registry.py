@@ -196,3 +196,40 @@ def test_v1_logging_failure_does_not_stop_training(v1_run):
 
     v1_run(BrokenRun("live"))
     azureml_v1.log_epoch_v1(1, EPOCH_METRICS)  # warns, does not raise
+
+
+# --- issue 21 item 8: the name is checked before training; a restart registers what it had not ---------------------
+
+def train_cli(untrained, data, out, *extra) -> list[str]:
+    from conftest import FAST_TRAIN
+    return ["train", "--untrained-model", str(untrained), "--training-data", str(data), "--validation-data",
+            str(data), "--trained-model", str(out), *FAST_TRAIN, "--batch-size", "4", "--epochs", "1", *extra]
+
+
+@pytest.mark.parametrize("name", ["x;y", "a/b", " padded ", "-leading-dash", "n" * 256])
+def test_a_registered_model_name_the_registry_refuses_is_refused_before_training(tmp_path, resnet18_dir, capsys,
+                                                                                 name):
+    from train_pytorch_model.cli import main
+
+    out = tmp_path / "out"
+    assert main(train_cli(resnet18_dir, tmp_path / "not read yet", out, f"--registered-model-name={name}")) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith('InvalidParameterError: Parameter "registered_model_name"'), last
+    assert not out.exists()
+
+
+def test_a_restart_registers_the_finished_output_once(tracking, tmp_path, make_image_folder, resnet18_dir, capsys):
+    from train_pytorch_model.cli import main
+    from train_pytorch_model.registry import RUN_IDENTITY_TAG
+
+    data = make_image_folder("data", {"a": 4, "b": 4})
+    out = tmp_path / "out"
+    # The first attempt wrote the model and stopped before registering it (as a preemption, or the old bug, does).
+    assert main(train_cli(resnet18_dir, data, out)) == 0
+    assert MlflowClient().search_model_versions("name = 'restarted'") == []
+    for _ in range(2):  # the restart registers it; a further restart finds it registered
+        assert main(train_cli(resnet18_dir, data, out, "--registered-model-name", "restarted")) == 0
+    versions = MlflowClient().search_model_versions("name = 'restarted'")
+    assert len(versions) == 1, versions
+    info = __import__("json").loads((out / "training_info.json").read_text())
+    assert versions[0].tags[RUN_IDENTITY_TAG] == info["training"]["run_identity"]

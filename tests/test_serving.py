@@ -6,9 +6,7 @@ import base64
 import io
 import json
 import os
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from mlflow.models import Model
 from PIL import Image
 
-from conftest import REPO, free_port, train_tiny_model, write_image_folder
+from conftest import REPO, free_port, running_server, train_tiny_model, write_image_folder
 from train_pytorch_model.pyfunc import _load_pyfunc
 
 pytestmark = pytest.mark.slow  # processes, servers or long runs: in `make test`, not in `make test-fast`
@@ -49,30 +47,13 @@ def server(trained, tmp_path_factory):
 def serve(model: Path, tmp_path_factory):
     """`mlflow models serve` of `model` on a free port; yields its URL. The venv's bin goes first on PATH, where
     MLflow looks for `uvicorn`."""
-    port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model),
-                                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"mlflow models serve exited: {Path(log.name).read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"no /ping in {START_TIMEOUT_S}s: {Path(log.name).read_text()[-3000:]}"
-            time.sleep(0.5)
+    port = free_port()
+    argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
+            "--host", "127.0.0.1", "--port", str(port)]
+    with running_server(argv, "/ping", port, tmp_path_factory.mktemp("serve-log") / "serve.log", env=env,
+                        timeout_s=START_TIMEOUT_S) as url:
         yield url
-    finally:
-        os.killpg(process.pid, 15)  # the server and its uvicorn worker
-        process.wait(timeout=30)
-        log.close()
 
 
 def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:

@@ -198,6 +198,7 @@ def test_metrics_are_logged_per_epoch_to_mlflow(tmp_path, make_image_folder, res
     assert run.data.params["model_name"] == "resnet18" and run.data.params["num_classes"] == "5"
     # What the run used, not the flag's auto: AdamW's weight decay (it was logged empty, and null in the info).
     assert run.data.params["weight_decay"] == "0.05" and run.data.params["bn_recalibration"] == "True"
+    assert run.data.params["task"] == "multiclass"  # --task auto, as the data decided it
     assert json.loads((out / "training_info.json").read_text())["training"]["weight_decay"] == 0.05
     for key in ("train_loss", "valid_loss", "valid_top1", "valid_top5", "lr", "train_images_per_second"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
@@ -519,7 +520,10 @@ def test_any_documented_seed_trains_up_to_2_pow_63_minus_1(tmp_path, make_image_
     data = make_image_folder("data", {"a": 4, "b": 4})
     assert train(resnet18_dir, data, data, tmp_path / "out", "--epochs", "1", "--random-seed", str(2**63 - 1),
                  "--augmentation", "flip_crop") == 0
-    assert json.loads((tmp_path / "out" / "training_info.json").read_text())["training"]["random_seed"] == 2**63 - 1
+    training = json.loads((tmp_path / "out" / "training_info.json").read_text())["training"]
+    assert training["random_seed"] == 2**63 - 1
+    run = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(training["mlflow_run_id"])
+    assert run.info.run_name == "train resnet18 2 classes 1 epoch"  # not "1 epochs"
 
 
 def test_batchnorm_re_estimation_keeps_a_quarter_of_an_epoch_between_128_and_1024_images():

@@ -19,10 +19,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import random
+import tempfile
 import threading
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import torch
 from . import preemption
 from .errors import (
     CheckpointMismatchError,
+    CheckpointWriteError,
     OutputDirectoryError,
     TrainingInterruptedError,
     TrainPyTorchModelError,
@@ -39,33 +42,53 @@ from .errors import (
 )
 from .image_directory import ImageDirectory
 from .models import cpu_copy
+from .output_folder import write_failure
 from .train import TrainingState
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+TEMPORARY_PREFIX = f".{CHECKPOINT_FILE}.tmp-"
+_UMASK = os.umask(0o022)  # read once, here in the main thread (the writer thread must not change it)
+os.umask(_UMASK)
 FORMAT = 2
 
 
 # --- what the checkpoint must match --------------------------------------------------------------
 
 def data_fingerprint(directory: ImageDirectory) -> str:
-    """Row order, file names and labels (not the mount path, which changes between Azure ML attempts)."""
+    """Row order, file names, labels, and each file's size and modification time (whole seconds; of each Parquet
+    shard for a shard set): an image changed in place is noticed for the price of one stat per file. Not the
+    mount path, which changes between Azure ML attempts."""
     digest = hashlib.sha256()
+    if directory.shards is not None:
+        for name in directory.shards.files:
+            digest.update(f"{name}\t{_file_stamp(directory.shards.root / name)}\n".encode())
     for row, name in enumerate(directory.files):
         labels = "\t".join(directory.label_names(row))  # one name; a multi-label row's set
-        digest.update(f"{name}\t{labels}\n".encode())
+        stamp = _file_stamp(directory.path(row)) if directory.shards is None else ""
+        digest.update(f"{name}\t{labels}\t{stamp}\n".encode())
     return f"{len(directory.files)} images, sha256 {digest.hexdigest()[:16]}"
 
 
-def run_identity(*, model_name: str, pretrained: bool, classes: list[str], train_dir: ImageDirectory,
-                 valid_dir: ImageDirectory, hyperparameters: dict, world_size: int,
+def _file_stamp(path: Path) -> str:
+    try:
+        status = os.stat(path)
+    except OSError:  # a missing row stays missing: skipped the same way on resume
+        return "missing"
+    return f"{status.st_size}\t{int(status.st_mtime)}"
+
+
+def run_identity(*, model_name: str, pretrained: bool, untrained_weights: str, classes: list[str],
+                 train_dir: ImageDirectory, valid_dir: ImageDirectory, hyperparameters: dict, world_size: int,
                  data_streams: int | None = None) -> dict:
-    """Everything that decides the training trajectory. Paths, worker counts and logging are left out, except
-    the streams Parquet shards are read in (`data_streams`, from the worker count), which decide their batches."""
-    identity = {"model_name": model_name, "pretrained": pretrained, "classes": list(classes),
-                "training_data": data_fingerprint(train_dir), "validation_data": data_fingerprint(valid_dir),
-                **hyperparameters, "world_size": world_size}
+    """Everything that decides the training trajectory, the starting weights included (`untrained_weights`:
+    models.weights_digest of the model before its first step). Paths, worker counts and logging are left out,
+    except the streams Parquet shards are read in (`data_streams`, from the worker count), which decide their
+    batches."""
+    identity = {"model_name": model_name, "pretrained": pretrained, "untrained_weights": untrained_weights,
+                "classes": list(classes), "training_data": data_fingerprint(train_dir),
+                "validation_data": data_fingerprint(valid_dir), **hyperparameters, "world_size": world_size}
     if data_streams is not None:
         identity["data_streams"] = data_streams
     return identity
@@ -106,6 +129,10 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
+    """Put back what `rng_states` saved; ValueError (nothing changed) for states of another shape (an edited file)."""
+    problem = _invalid_rng_states(states)
+    if problem:
+        raise ValueError(f"rng: {problem}")
     random.setstate(states["python"])
     n = states["numpy"]
     np.random.set_state((n["key"], n["positions"].numpy().astype(np.uint32), n["index"], n["has_gauss"], n["gauss"]))
@@ -114,12 +141,37 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
+def _invalid_rng_states(states) -> str | None:
+    """What is wrong with saved RNG states (the shapes `rng_states` writes), or None."""
+    if not isinstance(states, dict):
+        return "missing or not a mapping"
+    python = states.get("python")
+    if not (isinstance(python, tuple) and len(python) == 3 and isinstance(python[1], tuple)
+            and len(python[1]) == 625 and all(type(v) is int and 0 <= v < 2**32 for v in python[1])):
+        return "python: not a Mersenne Twister state"
+    n = states.get("numpy")
+    if not (isinstance(n, dict) and n.get("key") == "MT19937" and isinstance(n.get("positions"), torch.Tensor)
+            and n["positions"].dtype == torch.int64 and tuple(n["positions"].shape) == (624,)
+            and type(n.get("index")) is int and 0 <= n["index"] <= 624 and type(n.get("has_gauss")) is int
+            and type(n.get("gauss")) is float):
+        return "numpy: not a Mersenne Twister state"
+    for key in ("torch", "cuda"):
+        value = states.get(key)
+        if key == "cuda" and value is None:
+            continue
+        if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+                and 0 < value.numel() <= 2**16):
+            return f"{key}: not a generator state"
+    return None
+
+
 class CheckpointWriter:
     """Writes epoch-boundary checkpoints in the background, one at a time (rank 0 only)."""
 
     def __init__(self, directory: Path | None):
         self.directory = Path(directory) if directory else None
         self.saved_epochs = None  # finished epochs in the last checkpoint written (None: none yet)
+        self.failed_epochs: list[int] = []  # epochs whose checkpoint the file system refused (disk full...)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -136,6 +188,14 @@ class CheckpointWriter:
         try:
             write(self.directory, payload)
             self.saved_epochs = payload["next_epoch"]
+        except CheckpointWriteError as exc:
+            # The file system refused (disk full, quota): training goes on, said loudly each time, since the
+            # model it is heading for matters more than resuming; a later epoch's checkpoint may fit again.
+            self.failed_epochs.append(payload["next_epoch"])
+            kept = (f"still holds {self.saved_epochs} finished epoch(s)" if self.saved_epochs
+                    else "holds no finished epoch")
+            log.warning("%s: %s Training goes on; the checkpoint folder %s, so a restart now would repeat the epochs "
+                        "since. Free space there to checkpoint again.", type(exc).__name__, exc, kept)
         except BaseException as exc:  # raised again by join(), in the training thread
             self._error = exc
 
@@ -162,22 +222,42 @@ def payload_of(state: TrainingState, identity: dict) -> dict:
 
 
 def write(directory: Path, payload: dict) -> Path:
+    """Write `payload` to `checkpoint.pt`, atomically: a temporary file of this writer's own (unique name, locked
+    while written, so another run's cleanup never takes it), renamed over the old checkpoint."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_FILE
-    temporary = directory / f".{CHECKPOINT_FILE}.tmp-{os.getpid()}"
+    fd, name = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=directory)
+    temporary = Path(name)
     try:
-        with open(temporary, "wb") as handle:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 is for the temporary name only
+        with open(fd, "wb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when closed: after the rename
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as exc:
+            os.replace(temporary, path)
+    except BaseException as exc:
         temporary.unlink(missing_ok=True)
-        raise OutputDirectoryError(f"Cannot write the checkpoint '{path}': {exc.strerror or exc}.") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
+        reason = write_failure(exc)
+        if reason:
+            raise CheckpointWriteError(
+                f"Cannot write the checkpoint of epoch {payload['next_epoch']} to '{path}': {reason}.") from None
+        if isinstance(exc, OSError):
+            raise OutputDirectoryError(f"Cannot write the checkpoint '{path}': {exc.strerror or exc}.") from None
         raise
     return path
+
+
+def remove_abandoned_temporaries(directory: Path) -> None:
+    """Temporary files of saves cut short by a kill. One that a live writer holds (locked) is left alone: two
+    runs may share a checkpoint folder, and a refused second run must not break the first one's save."""
+    for leftover in directory.glob(f"{TEMPORARY_PREFIX}*"):
+        try:
+            with open(leftover, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                leftover.unlink(missing_ok=True)
+        except OSError:  # locked by its writer (BlockingIOError), or gone meanwhile
+            continue
 
 
 def read(directory: Path) -> dict | None:
@@ -188,8 +268,7 @@ def read(directory: Path) -> dict | None:
     except OSError as exc:
         raise OutputDirectoryError(
             f"Checkpoint folder '{directory}' cannot be created: {exc.strerror or exc}.") from None
-    for leftover in directory.glob(f".{CHECKPOINT_FILE}.tmp-*"):  # a save cut short by a kill
-        leftover.unlink(missing_ok=True)
+    remove_abandoned_temporaries(directory)
     path = directory / CHECKPOINT_FILE
     if not path.is_file():
         return None
@@ -229,6 +308,7 @@ def invalid_field(checkpoint: dict) -> str | None:
     return TrainingState.invalid_field(checkpoint, epochs)
 
 
+
 def load(directory: Path, ctx) -> dict | None:
     """Rank 0 reads the checkpoint and every rank receives it (the folder need not be shared by all nodes)."""
     checkpoint, error = None, None
@@ -249,7 +329,7 @@ def restore(checkpoint: dict, state: TrainingState, path: Path) -> None:
     try:
         state.load_state_dict(checkpoint)
         set_rng_states(checkpoint["rng"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError) as exc:
         raise CheckpointMismatchError(
             f"Checkpoint '{path}' does not fit this model and run ({str(exc).splitlines()[0][:300]}). Give an empty "
             "--checkpoint-dir to train from the start."

@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 
-from .config import integer
+from .config import integer, number
 from .errors import ModuleOutOfMemoryError, TrainPyTorchModelError, UnexpectedError, UsageError
 from .preemption import Terminated, command_interrupted, install_early_handler
 
@@ -48,11 +48,12 @@ def program_name() -> str:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with usage errors ending in the same one-line `<ErrorClass>: <message>` as every error, and one
-    strict integer parser for every `type=int` flag of every command (ASCII digits only: no `1_0`, ` 2 `)."""
+    strict parser for every `type=int` and `type=float` flag of every command (ASCII digits only: no `1_0`, ` 2 `)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register("type", int, integer)
+        self.register("type", float, number)
 
     def error(self, message: str):
         self.print_usage(sys.stderr)

@@ -27,7 +27,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .config import integer
+from .config import integer, number
 from .errors import ComponentSpecError, quote
 from .legacy_format import read_yaml
 
@@ -170,14 +170,14 @@ def check_literal(name: str, port: dict, value) -> str:
         return text
     if kind in ("integer", "number"):
         try:
-            number = integer(text) if kind == "integer" else float(text)  # the train flags' own integer rule
+            parsed = integer(text) if kind == "integer" else number(text)  # the train flags' own rules
         except (ValueError, argparse.ArgumentTypeError):
             raise ComponentSpecError(f"Input '{name}' must be an {kind}, got {quote(text, 60)}.") from None
-        if not math.isfinite(number):
+        if not math.isfinite(parsed):
             raise ComponentSpecError(f"Input '{name}' must be a finite number, got {quote(text)}.")
-        if port.get("min") is not None and number < float(port["min"]):
+        if port.get("min") is not None and parsed < float(port["min"]):
             raise ComponentSpecError(f"Input '{name}' is {text}; the minimum is {port['min']}.")
-        if port.get("max") is not None and number > float(port["max"]):
+        if port.get("max") is not None and parsed > float(port["max"]):
             raise ComponentSpecError(f"Input '{name}' is {text}; the maximum is {port['max']}.")
         return text
     if port.get("enum") and text not in [str(choice) for choice in port["enum"]]:

@@ -43,6 +43,18 @@ def integer(text: str) -> int:
 integer.__name__ = "int"  # argparse's message: "invalid int value"
 
 
+def number(text: str) -> float:
+    """A number flag: a plain decimal (`0.001`, `1e-4`, `.5`), ASCII only (float() would also take `1_0`,
+    spaces and other scripts' digits)."""
+    if not re.fullmatch(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,3})?|-?(nan|inf)", text, re.IGNORECASE) \
+            or len(text) > 60:
+        raise argparse.ArgumentTypeError(f"must be a number (digits 0-9, '.', 'e'), not {text!r}")
+    return float(text)
+
+
+number.__name__ = "float"
+
+
 def seed(text: str) -> int:
     """A random seed flag: 0 to 2^63-1, what every generator we seed takes."""
     value = integer(text)
@@ -56,7 +68,7 @@ def auto_or_int(text: str) -> int | None:
 
 
 def _auto_or_float(text: str) -> float | None:
-    return None if text == "auto" else float(text)
+    return None if text == "auto" else number(text)
 
 
 def _true_false(text: str) -> bool:
@@ -100,7 +112,7 @@ class TrainConfig:
     batch_size: int = _field(16, "images per step, per process (default %(default)s)", group="designer parameters",
                              type=integer)
     learning_rate: float = _field(0.001, "peak learning rate (default %(default)s)", group="designer parameters",
-                                  type=float)
+                                  type=number)
     random_seed: int = _field(1, "seed of every random generator, 0 to 2^63-1 (default %(default)s)",
                               group="designer parameters", type=integer)
     patience: int = _field(3, "stop after this many epochs without a better validation loss; 0 never stops early "
@@ -110,7 +122,7 @@ class TrainConfig:
                        "one sigmoid per class); auto: multilabel when the table's labels are lists "
                        "(default %(default)s)", choices=TASKS)
     validation_fraction: float = _field(0.2, "without --validation-data: the fraction of training images held out "
-                                        "for validation (default %(default)s, as AutoML)", type=float)
+                                        "for validation (default %(default)s, as AutoML)", type=number)
     positive_class_weights: str = _field("none", "multilabel: balanced weighs each class's positive images by "
                                          "negatives/positives, for rare labels (default %(default)s)",
                                          choices=CLASS_WEIGHTS)
@@ -127,13 +139,13 @@ class TrainConfig:
         None, "weight decay, 0 to 1; auto: " + ", ".join(f"{v:g} for {k}" for k, v in DEFAULT_WEIGHT_DECAY.items())
         + " (default %(default)s)", type=_auto_or_float, metavar="auto|X", shown="auto")
     label_smoothing: float = _field(0.0, "label smoothing of the training loss, 0 to 1 (default %(default)s)",
-                                    type=float)
+                                    type=number)
     class_weights: str = _field("none", "balanced: weigh the training loss by inverse class frequency, for "
                                 "imbalanced data (default %(default)s)", choices=CLASS_WEIGHTS)
-    mixup: float = _field(0.0, "mixup alpha; 0 = off (default %(default)s)", type=float)
-    cutmix: float = _field(0.0, "cutmix alpha; 0 = off (default %(default)s)", type=float)
+    mixup: float = _field(0.0, "mixup alpha; 0 = off (default %(default)s)", type=number)
+    cutmix: float = _field(0.0, "cutmix alpha; 0 = off (default %(default)s)", type=number)
     ema_decay: float = _field(0.0, "keep an exponential moving average of the weights with this decay (e.g. "
-                              "0.999) and validate/save it; 0 = off (default %(default)s)", type=float)
+                              "0.999) and validate/save it; 0 = off (default %(default)s)", type=number)
     freeze_backbone_epochs: int = _field(0, "train only the classification head for the first N epochs, then "
                                          "everything (default %(default)s)", type=integer)
     bn_recalibration: bool = _field(True, "re-estimate BatchNorm statistics on the latest training images "
@@ -158,7 +170,7 @@ class TrainConfig:
     compile: bool = _field(False, "torch.compile the model: faster steps on GPU for long runs, after a compile of a "
                            "minute or more (default %(default)s)", identity=False, **_BOOL)
     max_bad_image_fraction: float = _field(0.05, "unreadable images are skipped with a warning; fail when more than "
-                                           "this fraction is bad (default %(default)s)", identity=False, type=float)
+                                           "this fraction is bad (default %(default)s)", identity=False, type=number)
     print_freq: int = _field(10, "plain progress line (logs, not a terminal) every N steps (default %(default)s)",
                              identity=False, type=integer)
     mlflow_tracking_uri: str | None = _field(None, "MLflow tracking URI (default: the active run / "

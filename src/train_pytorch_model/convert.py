@@ -74,7 +74,7 @@ from .legacy_format import (
     write_text,
 )
 from .model_directory import training_samples
-from .output_folder import staged_output
+from .output_folder import reserved_output, staged_output
 from .preprocessing import ImageDecodeError, decode_image, probe_image
 from .shards import (
     DEFAULT_SHARD_MIB,
@@ -178,7 +178,7 @@ def convert(source: Path, out: Path, *, max_extracted_bytes: int = int(MAX_EXTRA
         raise DirectoryNotFoundError(f"Input '{source}' does not exist.")
     if to not in FORMATS:
         raise InvalidParameterError("To", to, f"must be one of {', '.join(FORMATS)}")
-    with staged_output(out) as stage:
+    with reserved_output(out, inputs=[source]), staged_output(out) as stage:
         extracted = stage / ".extracted"  # hidden: never part of the result, removed below
         try:
             skipped: list[tuple[str, str]] = []

@@ -4,6 +4,8 @@
   uint8 batches to the device (pinned memory, non-blocking) where they are normalised.
 - Augmentation randomness is a pure function of (seed, epoch, row): the same seed gives the
   same batches whatever the worker count, and a resumed run continues bit-identically.
+  (Parquet shards are read in streams, one per worker: their batches depend on the worker
+  count too; shard_data.py.)
 - A file that cannot be read is skipped with a warning naming it; too many bad files stop the
   run with InvalidDatasetError instead of a crash deep inside a worker.
 """

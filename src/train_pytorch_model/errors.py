@@ -108,6 +108,10 @@ class CheckpointMismatchError(TrainPyTorchModelError):
     """A resume checkpoint was written for other inputs (other classes or model)."""
 
 
+class CheckpointWriteError(OutputDirectoryError):
+    """The file system refused a checkpoint (disk full, quota): logged as a warning, training goes on."""
+
+
 class CommandInterruptedError(TrainPyTorchModelError):
     """SIGTERM stopped a command (preemption, a cancelled job); nothing was written: run it again."""
 

@@ -42,6 +42,7 @@ from .evaluate_multilabel import evaluate_multilabel_table, is_multilabel_table,
 from .evaluate_multilabel import flat_metrics as multilabel_flat_metrics
 from .evaluate_multilabel import summary_text as multilabel_summary_text
 from .legacy_format import open_regular
+from .output_folder import reserved_output
 from .predictions import (
     ERROR_COLUMN,
     LABEL_COLUMN,
@@ -102,22 +103,24 @@ def run(args: argparse.Namespace) -> int:
             else ("--image-directory", "--trained-model")
         raise InvalidParameterError(missing.lstrip("-").replace("-", " ").capitalize(), None,
                                     f"is needed with {given}: the gallery's heat maps take both the model and images")
-    table = read_scored_table(args.scored_data)
-    if is_multilabel_table(table):  # a multi-label model's table: evaluate_multilabel.py
-        metrics, confusion = evaluate_multilabel_table(table, args.label_column)
-        write_evaluation(args.evaluation, metrics, confusion)
-        log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
-        print(multilabel_summary_text(metrics, args.evaluation))
-        return 0
-    metrics, confusion = evaluate_table(table, args.label_column, ks)
-    mistakes = confident_mistakes(table, args.label_column)
-    pictures = None
-    if args.trained_model is not None:
-        from .evaluation_report import mistake_pictures  # torch: only when pictures are asked for
+    with reserved_output(args.evaluation, inputs=[args.scored_data, args.trained_model, args.image_directory]):
+        table = read_scored_table(args.scored_data)
+        if is_multilabel_table(table):  # a multi-label model's table: evaluate_multilabel.py
+            metrics, confusion = evaluate_multilabel_table(table, args.label_column)
+            write_evaluation(args.evaluation, metrics, confusion)
+            log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
+            print(multilabel_summary_text(metrics, args.evaluation))
+            return 0
+        metrics, confusion = evaluate_table(table, args.label_column, ks)
+        mistakes = confident_mistakes(table, args.label_column)
+        pictures = None
+        if args.trained_model is not None:
+            from .evaluation_report import mistake_pictures  # torch: only when pictures are asked for
 
-        pictures = mistake_pictures(mistakes, metrics["classes"], args.trained_model, args.image_directory)
-    write_evaluation(args.evaluation, metrics, confusion, table=table, label_column=args.label_column,
-                     mistakes=mistakes, pictures=pictures, title=f"Evaluation report: {Path(args.scored_data).name}")
+            pictures = mistake_pictures(mistakes, metrics["classes"], args.trained_model, args.image_directory)
+        write_evaluation(args.evaluation, metrics, confusion, table=table, label_column=args.label_column,
+                         mistakes=mistakes, pictures=pictures,
+                         title=f"Evaluation report: {Path(args.scored_data).name}")
     log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
     print(summary_text(metrics, args.evaluation))
     return 0

@@ -8,6 +8,8 @@ Why hand-written: the method is a few tensor lines around one forward and one ba
 (which no library does for an arbitrary torchvision net) is the only real work. captum's LayerGradCam would add a
 dependency to every serving environment and still need the layer.
 
+A multi-label model's explained score is the label's logit (before the sigmoid), one map per predicted label.
+
 The layer: the last module, in execution order, whose output is an (N, C, H, W) tensor with H x W > 1, found by
 hooks during the explained forward pass itself (no probe pass, nothing to configure, works for every torchvision
 CNN; a ViT's last such map is its patch embedding, a much weaker explanation). At small inputs the map is coarse
@@ -27,6 +29,17 @@ from torch import nn
 _RAMP_POSITIONS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 _RAMP_COLOURS = np.array([[0, 0, 160], [0, 200, 255], [40, 220, 40], [255, 230, 0], [230, 0, 0]], dtype=np.float64)
 OVERLAY_ALPHA = 0.5
+MAX_EXPLAINED_LABELS = 5  # per image of a multi-label model: its most probable predicted labels
+
+
+def labels_to_explain(probabilities: np.ndarray, multilabel: bool = False, threshold: float = 0.5) -> list[list[int]]:
+    """Per image (row of probabilities), the class indices to explain: the predicted class; for a multi-label
+    model each predicted label (probability at or above `threshold`), at most MAX_EXPLAINED_LABELS, most probable
+    first (none when no label is predicted)."""
+    if not multilabel:
+        return [[int(row.argmax())] for row in probabilities]
+    return [[int(i) for i in np.argsort(-row, kind="stable")[:MAX_EXPLAINED_LABELS] if row[i] >= threshold]
+            for row in probabilities]
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 
 from .errors import ExportError, InvalidParameterError
 from .model_directory import TrainedModel, read_trained_model_directory
-from .output_folder import staged_output
+from .output_folder import reserved_output, staged_output
 from .preprocessing import MAX_RESIZE_ASPECT
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,13 @@ def run(args: argparse.Namespace) -> int:
     formats = parse_formats(args.format)
     if "onnx" in formats:
         onnx_modules()  # missing dependencies are found before anything is read or written
-    trained = read_trained_model_directory(args.trained_model)
-    info = export_info(trained)
-    with staged_output(args.exported_model) as stage:
-        for name in formats:
-            (export_onnx if name == "onnx" else export_pt2)(trained, stage / FORMATS[name], info)
-        (stage / INFO_FILE).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    with reserved_output(args.exported_model, inputs=[args.trained_model]):
+        trained = read_trained_model_directory(args.trained_model)
+        info = export_info(trained)
+        with staged_output(args.exported_model) as stage:
+            for name in formats:
+                (export_onnx if name == "onnx" else export_pt2)(trained, stage / FORMATS[name], info)
+            (stage / INFO_FILE).write_text(json.dumps(info, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     print(f"Exported {', '.join(FORMATS[f] for f in formats)} to {args.exported_model} "
           f"({len(trained.classes)} classes; input {info['input']}; each checked against PyTorch).")
     return 0

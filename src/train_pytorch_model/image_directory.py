@@ -37,6 +37,7 @@ from .legacy_format import (
     resolves_inside,
     safe_join,
 )
+from .output_folder import unfinished_publication
 from .preprocessing import ImageDecodeError
 from .shards import ShardIndex, ShardReader, read_shard_index, shard_files
 from .tables import MLTABLE_FILE, TABLE_SUFFIXES, Columns, find_table, read_table
@@ -134,6 +135,10 @@ def load_image_directory(path: str | os.PathLike, role: str = "Image", keep_unla
         raise DirectoryNotFoundError(f"{role} data folder '{root}' is not readable (permission denied).") from None
     if not entries:
         raise DirectoryEmptyError(f"{role} data folder '{root}' is empty.")
+    if unfinished_publication(root):
+        raise InvalidDatasetError(
+            f"{role} data folder '{root}' is incomplete: the run writing it was stopped while moving its files in. "
+            "Run the command that writes it again (it replaces the incomplete files).")
 
     def error(message: str) -> InvalidDatasetError:
         return InvalidDatasetError(f"{role} data '{given}' is not valid: {message}")

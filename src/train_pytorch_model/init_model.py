@@ -72,20 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .model_directory import write_untrained_model_directory
-    from .output_folder import check_output_folder, release_output
+    from .output_folder import reserved_output
 
     # A weights file or URL means pretrained, whatever --pretrained says: the component always passes
     # `--pretrained <value>`, and connecting "weights" should be enough there.
     out = args.untrained_model
-    check_output_folder(out)  # before any download; held until written
-    try:
+    with reserved_output(out, inputs=[args.weights]):  # before any download
         spec, state, source = build_untrained(
             args.model_name, pretrained=bool(args.pretrained) or args.weights is not None or bool(args.weights_url),
             weights=args.weights, weights_url=args.weights_url, memory_efficient=args.memory_efficient,
             zero_init_residual=args.zero_init_residual, seed=args.random_seed)
         write_untrained_model_directory(out, spec, state, source)
-    finally:
-        release_output(out)
     print(f"Untrained {spec.model_name} ({source}) written to {out}")
     return 0
 

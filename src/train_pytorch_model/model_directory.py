@@ -52,7 +52,7 @@ from .models import (
     pretrained_missing_error,
 )
 from .multilabel_metrics import DEFAULT_THRESHOLD
-from .output_folder import staged_output
+from .output_folder import JOURNAL, staged_output, unfinished_publication
 from .preprocessing import ImageDecodeError, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,10 @@ def _check_folder(path: Path, role: str) -> None:
         raise DirectoryNotFoundError(f"{role} path '{path}' is a file; give the model directory (the folder).")
     if not any(path.iterdir()):
         raise DirectoryEmptyError(f"{role} folder '{path}' is empty.")
+    if unfinished_publication(path):
+        raise InvalidModelDirectoryError(
+            f"{role} folder '{path}' is incomplete: the run writing it was stopped while moving its files in. Run "
+            "the command that writes it again (it replaces the incomplete files).")
 
 
 def read_model_spec(path: Path) -> ModelSpec:
@@ -397,7 +401,8 @@ def finished_output(out: str | os.PathLike, run_identity: str) -> bool:
     """True when `out` already holds the complete trained model directory of this very run (same
     `run_identity` in training_info.json): a restarted job (Azure ML preemption after the write) is done."""
     out = Path(os.path.realpath(out))
-    if not out.is_dir() or not all((out / name).is_file() for name in COMPLETE_TRAINED_FILES):
+    if not out.is_dir() or not all((out / name).is_file() for name in COMPLETE_TRAINED_FILES) \
+            or os.path.lexists(out / JOURNAL):  # its publication did not finish: written again
         return False
     try:
         info = read_json(out / INFO_FILE, InvalidModelDirectoryError)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import math
 import os
 import re
@@ -238,6 +239,16 @@ def cpu_copy(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(cpu_copy(v) for v in obj)
     return copy.deepcopy(obj)
+
+
+def weights_digest(state: dict) -> str:
+    """A fingerprint of a state dict's names, dtypes, shapes and values (what a run starts from)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}\t{tensor.dtype}\t{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return f"sha256 {digest.hexdigest()[:20]}"
 
 
 def _rekey(state: dict, rename, values: dict | None = None) -> OrderedDict:

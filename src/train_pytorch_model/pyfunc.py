@@ -19,7 +19,8 @@ load (`mlflow.pyfunc.load_model(uri, model_config={"threshold": 0.3})`) or per r
 
 Explanations on request: the MLflow param `explain: true` (`{"dataframe_split": ..., "params": {"explain": true}}`)
 adds column `explanation`, a base64 PNG per image: the image as the model saw it under a Grad-CAM heat map of the
-predicted class (explain.py). Bounded: at most MAX_EXPLAINED_IMAGES images per such request and model inputs of at
+predicted class (explain.py); for a multi-label model, JSON text {label: base64 PNG} of its (at most 5) predicted
+labels. Bounded: at most MAX_EXPLAINED_IMAGES images per such request and model inputs of at
 most MAX_EXPLAINED_SIDE pixels a side (a backward pass costs about twice the forward), else a named error.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import platform
 import re
 import shutil
@@ -144,17 +146,25 @@ class ImageClassifierPyfunc:
         for index, label in enumerate(classes):
             result[probability_column(label)] = probs[:, index].astype("float64") if len(probs) else []
         if explain:
-            result[EXPLANATION_COLUMN] = [self.explanation(tensor, int(p.argmax()))
-                                          for tensor, p in zip(explained, probs)]
+            from .explain import labels_to_explain
+
+            targets = labels_to_explain(probs, self.trained.is_multilabel, threshold)
+            result[EXPLANATION_COLUMN] = [self.explanation(image, labels) for image, labels in zip(explained, targets)]
         return result
 
-    def explanation(self, image: torch.Tensor, target: int) -> str:
-        """Base64 PNG of `image` (uint8 CHW, as the model sees it) under the heat map of class `target`."""
+    def explanation(self, image: torch.Tensor, targets: list[int]) -> str:
+        """Base64 PNG of `image` (uint8 CHW, as the model sees it) under the heat map of its predicted class; for a
+        multi-label model, JSON text {label: base64 PNG} of its predicted labels (explain.labels_to_explain)."""
         from .explain import explained_images, png_bytes
 
         prep = self.trained.preprocessing
-        picture = explained_images(self.trained.model, prep.normalize, image.unsqueeze(0), torch.tensor([target]))[0]
-        return base64.b64encode(png_bytes(picture)).decode("ascii")
+        copies = image.unsqueeze(0).expand(len(targets), -1, -1, -1)
+        pictures = explained_images(self.trained.model, prep.normalize, copies,
+                                    torch.tensor(targets, dtype=torch.long)) if targets else []
+        texts = [base64.b64encode(png_bytes(picture)).decode("ascii") for picture in pictures]
+        if not self.trained.is_multilabel:
+            return texts[0]
+        return json.dumps({self.trained.classes[t]: text for t, text in zip(targets, texts)})
 
 
 def wants_explanations(params) -> bool:

@@ -30,6 +30,7 @@ sizes then run in separate batches instead of failing as they did in designer.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -62,12 +63,13 @@ from .errors import (
     InvalidParameterError,
     TemporaryFolderError,
 )
-from .explain import explained_images, png_bytes
+from .explain import explained_images, labels_to_explain, png_bytes
 from .image_directory import IMAGE_SUFFIXES, ImageDirectory, default_schema, load_image_directory
+from .init_model import parse_bool
 from .label_sets import label_set_text
 from .legacy_format import read_json
 from .model_directory import INFO_FILE, TrainedModel, read_trained_model_directory
-from .output_folder import staged_output
+from .output_folder import reserved_output, staged_output
 from .predictions import (
     ERROR_COLUMN,
     EXPLANATION_COLUMN,
@@ -122,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the model's, 0.5)")
     parser.add_argument("--max-extracted-gib", type=float, default=MAX_EXTRACTED_GIB,
                         help="an archive is unpacked to a temporary folder (TMPDIR): " + MAX_EXTRACTED_HELP)
-    parser.add_argument("--explain", action="store_true",
+    parser.add_argument("--explain", type=parse_bool, nargs="?", const=True, default=False, metavar="BOOL",
                         help=f"also write a Grad-CAM heat map over each image (what the model looked at for its "
                              f"prediction) as {EXPLANATIONS_DIR}/<row>.png, named in column '{EXPLANATION_COLUMN}'; "
                              "about 3x the scoring time")
@@ -135,20 +137,22 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError("Threshold", args.threshold, "must be a number from 0 to 1")
     max_extracted_bytes = extracted_bytes_limit(args.max_extracted_gib)
     device = pick_device(args.device)
-    trained = read_trained_model_directory(args.trained_model)
-    if args.threshold is not None:
-        trained.threshold = args.threshold
-    workers = default_num_workers(device) if args.num_workers is None else args.num_workers
-    started = time.perf_counter()
-    columns = dict(image_column=args.image_column, label_column=args.label_column)
-    images = images_to_score(args.image_directory, max_extracted_bytes=max_extracted_bytes, **columns)
-    with staged_output(args.scored_data) as stage, images as directory:
-        table = score_directory(trained, directory, device=device, num_workers=workers,
-                                batch_size=args.batch_size or default_batch_size(trained.preprocessing),
-                                explain_to=stage / EXPLANATIONS_DIR if args.explain else None)
-        table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
-        write_table(stage, table)
-    seconds = time.perf_counter() - started
+    with reserved_output(args.scored_data, inputs=[args.trained_model, *args.image_directory]):
+        trained = read_trained_model_directory(args.trained_model)
+        if args.threshold is not None:
+            trained.threshold = args.threshold
+        workers = default_num_workers(device) if args.num_workers is None else args.num_workers
+        started = time.perf_counter()
+        columns = dict(image_column=args.image_column, label_column=args.label_column)
+        images = images_to_score(args.image_directory, max_extracted_bytes=max_extracted_bytes,
+                                 **columns)
+        with staged_output(args.scored_data) as stage, images as directory:
+            table = score_directory(trained, directory, device=device, num_workers=workers,
+                                    batch_size=args.batch_size or default_batch_size(trained.preprocessing),
+                                    explain_to=stage / EXPLANATIONS_DIR if args.explain else None)
+            table.attrs[TRAINING_RUN_ATTR] = training_run_id(args.trained_model)
+            write_table(stage, table)
+        seconds = time.perf_counter() - started
     failed = int((table[ERROR_COLUMN] != "").sum())
     print(f"Scored {len(table) - failed} of {len(table)} images on {device} in {seconds:.1f}s "
           f"({len(trained.classes)} classes); table written to {Path(args.scored_data) / SCORED_PARQUET} and .csv")
@@ -251,10 +255,8 @@ def score_directory(trained: TrainedModel, directory: ImageDirectory, *, device:
             batch = torch.stack([image for _, image in group]).to(device, non_blocking=True)
             probabilities[indices] = trained.probabilities(model(prep.normalize(batch))).float().cpu().numpy()
             if explain_to is not None:
-                predicted = torch.from_numpy(probabilities[indices].argmax(axis=1))
-                for index, picture in zip(indices, explained_images(model, prep.normalize, batch, predicted)):
-                    explanations[index] = f"{EXPLANATIONS_DIR}/{index:06d}.png"
-                    (explain_to.parent / explanations[index]).write_bytes(png_bytes(picture))
+                targets = labels_to_explain(probabilities[indices], trained.is_multilabel, trained.threshold)
+                explain_batch(model, prep, batch, indices, targets, explain_to, explanations, trained.is_multilabel)
     if errors.count("") == 0:
         raise InvalidDatasetError(f"None of the {len(directory)} images in '{directory.root}' could be read; "
                                   f"first: '{directory.files[0]}' ({errors[0]}).")
@@ -264,6 +266,22 @@ def score_directory(trained: TrainedModel, directory: ImageDirectory, *, device:
     if explain_to is not None:
         table[EXPLANATION_COLUMN] = explanations
     return table
+
+
+def explain_batch(model, prep, batch: torch.Tensor, indices: list[int], targets: list[list[int]], folder: Path,
+                  explanations: list[str], multilabel: bool) -> None:
+    """Heat-map PNGs of a batch into `folder`, one per explained class of each row: `<row>.png` (single-label), or
+    `<row>_<class index>.png` per predicted label, listed as JSON text (multi-label: see labels_to_explain)."""
+    jobs = [(position, label) for position, labels in enumerate(targets) for label in labels]
+    pictures = explained_images(model, prep.normalize, batch[torch.tensor([p for p, _ in jobs], dtype=torch.long)],
+                                torch.tensor([label for _, label in jobs])) if jobs else []
+    names: dict[int, list[str]] = {}
+    for (position, label), picture in zip(jobs, pictures):
+        name = f"{EXPLANATIONS_DIR}/{indices[position]:06d}" + (f"_{label}" if multilabel else "") + ".png"
+        (folder.parent / name).write_bytes(png_bytes(picture))
+        names.setdefault(position, []).append(name)
+    for position, index in enumerate(indices):
+        explanations[index] = json.dumps(names.get(position, [])) if multilabel else names[position][0]
 
 
 def scored_table(directory: ImageDirectory, classes: list[str], probabilities: np.ndarray,

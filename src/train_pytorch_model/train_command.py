@@ -47,10 +47,11 @@ from .model_directory import (
     training_samples,
     write_legacy_trained_files,
 )
-from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults
-from .output_folder import check_output_folder, release_output, staged_output
+from .models import Classifier, adapt_to_classes, build_net, preprocessing_defaults, weights_digest
+from .output_folder import check_output_folder, overlap, release_output, staged_output
 from .preprocessing import Preprocessing
 from .progress import Progress, Silent, fit_width, format_seconds
+from .registry import check_model_name
 from .reports import MOSAIC_CLASSES, MOSAIC_PER_CLASS, TRAINING_FILES, write_training_report
 from .shard_data import process_streams
 from .tasks import MultiClass, MultiLabel, resolve_task
@@ -93,21 +94,23 @@ def run(args: argparse.Namespace) -> int:
 def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
     writer = checkpoint.CheckpointWriter(config.checkpoint_dir if ctx.is_main else None)
     with preemption.StopOnSigterm(lambda: writer.interrupted_error(config.epochs)) as stop_requested:
+        check_request(config)  # what needs no data: refused now, not after reading it or hours of training
         seed_everything(config.random_seed)  # before the model's random initialisation
         data = read_data(config, ctx)
         model, spec = build_model(config.untrained_model, len(data.classes))
-        config, preprocessing = settle(config, ctx, spec, model, training_images=len(data.train))
+        config, preprocessing = settle(config, ctx, spec, model, training_images=len(data.train),
+                                       task=data.task.name)
         configure_torch(config, ctx)
         identity = checkpoint.run_identity(
-            model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes, train_dir=data.train,
-            valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity(),
+            model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes,
+            untrained_weights=weights_digest(model.state_dict()),  # other starting weights: another run
+            train_dir=data.train, valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity(),
             data_streams=training_streams(config, ctx, data))
         if already_written(config, ctx, identity):
-            return json.loads((config.trained_model / INFO_FILE).read_text())["training"]
+            return finish_restart(config, ctx, identity)
         if ctx.is_main:  # now, not after hours of training
-            check_output_folder(config.trained_model, inputs=tuple(
-                path for path in (config.untrained_model, config.training_data, config.validation_data,
-                                  config.checkpoint_dir) if path))
+            check_output_folder(config.trained_model, inputs=(config.untrained_model, config.training_data,
+                                                              config.validation_data, config.checkpoint_dir))
         trainer = make_trainer(config, ctx, data, preprocessing)
         state = make_training_state(model, config, ctx, steps_per_epoch=len(trainer.train_loader))
 
@@ -140,15 +143,12 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
 # (read_data and build_model are below, with the other builders.)
 
 def settle(config: TrainConfig, ctx: distributed.Context, spec: ModelSpec, model: torch.nn.Module,
-           training_images: int) -> tuple[TrainConfig, Preprocessing]:
+           training_images: int, task: str | None = None) -> tuple[TrainConfig, Preprocessing]:
     """Decide every `auto` for this device, architecture and data: the returned config says what really runs (it is
     what MLflow, training_info.json and the checkpoint identity record), with the preprocessing it implies.
     (Weight decay depends on the optimizer only: TrainConfig settles it itself.)"""
     if config.precision == "fp16" and ctx.device.type != "cuda":
         raise InvalidParameterError("Precision", "fp16", "fp16 needs a GPU; use bf16 or fp32 on CPU")
-    if config.checkpoint_dir and is_within(config.checkpoint_dir, config.trained_model):
-        raise InvalidParameterError("Checkpoint dir", str(config.checkpoint_dir),
-                                    f"must not be inside the output folder '{config.trained_model}'")
     on_gpu = ctx.device.type == "cuda"
     workers = config.num_workers
     defaults = preprocessing_defaults(spec.model_name)  # the architecture's size and normalisation
@@ -166,6 +166,7 @@ def settle(config: TrainConfig, ctx: distributed.Context, spec: ModelSpec, model
         num_workers=default_num_workers(ctx.device, ctx.local_world_size) if workers is None else workers,
         compile=config.compile and can_compile(ctx.device),
         image_size=image_size,
+        task=task or config.task,  # read_data decided auto from the labels
         batch_size=trainable_batch_size(config.batch_size, training_images, ctx.world_size, model,
                                         config.training_data),
     )
@@ -175,9 +176,20 @@ def settle(config: TrainConfig, ctx: distributed.Context, spec: ModelSpec, model
     return config, preprocessing
 
 
-def is_within(path: Path, folder: Path) -> bool:
-    path, folder = Path(path).resolve(), Path(folder).resolve()
-    return path == folder or folder in path.parents
+def check_request(config: TrainConfig) -> None:
+    """The registered model name (the registry's rules), and the checkpoint folder: written every epoch, so never
+    inside the output or an input (a 100 MB file in the training data or the model). An input given as a table
+    file stands for its folder, which holds the images."""
+    if config.registered_model_name:  # "" registers nothing, as before
+        check_model_name(config.registered_model_name)
+    if not config.checkpoint_dir:
+        return
+    for role, path in (("output", config.trained_model), ("untrained model", config.untrained_model),
+                       ("training data", config.training_data), ("validation data", config.validation_data)):
+        folder = path.parent if path.is_file() else path
+        if overlap(config.checkpoint_dir, folder) in ("is", "is inside"):
+            raise InvalidParameterError("Checkpoint dir", str(config.checkpoint_dir),
+                                        f"must not be inside the {role} folder '{folder}'")
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -278,6 +290,17 @@ def already_written(config: TrainConfig, ctx: distributed.Context, identity: dic
               "nothing to do. To train again, give --trained-model a new folder (and --checkpoint-dir, if any).",
               flush=True)
     return done
+
+
+def finish_restart(config: TrainConfig, ctx: distributed.Context, identity: dict) -> dict:
+    """What a run stopped after writing its model still owes: the registration, when it had not happened."""
+    summary = json.loads((config.trained_model / INFO_FILE).read_text())["training"]
+    if ctx.is_main and config.registered_model_name:
+        from .registry import is_registered
+        if not is_registered(config.registered_model_name, identity_digest(identity)):
+            summary["registered_version"] = register(config, identity_digest(identity))
+    ctx.barrier()
+    return summary
 
 
 # --- 3. build the model, the loaders and the optimizer ------------------------------------------------------
@@ -450,10 +473,15 @@ def write_outputs(config: TrainConfig, state: TrainingState, spec: ModelSpec, da
         if (config.trained_model / name).exists():  # (a multi-label run has no confusion matrix)
             tracker.log_artifact(str(config.trained_model / name))
     if config.registered_model_name:
-        from .registry import register_model
-        version = register_model(config.trained_model, config.registered_model_name)
-        print(f"Registered model '{config.registered_model_name}' version {version}.", flush=True)
-        summary["registered_version"] = version
+        summary["registered_version"] = register(config, params["run_identity"])
+
+
+def register(config: TrainConfig, run_identity: str) -> str:
+    from .registry import register_model
+
+    version = register_model(config.trained_model, config.registered_model_name, run_identity)
+    print(f"Registered model '{config.registered_model_name}' version {version}.", flush=True)
+    return version
 
 
 def task_info(data: Data) -> dict:
