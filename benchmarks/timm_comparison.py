@@ -129,7 +129,7 @@ class EpochClock(logging.Handler):
         self.started, self.ends = time.perf_counter(), []
 
     def emit(self, record):
-        if str(record.msg).startswith("Epoch %d/%d"):
+        if record.getMessage().startswith("Epoch "):  # "Epoch 2/3  train loss ..."
             self.ends.append(time.perf_counter())
 
 

@@ -135,6 +135,7 @@ def test_timm_comparison_times_train_epochs_on_the_shared_dataset(tmp_path):
     report = json.loads((out / "timm_comparison.json").read_text())
     run = report["results"]["train"]["runs"][0]
     assert len(run["train_seconds"]) == 2 and 0 < run["train_seconds"][1] <= run["epoch_seconds"][1]
+    assert len(run["cycle_seconds"]) == 2 and run["cycle_seconds"][1] >= run["epoch_seconds"][1]  # + logging
     assert run["settings"]["optimizer"] == "adamw"
     timm_installed = importlib.util.find_spec("timm") is not None
     assert ("timm train.py" in report["results"]) == timm_installed
