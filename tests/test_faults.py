@@ -177,16 +177,16 @@ def _train_argv(tmp_path: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("death", ["exit", "sigkill"])
 def test_dead_decoding_worker_is_a_named_error_not_a_hang(tmp_path, capsys, monkeypatch, death):
-    real_decode = data_module.decode_image
+    real_item = data_module.decoded_item  # every training image goes through it, whichever transform decodes
 
-    def decode_then_die(path, *args, **kwargs):
-        if Path(path).name == "2.png":  # a worker process meets this file and dies (OOM killer, segfault...)
+    def decode_then_die(dataset, source, *args, **kwargs):
+        if Path(source).name == "2.png":  # a worker process meets this file and dies (OOM killer, segfault...)
             if death == "exit":
                 os._exit(3)
             os.kill(os.getpid(), signal.SIGKILL)
-        return real_decode(path, *args, **kwargs)
+        return real_item(dataset, source, *args, **kwargs)
 
-    monkeypatch.setattr(data_module, "decode_image", decode_then_die)  # inherited by forked workers
+    monkeypatch.setattr(data_module, "decoded_item", decode_then_die)  # inherited by forked workers
     with deadline(240):
         code = main(_train_argv(tmp_path, "--num-workers", "1"))
     err = capsys.readouterr().err
