@@ -333,8 +333,8 @@ PARAMETER_CASES = [
          exit_code=2),
     case("image-size-zero", params(**{"--image-size": "0"}), "InvalidParameterError", lambda w: ['"Image size"', "0"],
          "between 32 and 4096"),
-    case("image-size-negative", params(**{"--image-size": "-64"}), "UsageError", lambda w: ["-64"],
-         "'auto' or an integer", exit_code=2),
+    case("image-size-negative", params(**{"--image-size": "-64"}), "InvalidParameterError", lambda w: ["-64"],
+         "between 32"),  # an integer, so the range check names the bounds
     case("image-size-tiny", params(**{"--image-size": "16"}), "InvalidParameterError", lambda w: ["16"], "between 32"),
     case("image-size-huge", params(**{"--image-size": "5000"}), "InvalidParameterError", lambda w: ["5000"], "4096"),
     case("image-size-nan", params(**{"--image-size": "nan"}), "UsageError", lambda w: ["--image-size"], "--help",

@@ -130,7 +130,7 @@ def test_integer_flags_take_ascii_digits_only(flag, text, capsys):
     """int() would take `1_0` as 10, spaces, other scripts' digits: one strict parser for every integer flag."""
     with pytest.raises(SystemExit):
         parse(flag, text)
-    assert "must be an integer (digits 0-9)" in capsys.readouterr().err
+    assert "an integer (digits 0-9)" in capsys.readouterr().err
 
 
 def test_integer_flags_take_plain_integers():
@@ -176,7 +176,7 @@ def test_the_readme_parameter_table_lists_every_train_flag():
 def test_number_flags_take_plain_decimals_only(flag, text, capsys):
     with pytest.raises(SystemExit):
         parse(flag, text)
-    assert "must be a number (digits 0-9" in capsys.readouterr().err
+    assert "a number (digits 0-9" in capsys.readouterr().err
 
 
 def test_number_flags_take_the_usual_spellings():

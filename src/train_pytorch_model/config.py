@@ -64,11 +64,17 @@ def seed(text: str) -> int:
 
 
 def auto_or_int(text: str) -> int | None:
-    return None if text == "auto" else integer(text)
+    try:
+        return None if text == "auto" else integer(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer (digits 0-9), not {text!r}") from None
 
 
 def _auto_or_float(text: str) -> float | None:
-    return None if text == "auto" else number(text)
+    try:
+        return None if text == "auto" else number(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number (digits 0-9, '.', 'e'), not {text!r}") from None
 
 
 def _true_false(text: str) -> bool:
