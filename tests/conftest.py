@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -57,6 +59,17 @@ def running_server(argv: list[str], health_path: str, port: int, log_path: Path,
     finally:
         os.killpg(process.pid, 15)  # the server and its workers
         process.wait(timeout=30)
+
+
+def post_json(url: str, body, content_type: str = "application/json") -> tuple[int, object]:
+    """POST a JSON body (or raw bytes) to a test server: (HTTP status, decoded JSON answer), errors included."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 @contextlib.contextmanager

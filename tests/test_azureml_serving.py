@@ -7,15 +7,13 @@ import base64
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 
-from conftest import REPO, free_port, running_server, train_tiny_model, write_image_folder
+from conftest import REPO, free_port, post_json, running_server, train_tiny_model, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -46,13 +44,7 @@ def server(trained, tmp_path_factory):
 
 
 def score(url: str, body) -> tuple[int, object]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"{url}/score", data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return post_json(f"{url}/score", body)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import io
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -17,7 +15,7 @@ import pytest
 from mlflow.models import Model
 from PIL import Image
 
-from conftest import REPO, free_port, running_server, train_tiny_model, write_image_folder
+from conftest import REPO, free_port, post_json, running_server, train_tiny_model, write_image_folder
 from train_pytorch_model.pyfunc import _load_pyfunc
 
 pytestmark = pytest.mark.slow  # processes, servers or long runs: in `make test`, not in `make test-fast`
@@ -57,13 +55,7 @@ def serve(model: Path, tmp_path_factory):
 
 
 def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": content_type})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return post_json(f"{url}/invocations", body, content_type)
 
 
 @pytest.fixture(scope="module")

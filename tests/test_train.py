@@ -457,6 +457,33 @@ def test_a_restart_that_finds_its_own_finished_output_exits_0_without_training(t
     assert "OutputDirectoryError" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def train_one_epoch_on(batches: list[torch.Tensor], config):
+    """One epoch of a 2-class toy net over the given uint8 batches (targets 0), no data loader: the Trainer alone.
+    Returns (trainer, model)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from train_pytorch_model.data import BadImageTracker, Batch
+    from train_pytorch_model.distributed import Context
+    from train_pytorch_model.preprocessing import Preprocessing
+    from train_pytorch_model.train import Trainer, TrainingState, make_optimizer, make_scaler, make_scheduler
+
+    class Loader(list):
+        sampler = SimpleNamespace(set_epoch=lambda epoch: None)
+
+    loader = Loader(Batch(images, torch.zeros(len(images), dtype=torch.int64), []) for images in batches)
+    cpu = torch.device("cpu")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    optimizer = make_optimizer(model, config, 0.01, cpu)
+    state = TrainingState(model, optimizer, make_scheduler(optimizer, config, len(loader)), make_scaler(cpu, "fp32"),
+                          EarlyStopping(0))
+    tracker = BadImageTracker(None, "Training", 1.0)
+    trainer = Trainer(Context(cpu), config, Preprocessing(32), 2, loader, None, tracker, tracker)
+    trainer.train_epoch(state, 0)
+    return trainer, model
+
+
 def test_device_cuda_without_a_gpu_is_a_named_error(tmp_path, make_image_folder, resnet18_dir, capsys):
     data = make_image_folder("data", {"a": 4, "b": 4})
     assert train(resnet18_dir, data, data, tmp_path / "out", "--device", "cuda") == 1
@@ -467,31 +494,12 @@ def test_device_cuda_without_a_gpu_is_a_named_error(tmp_path, make_image_folder,
 def test_a_filler_step_for_a_one_image_batch_stays_out_of_the_batchnorm_re_estimation():
     """A batch that bad files shrank to one image trains as a weight-0 filler of zeros (DDP lockstep); those zeros
     are no training images, so the images kept to re-estimate BatchNorm statistics are the real batches only."""
-    from types import SimpleNamespace
-
-    from torch import nn
-
     from train_pytorch_model.config import TrainConfig
-    from train_pytorch_model.data import BadImageTracker, Batch
-    from train_pytorch_model.distributed import Context
-    from train_pytorch_model.preprocessing import Preprocessing
-    from train_pytorch_model.train import Trainer, TrainingState, make_optimizer, make_scaler, make_scheduler
-
-    class Loader(list):
-        sampler = SimpleNamespace(set_epoch=lambda epoch: None)
 
     torch.manual_seed(0)
     real = [torch.randint(1, 256, (n, 3, 32, 32), dtype=torch.uint8) for n in (4, 1, 3)]
-    loader = Loader(Batch(images, torch.zeros(len(images), dtype=torch.int64), []) for images in real)
-    config = TrainConfig(epochs=1, image_size=32, precision="fp32", bn_recalibration=True)
-    cpu = torch.device("cpu")
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    optimizer = make_optimizer(model, config, 0.01, cpu)
-    state = TrainingState(model, optimizer, make_scheduler(optimizer, config, len(loader)), make_scaler(cpu, "fp32"),
-                          EarlyStopping(0))
-    tracker = BadImageTracker(None, "Training", 1.0)
-    trainer = Trainer(Context(cpu), config, Preprocessing(32), 2, loader, None, tracker, tracker)
-    trainer.train_epoch(state, 0)
+    trainer, _ = train_one_epoch_on(real, TrainConfig(epochs=1, image_size=32, precision="fp32",
+                                                      bn_recalibration=True))
     assert [len(kept) for kept in trainer.recent] == [4, 3]
     assert all(kept.min() > 0 for kept in trainer.recent)
 
@@ -529,39 +537,14 @@ def test_any_documented_seed_trains_up_to_2_pow_63_minus_1(tmp_path, make_image_
 def test_batchnorm_re_estimation_keeps_a_quarter_of_an_epoch_between_128_and_1024_images():
     """The re-estimation's forward pass costs about a third of a training step per image: on a quarter of the
     epoch's images it costs under a tenth of the epoch (issue 22), with at least 128 images of statistics."""
-    from types import SimpleNamespace
-
-    from torch import nn
-
     from train_pytorch_model.config import TrainConfig
-    from train_pytorch_model.data import BadImageTracker, Batch
-    from train_pytorch_model.distributed import Context
-    from train_pytorch_model.preprocessing import Preprocessing
-    from train_pytorch_model.train import (
-        Trainer,
-        TrainingState,
-        bn_recalibration_images,
-        make_optimizer,
-        make_scaler,
-        make_scheduler,
-    )
+    from train_pytorch_model.train import bn_recalibration_images
 
     assert [bn_recalibration_images(n) for n in (36, 512, 2048, 100_000)] == [128, 128, 512, 1024]
 
-    class Loader(list):
-        sampler = SimpleNamespace(set_epoch=lambda epoch: None)
-
-    loader = Loader(Batch(torch.full((16, 3, 8, 8), step, dtype=torch.uint8), torch.zeros(16, dtype=torch.int64), [])
-                    for step in range(1, 33))  # 512 images
-    config = TrainConfig(epochs=1, image_size=32, batch_size=16, precision="fp32", bn_recalibration=True)
-    cpu = torch.device("cpu")
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    optimizer = make_optimizer(model, config, 0.01, cpu)
-    state = TrainingState(model, optimizer, make_scheduler(optimizer, config, len(loader)), make_scaler(cpu, "fp32"),
-                          EarlyStopping(0))
-    tracker = BadImageTracker(None, "Training", 1.0)
-    trainer = Trainer(Context(cpu), config, Preprocessing(32), 2, loader, None, tracker, tracker)
-    trainer.train_epoch(state, 0)
+    batches = [torch.full((16, 3, 8, 8), step, dtype=torch.uint8) for step in range(1, 33)]  # 512 images
+    trainer, model = train_one_epoch_on(batches, TrainConfig(epochs=1, image_size=32, batch_size=16,
+                                                             precision="fp32", bn_recalibration=True))
     assert [int(kept[0, 0, 0, 0]) for kept in trainer.recent] == list(range(25, 33))  # the last 8 batches: 128
     seen = []
     model[1].register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
