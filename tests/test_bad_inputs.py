@@ -493,6 +493,7 @@ def test_matrix_is_big_enough():
     assert len({c.values[0].id for c in ALL_CASES}) == len(ALL_CASES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c", ALL_CASES)
 def test_bad_input(c: Case, tmp_path, capsys, caplog, monkeypatch):
     caplog.set_level(logging.INFO)

@@ -50,6 +50,7 @@ def metrics_without_timings(out) -> list[dict]:
                 for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow
 def test_sigterm_then_same_command_resumes_bit_identically(tmp_path, make_image_folder, resnet18_dir):
     train_dir = make_image_folder("train", TRAIN)
     valid_dir = make_image_folder("valid", VALID, seed=1)
@@ -200,6 +201,7 @@ def test_sigterm_ends_a_step_blocked_in_a_read_within_the_grace_period(tmp_path)
     assert "never reached" not in out
 
 
+@pytest.mark.slow
 def test_sigterm_before_training_starts_ends_the_command_at_once_with_143(tmp_path, make_image_folder, resnet18_dir):
     train_dir = make_image_folder("train", TRAIN)
     process = start(train_args(resnet18_dir, train_dir, train_dir, tmp_path / "out", "--epochs", "3"))
@@ -262,6 +264,7 @@ def test_the_background_writer_saves_the_state_of_the_save_call_not_later_change
 
 # --- issue 21: checkpoints of other starting weights, edited RNG states, shared folders, full disks -----------------
 
+@pytest.mark.slow
 def test_a_checkpoint_of_other_starting_weights_is_refused_by_name(tmp_path, make_image_folder, capsys):
     data = make_image_folder("data", {"a": 4, "b": 4})
     checkpoints = tmp_path / "checkpoints"

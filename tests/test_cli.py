@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from train_pytorch_model.cli import COMMANDS
 
 PROBE = r"""
@@ -48,6 +50,7 @@ def test_evaluate_is_torch_free_up_to_its_output():
     assert "pandas imported: False" in result.stdout  # nor pandas: it takes a second on its own
 
 
+@pytest.mark.slow
 def test_a_command_gets_its_own_arguments():
     result = run("export", "--help")
     assert "--format" in result.stdout and "exit 0" in result.stderr
@@ -71,6 +74,7 @@ def test_init_model_refuses_a_seed_beyond_64_bits_as_a_usage_error():
         assert "exit 2" in result.stderr and result.stdout.strip().endswith("torch imported: False")
 
 
+@pytest.mark.slow
 def test_every_commands_integer_flags_are_strict():
     """One parser for every `type=int` flag of every command: `1_0`, ` 2 ` and other scripts' digits are refused."""
     for argv in (["score", "--trained-model", "m", "--image-directory", "d", "--scored-data", "s", "--batch-size"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 
+import pytest
 import torch
 
 from train_pytorch_model import data
@@ -47,6 +48,7 @@ def test_cached_validation_batches_are_decoded_once_and_bounded(legacy_image_dir
     assert small.gave_up and small.batches is None and len(decoded) == 18 + 36
 
 
+@pytest.mark.slow
 def test_training_with_the_validation_cache_gives_the_same_metrics(tmp_path, make_image_folder, resnet18_dir):
     train_dir = make_image_folder("train", {"a": 6, "b": 6})
     valid_dir = make_image_folder("valid", {"a": 3, "b": 3}, seed=1)

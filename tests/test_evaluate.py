@@ -79,6 +79,7 @@ def digits_table() -> pd.DataFrame:
     return scored_table(classes, rows)
 
 
+@pytest.mark.slow
 def test_cli_writes_metrics_files_and_logs_to_mlflow(tmp_path, capsys):
     table = digits_table()
     (tmp_path / "scored").mkdir()

@@ -73,6 +73,7 @@ def html_escaped(text: str) -> str:
     return html.escape(text)
 
 
+@pytest.mark.slow
 def test_many_classes_stay_readable(tmp_path):
     classes = [f"class {i:03d}" for i in range(150)]
     out = evaluate(tmp_path, random_scores(classes, 600))
@@ -142,6 +143,7 @@ def test_chromium_renders_the_report_with_images_and_heat_maps(tmp_path):
     assert len(re.findall(rb"/Type\s*/Page[^s]", data)) >= 2 and data.count(b"/Subtype /Image") >= 3
 
 
+@pytest.mark.slow
 def test_gallery_pictures_come_only_from_the_image_directory_and_the_scoring_model(tmp_path, capsys, caplog):
     model = train_tiny_model(tmp_path / "model", classes=("cat", "dog"))
     images = model.parent / "images"

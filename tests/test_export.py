@@ -40,6 +40,7 @@ def real_batch(trained, files) -> tuple[torch.Tensor, pd.DataFrame]:
     return batch, expected
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_on_real_images_at_any_batch_size(exported):
     trained, out, files = exported
     batch, expected = real_batch(trained, files)
@@ -153,6 +154,7 @@ def test_the_docs_onnxruntime_example_feeds_the_model_what_score_does(exported, 
     assert capsys.readouterr().out.startswith(label + " ")
 
 
+@pytest.mark.slow
 def test_export_keeps_the_onnx_optimizers_progress_out_of_the_log(exported, tmp_path, caplog):
     """A dozen INFO lines of onnxscript/onnx_ir passes per export; its warnings would still show."""
     import logging

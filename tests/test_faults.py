@@ -135,6 +135,7 @@ def test_sigkill_while_writing_leaves_nothing_or_everything(tmp_path):
     assert model.metadata.metadata["classes"] == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_sigkill_on_a_mounted_output_never_shows_markers_early(tmp_path):
     """Where the output is a mount point (no rename onto it), files move in one by one, `_meta.yaml` and
     `MLmodel` last: a folder with a marker is complete for that reader; without one, readers see no model."""
@@ -175,6 +176,7 @@ def _train_argv(tmp_path: Path, *extra: str) -> list[str]:
             *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("death", ["exit", "sigkill"])
 def test_dead_decoding_worker_is_a_named_error_not_a_hang(tmp_path, capsys, monkeypatch, death):
     real_item = data_module.decoded_item  # every training image goes through it, whichever transform decodes

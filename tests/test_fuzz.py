@@ -116,6 +116,7 @@ def write_meta_dir(root: Path, meta: str | bytes, schema: str | bytes, lines: li
     return root
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_images_lst_rows(data):

@@ -49,6 +49,7 @@ def test_the_allow_list_is_torchvisions_classification_list():
         assert name not in MODEL_NAMES
 
 
+@pytest.mark.slow
 def test_the_head_is_found_in_every_architecture():
     """The generic rule (last Linear/Conv2d) gives a head with num_classes outputs for all of them."""
     for name in MODEL_NAMES:
@@ -72,6 +73,7 @@ FAMILY_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, size, head_name", FAMILY_CASES, ids=[c[0] for c in FAMILY_CASES])
 def test_each_family_gets_a_new_head_and_trains_a_step(name, size, head_name):
     torch.manual_seed(0)

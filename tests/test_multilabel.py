@@ -180,6 +180,7 @@ def multilabel_model(tmp_path_factory):
     return out, data
 
 
+@pytest.mark.slow
 def test_score_and_evaluate_a_multilabel_model(multilabel_model, tmp_path):
     import pandas as pd
 
@@ -246,6 +247,7 @@ def test_the_mlflow_model_returns_label_sets_with_an_overridable_threshold(multi
     assert "threshold" in [p["name"] for p in loaded.metadata.get_params_schema().to_dict()]
 
 
+@pytest.mark.slow
 def test_export_keeps_parity_with_a_sigmoid(multilabel_model, tmp_path):
     import onnxruntime
     import pandas as pd

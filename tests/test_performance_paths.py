@@ -107,6 +107,7 @@ def test_bf16_autocast_training_step_on_cpu():
         assert model(images).dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_train_command_runs_bf16_and_channels_last_on_cpu(tmp_path, make_image_folder, resnet18_dir):
     data = make_image_folder("data", {"a": 4, "b": 4})
     rows = run_train(resnet18_dir, data, tmp_path / "out", "--precision", "bf16", "--channels-last", "true",
@@ -222,6 +223,7 @@ def test_trainer_hands_the_model_normalised_batches_in_its_memory_format():
 # --- torch.compile ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compile_keeps_state_dict_keys_and_trains():
     # Real Inductor on a tiny model: the first call builds C++ kernels (tens of seconds on a cold cache).
     eager = tiny_net()
@@ -308,6 +310,7 @@ def test_default_worker_count_follows_the_cpus_available(monkeypatch, cpus, devi
     assert default_num_workers(torch.device(device), local_world_size) == expected
 
 
+@pytest.mark.slow
 def test_cpu_training_gives_decoding_workers_their_own_cores_and_restores_the_thread_count(
         tmp_path, make_image_folder, resnet18_dir):
     data = make_image_folder("data", {"a": 4, "b": 4})

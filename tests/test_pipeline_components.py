@@ -117,6 +117,7 @@ def run_component(file: str, inputs: dict, outputs: dict) -> None:
     assert main(args) == 0, file
 
 
+@pytest.mark.slow
 def test_the_pipeline_runs_locally_through_its_components(tmp_path, make_image_folder):
     train_tree = make_image_folder("raw_train", {"circle": 6, "square": 6}, size=(40, 36))
     test_tree = make_image_folder("raw_test", {"circle": 3, "square": 3}, size=(40, 36), seed=1)

@@ -78,6 +78,7 @@ def test_cli_trains_densenet121(cli, tmp_path, legacy_image_dir, densenet121_dir
     assert trained.model.num_classes == 3
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_other_seeds_differ(tmp_path, make_image_folder, resnet18_dir):
     data = make_image_folder("data", {"a": 6, "b": 6})
     runs = {}
@@ -89,6 +90,7 @@ def test_same_seed_gives_identical_weights_and_other_seeds_differ(tmp_path, make
     assert not all(torch.equal(runs["first"][k], runs["other"][k]) for k in runs["first"])
 
 
+@pytest.mark.slow
 def test_saved_weights_are_the_best_epochs(tmp_path, make_image_folder, resnet18_dir):
     train_dir = make_image_folder("train", {"a": 8, "b": 8, "c": 8})
     valid_dir = make_image_folder("valid", {"a": 3, "b": 3, "c": 3}, seed=1)
@@ -292,6 +294,7 @@ def count_device_syncs(monkeypatch, calls: list):
     {"decode": "gpu"},
     {"task": "multilabel", "positive_class_weights": "balanced", "label_smoothing": 0.1},
 ], ids=["plain", "ema", "mixup-cutmix", "class-weights", "decode-gpu", "multilabel"])
+@pytest.mark.slow
 def test_the_step_loop_reads_device_values_only_at_print_steps(tmp_path, make_image_folder, resnet18_dir, monkeypatch,
                                                                options, device):
     """0 host syncs per step outside print steps, with every option: the count of host reads (.item(),
@@ -364,6 +367,7 @@ def test_the_old_ema_update_is_caught_by_the_host_read_count(monkeypatch):
     ("--mixup", "0.2", "--cutmix", "1.0", "--ema-decay", "0.9"),
     ("--freeze-backbone-epochs", "1", "--early-stopping-metric", "valid_top1", "--early-stopping-min-epochs", "2"),
 ])
+@pytest.mark.slow
 def test_fine_tuning_controls_train_and_are_recorded(tmp_path, make_image_folder, resnet18_dir, flags):
     data = make_image_folder("data", {"a": 4, "b": 4})
     out = tmp_path / "out"
@@ -436,6 +440,7 @@ def test_decode_gpu_trains_end_to_end_through_the_cli(tmp_path, make_image_folde
     assert len(read_metrics(out)) == 1
 
 
+@pytest.mark.slow
 def test_a_restart_that_finds_its_own_finished_output_exits_0_without_training(tmp_path, make_image_folder,
                                                                                 resnet18_dir, capsys, caplog):
     """An Azure ML preemption between the write and the job's end: the restarted command is done at once."""
@@ -504,6 +509,7 @@ def test_a_filler_step_for_a_one_image_batch_stays_out_of_the_batchnorm_re_estim
     assert all(kept.min() > 0 for kept in trainer.recent)
 
 
+@pytest.mark.slow
 def test_decode_gpu_with_a_validation_cache_decodes_validation_once_on_the_cpu(tmp_path, make_image_folder,
                                                                                resnet18_dir):
     """The cache keeps decoded images; `--decode gpu` batches hold JPEG bytes. With both, the validation set is

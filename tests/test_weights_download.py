@@ -121,6 +121,7 @@ def test_the_cache_is_used_without_any_download(server, weights):
     assert server.requests == []
 
 
+@pytest.mark.slow
 def test_a_file_whose_content_does_not_match_its_name_is_refused(server, weights, tmp_path, capsys):
     _, data, name = weights
     wrong = f"{ARCH}-{'0' * 8}.pth"
@@ -134,6 +135,7 @@ def test_a_file_whose_content_does_not_match_its_name_is_refused(server, weights
     assert not list(hub_cache_path(wrong).parent.glob("*"))  # no partial file left in the cache
 
 
+@pytest.mark.slow
 def test_an_unreachable_source_names_the_url_and_the_alternatives(weights, tmp_path, capsys):
     url = f"http://127.0.0.1:{free_port()}/{weights[2]}"
     out = tmp_path / "untrained"
