@@ -27,12 +27,16 @@ from .preemption import Terminated, command_interrupted, install_early_handler
 # stays instant, and `run`'s module (torch) only once the arguments parsed.
 COMMANDS = {
     "train": ("config", "train_command",
-              "train a classifier from an untrained model directory and labeled training and validation images"),
+              "train a classifier (multi-class or multi-label) from an untrained model directory and "
+              "labeled images; validation images optional"),
     "init-model": ("init_model", "init_model", "write an untrained model directory: designer's DenseNet/ResNet or "
                    "any torchvision classification architecture (--model-name)"),
-    "convert": ("convert", "convert", "turn an ImageFolder tree, flat folder, table or archive into an ImageDirectory"),
-    "score": ("score", "score", "score images (a folder, an archive, image files) with a trained model: parquet + csv"),
-    "evaluate": ("evaluate", "evaluate", "accuracy, per-class metrics and a confusion matrix from a scored table"),
+    "convert": ("convert", "convert", "turn any input train reads (folder, table, MLTable, archive, shards) into an "
+                "ImageDirectory, an MLTable or Parquet shards"),
+    "score": ("score", "score", "score images (a folder, shards, an archive, image files) with a trained model: "
+              "parquet + csv, heat maps with --explain"),
+    "evaluate": ("evaluate", "evaluate", "metrics, per-class metrics, confusion matrix and report.html from a "
+                 "scored table"),
     "export": ("export", "export", "export a trained model directory to ONNX and torch.export (.pt2) for other "
                "runtimes"),
     "run-component": ("component_runner", "component_runner",
