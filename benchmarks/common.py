@@ -293,6 +293,14 @@ def machine() -> dict:
     return info
 
 
+def write_results(out: Path, name: str, report: dict, markdown_text: str) -> None:
+    """`<name>.json` (everything) and `<name>.md` (the table) in `out`, and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(markdown_text)
+    print("\n" + markdown_text)
+
+
 def median_of(results: list[dict], key: str = "images_per_second") -> float:
     return statistics.median(r[key] for r in results)
 

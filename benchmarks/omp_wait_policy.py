@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, machine  # noqa: E402
+from common import REPO, machine, write_results  # noqa: E402
 
 POLICIES = {"default (unset)": {}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
             "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"}, "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
@@ -133,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         report["conditions"][condition] = {name: {"median": statistics.median(values), "rounds": values}
                                            for name, values in rates.items()}
     report["load_after"] = [round(x, 1) for x in os.getloadavg()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "omp_wait_policy.json").write_text(json.dumps(report, indent=2))
-    (args.out / "omp_wait_policy.md").write_text(markdown(report))
-    print("\n" + markdown(report))
+    write_results(args.out, "omp_wait_policy", report, markdown(report))
     return 0
 
 

@@ -29,6 +29,7 @@ from common import (
     train_argv,
     write_dataset,
     write_image_list,
+    write_results,
 )
 
 
@@ -396,10 +397,7 @@ def run_speed_suite(args, argv) -> int:
         report["fixture"] = run_measurement("train", spec, logs, "fixture")
 
     report["seconds"] = time.perf_counter() - started
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
-    (out / "benchmark.md").write_text(markdown(report))
-    print("\n" + markdown(report))
+    write_results(out, "benchmark", report, markdown(report))
     print(f"Written {out / 'benchmark.json'} and {out / 'benchmark.md'} in {report['seconds']:.0f}s.")
     return 0
 

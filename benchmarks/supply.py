@@ -24,7 +24,6 @@ Results: <out>/supply.json and supply.md. Timing is never asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CLASSES, REPO, machine, synthetic_photo  # noqa: E402
+from common import CLASSES, REPO, machine, synthetic_photo, write_results  # noqa: E402
 
 # name -> (width, height, grain, target core-ms per image or None)
 KINDS = {
@@ -176,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.set_num_threads(threads)
     report["load_after"] = [round(x, 1) for x in os.getloadavg()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "supply.json").write_text(json.dumps(report, indent=2))
-    (args.out / "supply.md").write_text(markdown(report))
-    print("\n" + markdown(report))
+    write_results(args.out, "supply", report, markdown(report))
     return 0
 
 

@@ -15,7 +15,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, machine, peak_memory, run_measurement, sync, train_argv, write_image_list, write_photos
+from common import (
+    REPO,
+    machine,
+    peak_memory,
+    run_measurement,
+    sync,
+    train_argv,
+    write_image_list,
+    write_photos,
+    write_results,
+)
 
 
 def measure_supply(spec: dict) -> dict:
@@ -295,9 +305,7 @@ def run_throughput_suite(args, argv) -> int:
     report["command"] = " ".join(["python benchmarks/benchmark_training.py",
                                   *(argv if argv is not None else sys.argv[1:])])
     report["machine"] = machine()
-    (out / "throughput.json").write_text(json.dumps(report, indent=2))
-    (out / "throughput.md").write_text(throughput_markdown(report))
-    print("\n" + throughput_markdown(report))
+    write_results(out, "throughput", report, throughput_markdown(report))
     print(f"Written {out / 'throughput.json'} and {out / 'throughput.md'} in {report['seconds']:.0f}s.")
     if report["failed"]:
         print(f"{len(report['failed'])} measurement(s) failed: " + ", ".join(n for n, _ in report["failed"]))

@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     def median_after_first(runs: list[dict], key: str) -> float:
         return statistics.median(s for r in runs for s in (r[key][1:] or r[key]))
 
-    from common import machine
+    from common import machine, write_results
 
     host = machine()
     report = {
@@ -321,10 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                            "epoch_s": median_after_first(runs, "epoch_seconds"),
                            "cycle_s": median_after_first(runs, "cycle_seconds"), "settings": runs[0]["settings"],
                            "runs": runs} for name, runs in times.items()}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "timm_comparison.json").write_text(json.dumps(report, indent=2))
-    (args.out / "timm_comparison.md").write_text(markdown(report))
-    print("\n" + markdown(report))
+    write_results(args.out, "timm_comparison", report, markdown(report))
     return 0
 
 
