@@ -10,6 +10,7 @@ It refuses, by a short reason that callers put into their own named error:
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from pathlib import Path
@@ -31,6 +32,12 @@ def resolves_inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
     return _is_within(os.path.realpath(root), os.path.realpath(path))
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(inside: str) -> str:
+    """The input folder's real path: resolved once per folder, not once per image (each image path still is)."""
+    return os.path.realpath(inside)
+
+
 def _is_within(real_root: str, real: str) -> bool:
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
@@ -44,7 +51,7 @@ def open_input(path: str | os.PathLike, *, inside: str | os.PathLike | None, max
     target = os.fspath(path)
     if inside is not None:
         target = os.path.realpath(target)  # opened as resolved, so a link swapped in afterwards is not followed
-        if not _is_within(os.path.realpath(inside), target):
+        if not _is_within(_real_root(os.path.abspath(inside)), target):  # absolute: a chdir cannot alias it
             raise UnreadableInputError("the path (or a symlink on it) leads outside the input folder")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)  # a FIFO: no wait for a writer
     if inside is not None:
