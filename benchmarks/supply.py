@@ -12,7 +12,12 @@ time); the median round counts:
              torch call) and `data.collate` into a batch.
 - reference: torchvision's recipe: PIL open + convert("RGB"), v2.RandomResizedCrop (the same scale 0.5-1,
              antialiased), v2.RandomHorizontalFlip, v2.PILToTensor, torch.stack.
-- decode alone: the floor, Pillow's libjpeg-turbo decoding each file at the DCT scale `ours` chose for it.
+- decode alone: the floor, libjpeg-turbo decoding each file at the DCT scale `ours` chose for it (torchvision's
+             decoder at full scale, as `ours` uses it there; Pillow's draft mode when scaled).
+
+And for the 6 MP photos, the route docs/performance.md gives for photos: `convert --to parquet --max-side
+SHRINK_SIDE` once (its cost per image is timed too), then `train`'s shard loader (`data.training_loader`, no
+workers) over the shards, every epoch ("photo-shards", ours only: the reference reads files).
 
 Images, generated in a temporary folder: ImageNet-like JPEGs (~500x375, q90, ~110 KB: the grain makes them as
 big as ImageNet's average file), 6-megapixel photos (3000x2000, q90, ~1.6 MB: camera-like) and smooth 6 MP
@@ -41,6 +46,9 @@ KINDS = {
     "photo-smooth": (3000, 2000, 0.0, 6.0),
 }
 QUICK_KINDS = {"imagenet": (100, 75, 28.0, None), "photo": (600, 400, 6.0, None)}
+# Photos shrunk once so that the smallest crop (scale 0.5, aspect 4:3 on a 3:2 photo) is still >= 224 px a side:
+# no crop is ever upsampled.
+SHRINK_SIDE = 512
 
 
 def write_images(root: Path, kind: str, count: int, shape: tuple) -> dict:
@@ -69,7 +77,7 @@ def pipelines(folder: Path, size: int, batch: int):
 
     from train_pytorch_model.data import build_dataset, collate, sample_seed
     from train_pytorch_model.image_directory import load_image_directory
-    from train_pytorch_model.preprocessing import DCT_SCALES, Preprocessing
+    from train_pytorch_model.preprocessing import DCT_SCALES, Preprocessing, _full_scale_jpeg
 
     directory = load_image_directory(folder, "Training")
     dataset = build_dataset(directory, {c: i for i, c in enumerate(directory.categories)}, Preprocessing(size),
@@ -100,7 +108,9 @@ def pipelines(folder: Path, size: int, batch: int):
                 with Image.open(paths[i]) as image:
                     if reduce > 1:
                         image.draft("RGB", (image.width // reduce, image.height // reduce))
-                    image.load()
+                        image.load()
+                    elif _full_scale_jpeg(image) is None:
+                        image.load()
         return size
 
     header_sizes = []
@@ -110,9 +120,42 @@ def pipelines(folder: Path, size: int, batch: int):
     return {"ours": ours, "reference": torchvision_reference, "decode_alone": decode_alone}, len(paths)
 
 
-def measure(folder: Path, size: int, batch: int, rounds: int) -> dict:
+def shard_pipeline(folder: Path, size: int, batch: int, max_side: int) -> tuple[dict, int, float]:
+    """`folder` converted once to Parquet shards shrunk to `max_side` (core-ms per image of that, timed), and
+    `train`'s shard loader over them."""
+    import torch
+
+    from train_pytorch_model.convert import ShardOptions, convert
+    from train_pytorch_model.data import build_dataset, training_loader
+    from train_pytorch_model.image_directory import load_image_directory
+    from train_pytorch_model.preprocessing import Preprocessing
+
+    shards = folder.parent / f"{folder.name}-shards"
+    start = time.process_time()
+    convert(folder, shards, to="parquet", shards=ShardOptions(max_side=max_side))
+    directory = load_image_directory(shards, "Training")
+    convert_ms = 1000 * (time.process_time() - start) / len(directory)
+    dataset = build_dataset(directory, {c: i for i, c in enumerate(directory.categories)}, Preprocessing(size),
+                            train=True, seed=1)
+    loader = training_loader(dataset, batch_size=batch, seed=1, rank=0, world_size=1, num_workers=0,
+                             device=torch.device("cpu"))
+    count = len(loader) * batch  # whole batches: the loader leaves the remainder out of an epoch
+
+    def ours(epoch: int) -> int:
+        loader.sampler.set_epoch(epoch)
+        sizes = [batch_.images.shape[-1] for batch_ in loader]
+        return sizes[-1]
+
+    return {"ours": ours}, count, convert_ms
+
+
+def measure(folder: Path, size: int, batch: int, rounds: int, shrink: int | None = None) -> dict:
     """Core-ms per image of each pipeline per round, taking turns; the first pass of each is a warm-up."""
-    runs, count = pipelines(folder, size, batch)
+    convert_ms = None
+    if shrink:
+        runs, count, convert_ms = shard_pipeline(folder, size, batch, shrink)
+    else:
+        runs, count = pipelines(folder, size, batch)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(rounds + 1):
         for name, run in runs.items():
@@ -120,7 +163,10 @@ def measure(folder: Path, size: int, batch: int, rounds: int) -> dict:
             assert run(round_) == size
             if round_:
                 times[name].append(1000 * (time.process_time() - start) / count)
-    return {name: {"core_ms": statistics.median(values), "rounds": values} for name, values in times.items()}
+    result = {name: {"core_ms": statistics.median(values), "rounds": values} for name, values in times.items()}
+    if convert_ms is not None:
+        result["convert_once"] = {"core_ms": convert_ms, "max_side": shrink}
+    return result
 
 
 def markdown(report: dict) -> str:
@@ -133,8 +179,15 @@ def markdown(report: dict) -> str:
              "| images | mean file | ours core-ms | torchvision reference core-ms | reference / ours "
              "| of which the JPEG decode alone (at our DCT scale) | target |", "|---|---:|---:|---:|---:|---:|---:|"]
     for kind, row in report["kinds"].items():
-        data, ours, ref = row["data"], row["ours"]["core_ms"], row["reference"]["core_ms"]
+        data, ours = row["data"], row["ours"]["core_ms"]
         target = f"<= {row['target']:g}" if row.get("target") else "-"
+        if "convert_once" in row:
+            once = row["convert_once"]
+            lines.append(f"| {kind}: the same photos after `convert --to parquet --max-side {once['max_side']}` "
+                         f"(once: {once['core_ms']:.1f} core-ms per photo) | {data['shard_kb']:g} KB | **{ours:.2f}** "
+                         f"| - | - | - | {target} |")
+            continue
+        ref = row["reference"]["core_ms"]
         lines.append(f"| {kind} ({data['images']} JPEGs ~{data['width']}x{data['height']}) | {data['mean_kb']:g} KB "
                      f"| **{ours:.2f}** | {ref:.2f} | {ref / ours:.2f}x | {row['decode_alone']['core_ms']:.2f} "
                      f"| {target} |")
@@ -144,17 +197,20 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48, help="ImageNet-like JPEGs (default 48)")
-    parser.add_argument("--photos", type=int, default=12, help="6 MP photos of each kind (default 12)")
+    parser.add_argument("--photos", type=int, default=16, help="6 MP photos of each kind (default 16)")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated (default {','.join(KINDS)})")
     parser.add_argument("--size", type=int, default=224, help="--image-size (default 224)")
     parser.add_argument("--batch", type=int, default=16, help="images per batch (default 16)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after a warm-up (default 5)")
+    parser.add_argument("--shrink", type=int, default=SHRINK_SIDE,
+                        help=f"--max-side of the photo shards row (default {SHRINK_SIDE}; 0: no such row)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the script, not the speed")
     parser.add_argument("--out", type=Path, default=REPO / "benchmark_output" / "supply")
     args = parser.parse_args(argv)
     kinds = {k: KINDS[k] for k in args.kinds.split(",")}
     if args.quick:
-        kinds, args.images, args.photos, args.size, args.batch, args.rounds = QUICK_KINDS, 6, 2, 32, 4, 1
+        kinds, args.images, args.photos, args.size, args.batch, args.rounds = QUICK_KINDS, 6, 4, 32, 4, 1
+        args.shrink = 128 if args.shrink else 0
     sys.path.insert(0, str(REPO / "src"))
     import torch
 
@@ -172,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                 report["kinds"][kind] = {"data": data, "target": shape[3], **result}
                 print(f"  {kind:<13} ours {result['ours']['core_ms']:6.2f}  reference "
                       f"{result['reference']['core_ms']:6.2f} core-ms/image", flush=True)
+                if kind == "photo" and args.shrink:
+                    result = measure(Path(tmp) / kind, args.size, args.batch, args.rounds, shrink=args.shrink)
+                    shard_bytes = sum(p.stat().st_size for p in (Path(tmp) / "photo-shards").rglob("*.parquet"))
+                    report["kinds"]["photo-shards"] = {
+                        "data": {**data, "shard_kb": round(shard_bytes / count / 1000, 1)}, "target": shape[3],
+                        **result}
+                    print(f"  photo-shards  ours {result['ours']['core_ms']:6.2f} core-ms/image (convert once "
+                          f"{result['convert_once']['core_ms']:.1f})", flush=True)
     finally:
         torch.set_num_threads(threads)
     report["load_after"] = [round(x, 1) for x in os.getloadavg()]

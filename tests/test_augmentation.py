@@ -68,14 +68,20 @@ def test_a_big_jpeg_decodes_at_the_smallest_scale_that_still_covers_the_crop(tmp
     path = tmp_path / "photo.jpg"
     photo(1600, 1200).save(path, quality=92)
     decoded_sizes = []
-    real = preprocessing._decoded_rgb
+    real, real_full_scale = preprocessing._decoded_rgb, preprocessing._full_scale_jpeg
 
     def spy(image, draft):
         decoded = real(image, draft)
         decoded_sizes.append(decoded.size)
         return decoded
 
+    def spy_full_scale(image):
+        pixels = real_full_scale(image)
+        decoded_sizes.append((pixels.shape[-1], pixels.shape[-2]))
+        return pixels
+
     monkeypatch.setattr(preprocessing, "_decoded_rgb", spy)
+    monkeypatch.setattr(preprocessing, "_full_scale_jpeg", spy_full_scale)
     transform = Preprocessing(image_size=128).train_transform()
     for seed in range(8):
         torch.manual_seed(seed)
@@ -90,6 +96,55 @@ def test_a_big_jpeg_decodes_at_the_smallest_scale_that_still_covers_the_crop(tmp
         assert mean_difference(drafted, transform.load(path, None)) < 2.0  # close to decoding it whole
     assert decoded_sizes[-1] == (1600, 1200)
     assert {1600 // w for w, _ in decoded_sizes[::2]} <= {4, 8}  # 1600x1200 crops (>= 850 px) for 128 px
+
+
+@pytest.mark.parametrize("name", ["plain.jpg", "grey.jpg", "progressive.jpg"])
+def test_a_full_scale_jpeg_decodes_through_torchvision_to_pillows_very_pixels(files, name, monkeypatch):
+    """At full scale torchvision's libjpeg-turbo decodes (faster, no copy out of Pillow): the same pixels as
+    Pillow's decode, so the same training crops, bit for bit."""
+    photo(90, 70, 5).save(files / "progressive.jpg", quality=90, progressive=True)
+    with preprocessing.opened_image(files / name) as image:
+        pixels = preprocessing._full_scale_jpeg(image)
+        expected = torch.from_numpy(np.array(preprocessing._decoded_rgb(image, None)))  # the same open file
+    assert pixels is not None and pixels.dtype == torch.uint8 and pixels.shape == (1, 3, *expected.shape[:2])
+    assert pixels.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(pixels[0].permute(1, 2, 0), expected)
+
+    transform = Preprocessing(image_size=32).train_transform()
+
+    def crops():
+        out = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            out.append(transform.load(files / name, None))
+        return out
+
+    calls = []
+    monkeypatch.setattr(preprocessing, "_full_scale_jpeg", lambda image: calls.append(image.size) or pixels)
+    through_torchvision = crops()
+    assert len(calls) == 4  # the path was taken
+    monkeypatch.setattr(preprocessing, "_full_scale_jpeg", lambda image: None)  # torchvision refuses: Pillow
+    assert all(torch.equal(a, b) for a, b in zip(through_torchvision, crops()))
+
+
+def test_what_torchvision_does_not_decode_as_pillow_goes_to_pillow(files, monkeypatch):
+    """A truncated JPEG (torchvision refuses it; Pillow decodes the missing part grey, as the original did), an
+    EXIF-rotated one and a CMYK one (Pillow orients and converts them) decode through Pillow."""
+    data = (files / "plain.jpg").read_bytes()
+    (files / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    photo(80, 60, 6).convert("CMYK").save(files / "cmyk.jpg", quality=92)
+    with preprocessing.opened_image(files / "truncated.jpg") as image:
+        assert preprocessing._full_scale_jpeg(image) is None
+    taken = []
+    real = preprocessing._full_scale_jpeg
+    monkeypatch.setattr(preprocessing, "_full_scale_jpeg", lambda image: taken.append(image.size) or real(image))
+    transform = Preprocessing(image_size=32).train_transform()
+    for name in ("truncated.jpg", "rotated.jpg", "cmyk.jpg"):
+        torch.manual_seed(0)
+        ours = transform.load(files / name, None)
+        torch.manual_seed(0)
+        assert torch.equal(ours, transform(decode_image(files / name))), name
+    assert taken == [(120, 90)]  # only the truncated file was offered to torchvision (and refused)
 
 
 def test_batches_are_channels_last_straight_from_the_images(legacy_image_dir):

@@ -156,11 +156,17 @@ def test_supply_times_our_pipeline_and_the_torchvision_reference_per_image(tmp_p
     assert supply.main(["--quick", "--out", str(tmp_path)]) == 0
     assert torch.get_num_threads() == threads  # given back
     report = json.loads((tmp_path / "supply.json").read_text())
-    assert set(report["kinds"]) == {"imagenet", "photo"}
+    assert set(report["kinds"]) == {"imagenet", "photo", "photo-shards"}
+    shards = report["kinds"].pop("photo-shards")
     for row in report["kinds"].values():
         assert row["ours"]["core_ms"] > 0 and row["reference"]["core_ms"] > 0 and row["data"]["mean_kb"] > 0
         assert 0 < row["decode_alone"]["core_ms"] < row["ours"]["core_ms"]
-    assert "| imagenet (6 JPEGs ~100x75) |" in (tmp_path / "supply.md").read_text()
+    # the shrunk shards hold smaller files than the photos they came from, and the loader read them
+    assert 0 < shards["data"]["shard_kb"] < shards["data"]["mean_kb"]
+    assert shards["ours"]["core_ms"] > 0 and shards["convert_once"] == {"core_ms": pytest.approx(
+        shards["convert_once"]["core_ms"]), "max_side": 128}
+    text = (tmp_path / "supply.md").read_text()
+    assert "| imagenet (6 JPEGs ~100x75) |" in text and "--max-side 128` (once:" in text
 
 
 @pytest.mark.slow
@@ -173,3 +179,16 @@ def test_omp_wait_policy_compares_the_policies_as_the_machine_is_and_busy(tmp_pa
     for results in report["conditions"].values():
         assert set(results) == {"default (unset)", "PASSIVE", "GOMP_SPINCOUNT=1000", "GOMP_SPINCOUNT=10000", "ACTIVE"}
         assert all(row["median"] > 0 for row in results.values())
+
+
+def test_omp_wait_policy_measures_any_spin_count_and_refuses_other_names():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        omp = importlib.import_module("omp_wait_policy")
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert omp.policy_env("GOMP_SPINCOUNT=2500") == {"GOMP_SPINCOUNT": "2500"}
+    assert omp.policy_env("PASSIVE") == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for wrong in ("GOMP_SPINCOUNT=lots", "OMP_NUM_THREADS=1", "passive"):
+        with pytest.raises(SystemExit, match="unknown policy"):
+            omp.policy_env(wrong)

@@ -31,7 +31,7 @@ cli.main(["train", "--untrained-model", "missing", "--training-data", "missing",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("user, expected", [({}, "None 1000"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),
+@pytest.mark.parametrize("user, expected", [({}, "None 10000"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),
                                             ({"GOMP_SPINCOUNT": "5"}, "None 5")])
 def test_the_spin_count_is_set_before_torch_loads_and_a_users_own_wins(tmp_path, user, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
@@ -44,8 +44,8 @@ def test_the_spin_count_is_set_before_torch_loads_and_a_users_own_wins(tmp_path,
 
 
 def test_a_users_spin_count_or_policy_is_left_alone():
-    assert bounded_openmp_spinning(env := {}) is None and env == {"GOMP_SPINCOUNT": "1000"}
-    for mine in ({"OMP_WAIT_POLICY": "passive"}, {"GOMP_SPINCOUNT": "10000"}):
+    assert bounded_openmp_spinning(env := {}) is None and env == {"GOMP_SPINCOUNT": "10000"}
+    for mine in ({"OMP_WAIT_POLICY": "passive"}, {"GOMP_SPINCOUNT": "3000"}):
         env = dict(mine)
         bounded_openmp_spinning(env)
         assert env == mine

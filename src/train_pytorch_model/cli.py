@@ -79,18 +79,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+OPENMP_SPIN_COUNT = "10000"  # see bounded_openmp_spinning
+
+
 def bounded_openmp_spinning(environ=os.environ) -> None:
-    """OpenMP threads waiting at a barrier spin ~1,000 times, then sleep (GOMP_SPINCOUNT=1000; libgomp's default
-    is 300,000, up to ~15 ms of spinning on CPUs with a slow `pause`), unless the user chose (OMP_WAIT_POLICY or
+    """OpenMP threads waiting at a barrier spin OPENMP_SPIN_COUNT times, then sleep (libgomp's default is 300,000,
+    up to ~15 ms of spinning on CPUs with a slow `pause`), unless the user chose (OMP_WAIT_POLICY or
     GOMP_SPINCOUNT set). libgomp reads it once, when torch loads it: call this before torch is imported.
 
     On a CPU shared with other processes, a spinning thread waits for one that lost its core and burns its own
-    time slice meanwhile: on the busy 2-core machine CPU training ran 10x faster with 1,000 spins than with the
-    default (PASSIVE, no spin, as fast; benchmarks/omp_wait_policy.py, docs/performance.md). 1,000 is what
-    libgomp itself uses once it knows the CPUs are oversubscribed; a short spin still catches the next parallel
-    region on an idle machine. On a GPU the CPU threads do little math either way."""
+    time slice meanwhile. benchmarks/omp_wait_policy.py (docs/performance.md) on the 2-core Xeon: 10,000 spins
+    train as fast as the default on a quiet machine (1.00x; 1,000 spins and PASSIVE lose 15-28 % there, where
+    a thread that slept must be woken for the next parallel region) and 6.6x faster with two other processes
+    spinning on the machine (1,000 spins: 9.3x). On a GPU the CPU threads do little math either way."""
     if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
-        environ["GOMP_SPINCOUNT"] = "1000"
+        environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
 
 
 def configure_logging() -> None:
