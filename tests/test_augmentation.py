@@ -135,6 +135,13 @@ def test_what_torchvision_does_not_decode_as_pillow_goes_to_pillow(files, monkey
     photo(80, 60, 6).convert("CMYK").save(files / "cmyk.jpg", quality=92)
     with preprocessing.opened_image(files / "truncated.jpg") as image:
         assert preprocessing._full_scale_jpeg(image) is None
+    with monkeypatch.context() as patch:  # a file over the bound is not read whole: Pillow streams it
+        patch.setattr(preprocessing, "FULL_SCALE_JPEG_MAX_BYTES", len(data) - 1)
+        with preprocessing.opened_image(files / "plain.jpg") as image:
+            assert preprocessing._full_scale_jpeg(image) is None
+        patch.setattr(preprocessing, "FULL_SCALE_JPEG_MAX_BYTES", len(data))
+        with preprocessing.opened_image(files / "plain.jpg") as image:
+            assert preprocessing._full_scale_jpeg(image) is not None
     taken = []
     real = preprocessing._full_scale_jpeg
     monkeypatch.setattr(preprocessing, "_full_scale_jpeg", lambda image: taken.append(image.size) or real(image))

@@ -39,6 +39,10 @@ MAX_IMAGE_FILE_BYTES = 1 << 30
 # formats on any file). A camera JPEG that Pillow calls MPO opens through JPEG.
 RASTER_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 JPEG_FORMATS = ("JPEG", "MPO")  # what Pillow can decode at a reduced DCT scale (draft mode)
+# The largest JPEG read whole into memory for torchvision's decoder (`_full_scale_jpeg`); Pillow streams bigger
+# files and stops at the image's end, so trailing bytes cost no memory. Full-scale decodes are of images at most a
+# few times the training size: real ones are far smaller.
+FULL_SCALE_JPEG_MAX_BYTES = 32 << 20
 # Rows converted at a time from 16-bit / 32-bit greyscale to 8 bits: no full-size temporary copy.
 CONVERT_PIXELS_PER_CHUNK = 1 << 20
 # The longest side a resize may produce, as a multiple of the resize size: a 65535x1 image would otherwise be
@@ -262,7 +266,9 @@ def _full_scale_jpeg(image: Image.Image) -> torch.Tensor | None:
     None when torchvision refuses the file (a truncated one, say): Pillow then decodes it as it always did."""
     stream = image.fp
     stream.seek(0, os.SEEK_END)
-    data = bytearray(stream.tell())  # the input opener bounded the file's size (MAX_IMAGE_FILE_BYTES)
+    if stream.tell() > FULL_SCALE_JPEG_MAX_BYTES:
+        return None
+    data = bytearray(stream.tell())
     stream.seek(0)
     if stream.readinto(data) != len(data):
         return None
