@@ -13,7 +13,17 @@ import mlflow
 import pandas as pd
 import pytest
 
-from conftest import REPO, free_port, post_json, running_server, train_tiny_model, write_image_folder
+from conftest import (
+    MULTILABEL_CLASSES,
+    REPO,
+    RESNET18,
+    free_port,
+    post_json,
+    running_server,
+    train_tiny_model,
+    write_image_folder,
+    write_multilabel_mltable,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +40,21 @@ def trained(tmp_path_factory) -> Path:
     return train_tiny_model(tmp_path_factory.mktemp("azureml-serving"), CLASSES)
 
 
-@pytest.fixture(scope="module")
-def server(trained, tmp_path_factory):
+def serving(model: Path, log_folder: Path):
+    """The inference server on 127.0.0.1 with deploy/azureml/score.py, serving `model`: its URL while in use."""
     assert (SERVER_PACKAGES / "azureml_inference_server_http").is_dir(), f"run `make venv`: no {SERVER_PACKAGES}"
     port = free_port()
     # AZUREML_MODEL_DIR is the folder Azure ML mounts the registered model under.
-    env = {**os.environ, "AZUREML_MODEL_DIR": str(trained.parent), "PYTHONPATH": str(SERVER_PACKAGES)}
+    env = {**os.environ, "AZUREML_MODEL_DIR": str(model.parent), "PYTHONPATH": str(SERVER_PACKAGES)}
     argv = [sys.executable, "-m", "azureml_inference_server_http.amlserver",
             "--entry_script", str(REPO / "deploy" / "azureml" / "score.py"), "--port", str(port)]
-    with running_server(argv, "/", port, tmp_path_factory.mktemp("azmlinfsrv-log") / "server.log", env=env,
-                        cwd=trained.parent, timeout_s=START_TIMEOUT_S) as url:
+    return running_server(argv, "/", port, log_folder / "server.log", env=env, cwd=model.parent,
+                          timeout_s=START_TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    with serving(trained, tmp_path_factory.mktemp("azmlinfsrv-log")) as url:
         yield url
 
 
@@ -111,3 +126,40 @@ def test_explanations_are_returned_when_the_params_ask(server, trained, images):
     assert status == 400 and "explain" in answer["error"]
     status, answer = score(server, {"input_data": texts, "params": ["explain"]})
     assert status == 400 and "'params' must be an object" in answer["error"]
+
+
+@pytest.fixture(scope="module")
+def multilabel(tmp_path_factory) -> Path:
+    """A multi-label model (AutoML's fridge-objects shape), trained in seconds; its images beside it."""
+    from train_pytorch_model.cli import main
+
+    root = tmp_path_factory.mktemp("azureml-serving-multilabel")
+    data = write_multilabel_mltable(root / "ml", count=16)
+    out = root / "trained"
+    assert main(["train", "--untrained-model", str(RESNET18),
+                 "--training-data", str(data), "--trained-model", str(out), "--epochs", "1", "--batch-size", "8",
+                 "--image-size", "32", "--num-workers", "0",
+                 "--mlflow-tracking-uri", f"sqlite:///{root / 'mlflow.db'}"]) == 0
+    return out
+
+
+def test_a_multilabel_model_answers_with_its_labels_and_the_requested_threshold(multilabel, tmp_path_factory):
+    """Every label over the threshold per image, as MLflow's own predict gives them; `"params": {"threshold": t}`
+    changes it per request."""
+    images = [(multilabel.parent / "ml" / "images" / f"{n}.png").read_bytes() for n in range(4)]
+    texts = [base64.b64encode(image).decode() for image in images]
+    served = mlflow.pyfunc.load_model(str(multilabel))
+    want = served.predict(pd.DataFrame({"image": images}))
+    with serving(multilabel, tmp_path_factory.mktemp("azmlinfsrv-multilabel-log")) as url:
+        status, answer = score(url, {"input_data": {"columns": ["image"], "data": texts}})
+        assert status == 200, answer
+        got = pd.DataFrame(answer)
+        assert list(got["Scored Labels"]) == list(want["Scored Labels"])
+        columns = [f"Scored Probabilities_{c}" for c in MULTILABEL_CLASSES]
+        assert (got[columns] - want[columns]).abs().to_numpy().max() < 1e-5
+        for threshold, labels in ((0.0, sorted(MULTILABEL_CLASSES)), (1.0, [])):
+            status, answer = score(url, {"input_data": texts, "params": {"threshold": threshold}})
+            assert status == 200, answer
+            assert [sorted(json.loads(row["Scored Labels"])) for row in answer] == [labels] * len(texts)
+        status, answer = score(url, {"input_data": texts, "params": {"threshold": "high"}})
+        assert status == 400 and "threshold" in answer["error"]
