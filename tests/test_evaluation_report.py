@@ -164,3 +164,37 @@ def test_gallery_pictures_come_only_from_the_image_directory_and_the_scoring_mod
     assert main(["evaluate", "--scored-data", str(tmp_path / "scored"), "--evaluation", str(tmp_path / "e2"),
                  "--trained-model", str(other), "--image-directory", str(images)]) != 0
     assert "give the model that scored the table" in capsys.readouterr().err and not (tmp_path / "e2").exists()
+
+
+@pytest.mark.slow
+def test_a_multilabel_evaluation_has_its_own_report(tmp_path):
+    """A multi-label table (label sets as JSON list text) gets report.html too: IoU, mAP and the set metrics,
+    the per-class table and the per-class decisions picture; class names escaped; Chromium renders it."""
+    import json
+
+    classes = ["can", "carton", "<b>milk</b>"]
+    rng = np.random.default_rng(3)
+    truth = rng.random((30, 3)) < 0.4
+    probabilities = truth * 0.3 + rng.random((30, 3)) * 0.6  # some labels missed, some given wrongly
+    sets = lambda rows: [json.dumps([c for c, on in zip(classes, row) if on]) for row in rows]  # noqa: E731
+    table = pd.DataFrame({"id": range(30), "file": [f"{i}.png" for i in range(30)], "category": sets(truth),
+                          "Scored Labels": sets(probabilities >= 0.5), "error": "",
+                          **{f"Scored Probabilities_{c}": probabilities[:, j] for j, c in enumerate(classes)}})
+    out = evaluate(tmp_path, table)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel"
+    page = (out / "report.html").read_text()
+    for shown in (f"{metrics['iou']:.3f}", f"{metrics['map']:.3f}", f"{metrics['micro']['f1']:.3f}",
+                  f"{metrics['accuracy']:.1%}", "IoU (mean per image)", "Per-class decisions"):
+        assert shown in page, shown
+    assert "&lt;b&gt;milk&lt;/b&gt;" in page and "<b>milk</b>" not in page  # a label is never markup
+    assert page.count("<tr class=") == 3 and page.count("data:image/png;base64,") == 1
+    assert "https://" not in page and "http://" not in page  # self-contained
+
+    dom = chromium("--dump-dom", (out / "report.html").as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    text = re.sub(r"<[^>]+>", " ", dom.stdout)
+    assert "Headline metrics" in text and "Per-class precision, recall and F1" in text and "exact-set accuracy" in text
+    shot = tmp_path / "multilabel.png"
+    result = chromium(f"--screenshot={shot}", "--window-size=1200,1600", (out / "report.html").as_uri())
+    assert result.returncode == 0 and np.asarray(Image.open(shot).convert("L"), dtype=np.float64).std() > 20

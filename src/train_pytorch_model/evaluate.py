@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         table = read_scored_table(args.scored_data)
         if is_multilabel_table(table):  # a multi-label model's table: evaluate_multilabel.py
             metrics, confusion = evaluate_multilabel_table(table, args.label_column)
-            write_evaluation(args.evaluation, metrics, confusion)
+            write_evaluation(args.evaluation, metrics, confusion,
+                             title=f"Evaluation report: {Path(args.scored_data).name}")
             log_to_mlflow(args.evaluation, metrics, args.mlflow_tracking_uri, table.attrs.get(TRAINING_RUN_ATTR))
             print(multilabel_summary_text(metrics, args.evaluation))
             return 0
@@ -317,7 +318,10 @@ def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame, *, table
         per_class.to_csv(stage / PER_CLASS_FILE)
         confusion.to_csv(stage / CONFUSION_CSV)
         if metrics.get("task") == "multilabel":  # per-class decisions; the pictures below are multi-class
+            from .evaluation_report import write_multilabel_report_html
+
             plot_label_confusion(stage / CONFUSION_PNG, confusion)
+            write_multilabel_report_html(stage / REPORT_HTML, stage, metrics=metrics, title=title)
             return
         matrix, labels = confusion.to_numpy(), [str(c) for c in confusion.columns]
         caption = f"accuracy {metrics['accuracy']:.1%}, {int(matrix.sum())} images"

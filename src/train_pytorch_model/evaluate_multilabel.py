@@ -169,4 +169,5 @@ def summary_text(metrics: dict, folder) -> str:
         lines.append(f"{label[:16]:>16}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {ap}  "
                      f"{m['support']:7d}")
     lines.append(f"Metrics: {Path(folder) / 'metrics.json'}")
+    lines.append(f"Report (open it in a browser): {Path(folder) / 'report.html'}")
     return "\n".join(lines)

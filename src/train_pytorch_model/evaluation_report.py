@@ -133,25 +133,9 @@ def write_report_html(path: Path, figures: Path, *, metrics: dict, matrix: np.nd
              _tile(f"{metrics['evaluated_rows']:,}", f"images evaluated of {metrics['rows']:,}")]
     if metrics["log_loss"] is not None:
         tiles.append(_tile(f"{metrics['log_loss']:.3f}", "log loss (lower is better)"))
-    left_out = []
-    if metrics["unlabeled_rows"]:
-        left_out.append(f"{metrics['unlabeled_rows']} rows without a true label")
-    if metrics["unscored_rows"]:
-        left_out.append(f"{metrics['unscored_rows']} images that could not be scored")
-    if metrics["labels_unknown_to_model"]:
-        left_out.append("true labels the model does not know (always counted as wrong): "
-                        + ", ".join(metrics["labels_unknown_to_model"][:10]))
-    left_out_text = f'<p class="note">Left out or worth knowing: {esc("; ".join(left_out))}.</p>' if left_out else ""
-
-    # Per-class table: every class, or the PER_CLASS_ROWS with the lowest F1.
+    left_out_text = _left_out_note(metrics)
     per_class = metrics["per_class"]
-    names = list(per_class)
-    if len(names) > PER_CLASS_ROWS:
-        names = sorted(names, key=lambda n: (per_class[n]["f1"], n))[:PER_CLASS_ROWS]
-        per_class_note = (f"The {PER_CLASS_ROWS} of {len(per_class)} classes with the lowest F1; every class is in "
-                          "per_class_metrics.csv.")
-    else:
-        per_class_note = "Rows shaded red have an F1 below 0.5."
+    names, per_class_note = _per_class_names(per_class)
     rows = []
     for name in names:
         m, c = per_class[name], curves.get(name, {})
@@ -193,15 +177,9 @@ def write_report_html(path: Path, figures: Path, *, metrics: dict, matrix: np.nd
                 "heat maps of what the model looked at.")
         gallery = f'<p class="lead">{hint}</p><div class="cards">{"".join(cards)}</div>'
 
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title><style>{CSS}</style></head>
-<body>
-<h1>{esc(title)}</h1>
-<p class="lead">How well the model classifies images it did not train on: {metrics['evaluated_rows']:,} labeled images,
-{len(metrics['classes'])} classes. Written by <code>train_pytorch_model evaluate</code>; the numbers are in
-metrics.json next to this page.</p>
+    body = f"""<p class="lead">How well the model classifies images it did not train on:
+{metrics['evaluated_rows']:,} labeled images, {len(metrics['classes'])} classes. Written by
+<code>train_pytorch_model evaluate</code>; the numbers are in metrics.json next to this page.</p>
 <nav><a href="#summary">Summary</a><a href="#confusion">Confusion matrix</a><a href="#per-class">Per class</a>
 <a href="#curves">PR and ROC curves</a><a href="#mistakes">Confident mistakes</a></nav>
 
@@ -232,7 +210,86 @@ top-left corner (ROC) separates its class well.</p>
 <section id="mistakes"><h2>Most confidently wrong images</h2>
 <p class="lead">The wrong predictions the model was surest of: often a wrong label in the data, or a class the model
 mixes up for a visible reason.</p>
-{gallery}</section>
+{gallery}</section>"""
+    _write_page(path, title, body)
+
+
+def write_multilabel_report_html(path: Path, figures: Path, *, metrics: dict, title: str) -> None:
+    """report.html of a multi-label evaluation (evaluate_multilabel.py's metrics): the headline numbers, the
+    per-class table and the per-class decisions picture of `figures`."""
+    esc = html.escape
+    micro, macro = metrics["micro"], metrics["macro"]
+    tiles = [_tile(f"{metrics['iou']:.3f}", "IoU (mean per image)"), _tile(f"{metrics['map']:.3f}", "mAP"),
+             _tile(f"{metrics['accuracy']:.1%}", "exact-set accuracy"), _tile(f"{micro['f1']:.3f}", "micro F1"),
+             _tile(f"{macro['f1']:.3f}", "macro F1"), _tile(f"{micro['precision']:.3f}", "micro precision"),
+             _tile(f"{micro['recall']:.3f}", "micro recall"), _tile(f"{metrics['threshold']:g}", "threshold"),
+             _tile(f"{metrics['evaluated_rows']:,}", f"images evaluated of {metrics['rows']:,}")]
+    per_class = metrics["per_class"]
+    names, per_class_note = _per_class_names(per_class)
+    rows = []
+    for name in names:
+        m = per_class[name]
+        ap = "–" if m["average_precision"] is None else f"{m['average_precision']:.3f}"
+        rows.append(f'<tr class="{"low" if m["f1"] < 0.5 else ""}"><td>{esc(str(name))}</td>'
+                    f'<td>{m["precision"]:.3f}</td><td>{m["recall"]:.3f}</td><td>{m["f1"]:.3f}</td>'
+                    f'<td>{ap}</td><td>{m["support"]:,}</td></tr>')
+    body = f"""<p class="lead">How well the multi-label model finds every label of images it did not train on:
+{metrics['evaluated_rows']:,} labeled images, {len(metrics['classes'])} classes, a label predicted when its
+probability reaches {metrics['threshold']:g}. Written by <code>train_pytorch_model evaluate</code>; the numbers are in
+metrics.json next to this page.</p>
+<nav><a href="#summary">Summary</a><a href="#per-class">Per class</a><a href="#decisions">Per-class decisions</a></nav>
+
+<section id="summary"><h2>Headline metrics</h2>
+<p class="lead">IoU: per image, the labels both true and predicted over the labels either true or predicted, averaged
+(AutoML's headline for multi-label). mAP: each class's average precision over every threshold, averaged.
+Exact-set accuracy: images whose predicted set is exactly the true one. Micro averages count every label decision
+alike; macro averages weigh every class the same.</p>
+<div class="tiles">{"".join(tiles)}</div>{_left_out_note(metrics)}</section>
+
+<section id="per-class"><h2>Per-class precision, recall and F1</h2>
+<p class="lead">Each class on its own: precision, of the images given the label, the share that have it; recall, of
+the images that have it, the share given it; AP, its average precision over every threshold; support, images that
+have it. {per_class_note}</p>
+<div class="scroll"><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>AP</th><th>support</th>
+</tr>{"".join(rows)}</table></div></section>
+
+<section id="decisions"><h2>Per-class decisions</h2>
+<p class="lead">For each class, the images rightly given the label (true positives), wrongly given it (false
+positives), missed (false negatives) and rightly left without it (true negatives).</p>
+{_figure(figures, "confusion_matrix.png", "per-class true and false positives and negatives")}</section>"""
+    _write_page(path, title, body)
+
+
+def _left_out_note(metrics: dict) -> str:
+    left_out = []
+    if metrics["unlabeled_rows"]:
+        left_out.append(f"{metrics['unlabeled_rows']} rows without a true label")
+    if metrics["unscored_rows"]:
+        left_out.append(f"{metrics['unscored_rows']} images that could not be scored")
+    if metrics["labels_unknown_to_model"]:
+        left_out.append("true labels the model does not know (always counted as wrong): "
+                        + ", ".join(metrics["labels_unknown_to_model"][:10]))
+    return f'<p class="note">Left out or worth knowing: {html.escape("; ".join(left_out))}.</p>' if left_out else ""
+
+
+def _per_class_names(per_class: dict) -> tuple[list, str]:
+    """The classes of the per-class table, every one or the PER_CLASS_ROWS with the lowest F1, and its note."""
+    names = list(per_class)
+    if len(names) <= PER_CLASS_ROWS:
+        return names, "Rows shaded red have an F1 below 0.5."
+    names = sorted(names, key=lambda n: (per_class[n]["f1"], n))[:PER_CLASS_ROWS]
+    return names, (f"The {PER_CLASS_ROWS} of {len(per_class)} classes with the lowest F1; every class is in "
+                   "per_class_metrics.csv.")
+
+
+def _write_page(path: Path, title: str, body: str) -> None:
+    esc = html.escape
+    path.write_text(f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{CSS}</style></head>
+<body>
+<h1>{esc(title)}</h1>
+{body}
 </body></html>
-"""
-    path.write_text(page, encoding="utf-8")
+""", encoding="utf-8")
