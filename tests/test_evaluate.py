@@ -147,6 +147,19 @@ def test_errors(tmp_path, capsys, case, error):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_scored_label_that_is_not_a_class_is_refused_by_row(tmp_path, capsys):
+    """`score` predicts only its classes; an edited table would otherwise drop out of the matrix silently."""
+    table = digits_table()
+    table.loc[5, "Scored Labels"] = "banana"
+    (tmp_path / "scored").mkdir()
+    table.to_csv(tmp_path / "scored" / "scored.csv", index=False)
+    out = tmp_path / "out"
+    assert main(["evaluate", "--scored-data", str(tmp_path / "scored"), "--evaluation", str(out)]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("InvalidDatasetError: Row 5: 'Scored Labels' is 'banana', not one of the classes"), line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("value", ["abc", -1.0, NAN, 1.5, float("inf")])
 def test_a_probability_that_is_not_one_is_refused_by_row_and_column(tmp_path, capsys, value):
     table = digits_table().astype({"Scored Probabilities_3": object})

@@ -75,3 +75,17 @@ def test_checkpoint_keeps_the_best_epochs_predictions():
     assert invalid_field({**base, "best_predictions": torch.tensor([[0, 1], [1, 1]])}) is None
     assert invalid_field({**base, "best_predictions": None}) is None
     assert "best_predictions" in invalid_field({**base, "best_predictions": torch.zeros(3)})
+
+
+def test_class_names_are_drawn_as_written_never_as_tex(tmp_path):
+    """A class named like TeX ("$\\foo$" is not valid math text) is a name: every plot draws it as written."""
+    import pandas as pd
+
+    labels = ["$\\foo$", "$5$", "cat"]
+    matrix = np.array([[3, 1, 0], [0, 2, 1], [1, 0, 4]])
+    reports.plot_confusion_matrix(tmp_path / "matrix.png", matrix, labels, "title $x$")
+    decisions = pd.DataFrame([[1, 2, 3, 4]] * 3, index=labels,
+                             columns=["true positive", "false positive", "false negative", "true negative"])
+    reports.plot_label_confusion(tmp_path / "decisions.png", decisions)
+    for name in ("matrix.png", "decisions.png"):
+        assert Image.open(tmp_path / name).size[0] > 100

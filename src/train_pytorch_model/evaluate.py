@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidDatasetError, InvalidParameterError, NotLabeledDatasetError, quote
-from .evaluate_multilabel import evaluate_multilabel_table, is_multilabel_table, plot_label_confusion
+from .evaluate_multilabel import evaluate_multilabel_table, is_multilabel_table
 from .evaluate_multilabel import flat_metrics as multilabel_flat_metrics
 from .evaluate_multilabel import summary_text as multilabel_summary_text
 from .legacy_format import open_regular
@@ -193,6 +193,12 @@ def evaluate_table(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
                                   f"({int(labeled.sum())} labeled, {int(scored.sum())} scored of {len(table)}).")
     y_true = true[use].to_numpy(dtype=object)
     y_pred = predicted[use].to_numpy(dtype=object)
+    strange = sorted(set(y_pred) - set(classes))
+    if strange:  # `score` only predicts its classes: the table was edited, or its columns come from another model
+        row = int(np.flatnonzero(use)[list(y_pred).index(strange[0])])
+        raise InvalidDatasetError(f"Row {row}: '{SCORED_LABELS}' is {quote(strange[0])}, not one of the classes of "
+                                  f"the '{PROBABILITY_PREFIX}<class>' columns ({len(strange)} such labels); give the "
+                                  "output of `score` as it wrote it.")
     probabilities = checked_probabilities(table, use, probability_columns)
 
     # Labels the model does not know still count (as misses) and get their own confusion-matrix row.
@@ -300,10 +306,11 @@ def confident_mistakes(table: pd.DataFrame, label_column: str = LABEL_COLUMN,
     return result.sort_values("probability", ascending=False, kind="stable").head(count).reset_index(drop=True)
 
 
-def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame, *, table: pd.DataFrame | None = None,
-                     label_column: str = LABEL_COLUMN, mistakes: pd.DataFrame | None = None,
-                     pictures: list | None = None, title: str = "Evaluation") -> None:
-    """The output folder (module docstring). Without `table`, only the metrics files and the counts picture."""
+def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame, *, title: str,
+                     table: pd.DataFrame | None = None, label_column: str = LABEL_COLUMN,
+                     mistakes: pd.DataFrame | None = None, pictures: list | None = None) -> None:
+    """The output folder (module docstring). A multi-class evaluation gives the scored `table` and its `mistakes`
+    (the pictures and the gallery come from them); a multi-label one needs neither."""
     import pandas as pd
 
     from . import reports
@@ -320,14 +327,12 @@ def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame, *, table
         if metrics.get("task") == "multilabel":  # per-class decisions; the pictures below are multi-class
             from .evaluation_report import write_multilabel_report_html
 
-            plot_label_confusion(stage / CONFUSION_PNG, confusion)
+            reports.plot_label_confusion(stage / CONFUSION_PNG, confusion)
             write_multilabel_report_html(stage / REPORT_HTML, stage, metrics=metrics, title=title)
             return
         matrix, labels = confusion.to_numpy(), [str(c) for c in confusion.columns]
         caption = f"accuracy {metrics['accuracy']:.1%}, {int(matrix.sum())} images"
         reports.plot_confusion_matrix(stage / CONFUSION_PNG, matrix, labels, f"Confusion matrix ({caption})")
-        if table is None:
-            return
         reports.plot_confusion_matrix(stage / CONFUSION_NORMALIZED_PNG, matrix, labels,
                                       f"Confusion matrix, share of each true class ({caption})", normalize=True)
         classes = metrics["classes"]
@@ -342,8 +347,7 @@ def write_evaluation(out: Path, metrics: dict, confusion: pd.DataFrame, *, table
         from .evaluation_report import write_report_html
 
         write_report_html(stage / REPORT_HTML, stage, metrics=metrics, matrix=matrix, labels=labels, curves=curves,
-                          mistakes=mistakes if mistakes is not None else confident_mistakes(table, label_column),
-                          pictures=pictures, title=title)
+                          mistakes=mistakes, pictures=pictures, title=title)
 
 
 def log_to_mlflow(folder: Path, metrics: dict, tracking_uri: str | None, training_run_id: str | None = None) -> None:

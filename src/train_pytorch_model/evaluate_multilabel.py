@@ -134,28 +134,6 @@ def flat_metrics(metrics: dict) -> dict:
             "evaluated_rows": metrics["evaluated_rows"]}
 
 
-def plot_label_confusion(path, confusion: pd.DataFrame) -> None:
-    """Per class: true/false positives and negatives, as a table of cells."""
-    import matplotlib
-    import numpy as np
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    count = len(confusion)
-    fig, ax = plt.subplots(figsize=(7, min(24.0, max(3.0, 0.4 * count + 1.5))))
-    ax.imshow(confusion.to_numpy(), cmap="Blues", aspect="auto")
-    ax.set_xticks(range(4), [c.replace(" ", "\n") for c in confusion.columns])
-    ax.set_yticks(range(count), list(confusion.index))
-    if count <= 40:
-        for (r, c), value in np.ndenumerate(confusion.to_numpy()):
-            ax.text(c, r, str(value), ha="center", va="center")
-    ax.set(title="Per-class decisions (multi-label)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def summary_text(metrics: dict, folder) -> str:
     from pathlib import Path
 

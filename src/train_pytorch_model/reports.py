@@ -42,6 +42,8 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
+    # Class names and file names are data, not TeX: "$5$" stays as written, "$\\foo$" cannot fail the plot.
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
@@ -193,6 +195,23 @@ def plot_confusion_matrix(path: Path, matrix: np.ndarray, labels: list[str], tit
         for text in display.text_.ravel():
             text.set_fontsize(7)
     ax.set(title=title, xlabel="predicted label", ylabel="true label" + (" (each row sums to 1)" if normalize else ""))
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_label_confusion(path: Path, confusion) -> None:
+    """A multi-label evaluation's per-class decisions (a DataFrame: a row per class, columns true/false positives
+    and negatives), as a table of cells."""
+    plt = _pyplot()
+    count = len(confusion)
+    fig, ax = plt.subplots(figsize=(7, min(24.0, max(3.0, 0.4 * count + 1.5))))
+    ax.imshow(confusion.to_numpy(), cmap="Blues", aspect="auto")
+    ax.set_xticks(range(4), [c.replace(" ", "\n") for c in confusion.columns])
+    ax.set_yticks(range(count), [str(name) for name in confusion.index])
+    if count <= 40:
+        for (r, c), value in np.ndenumerate(confusion.to_numpy()):
+            ax.text(c, r, str(value), ha="center", va="center")
+    ax.set(title="Per-class decisions (multi-label)")
     fig.tight_layout()
     _save(fig, path)
 
