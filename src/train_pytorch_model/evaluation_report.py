@@ -134,15 +134,9 @@ def write_report_html(path: Path, figures: Path, *, metrics: dict, matrix: np.nd
     if metrics["log_loss"] is not None:
         tiles.append(_tile(f"{metrics['log_loss']:.3f}", "log loss (lower is better)"))
     left_out_text = _left_out_note(metrics)
-    per_class = metrics["per_class"]
-    names, per_class_note = _per_class_names(per_class)
-    rows = []
-    for name in names:
-        m, c = per_class[name], curves.get(name, {})
-        extra = "".join(f"<td>{c[k]:.3f}</td>" if k in c else "<td>–</td>" for k in ("average_precision", "roc_auc"))
-        rows.append(f'<tr class="{"low" if m["f1"] < 0.5 else ""}"><td>{esc(str(name))}</td>'
-                    f'<td>{m["precision"]:.3f}</td><td>{m["recall"]:.3f}</td><td>{m["f1"]:.3f}</td>'
-                    f'<td>{m["support"]:,}</td>{extra}</tr>')
+    per_class_table, per_class_note = _per_class_table(metrics["per_class"], {
+        "AP": {name: c.get("average_precision") for name, c in curves.items()},
+        "ROC AUC": {name: c.get("roc_auc") for name, c in curves.items()}})
 
     confusions = reports.top_confusions(matrix, labels, TOP_CONFUSIONS)
     confusion_rows = "".join(
@@ -199,8 +193,7 @@ mistake. The second picture shows each row as shares, so that small classes read
 <p class="lead">Precision: of the images predicted as the class, the share that are. Recall: of the images of the
 class, the share found. F1 combines both. Support: images of the class. AP and ROC AUC: one class against the rest
 (1 is perfect). {per_class_note}</p>
-<div class="scroll"><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>AP</th>
-<th>ROC AUC</th></tr>{"".join(rows)}</table></div></section>
+{per_class_table}</section>
 
 <section id="curves"><h2>One-vs-rest precision-recall and ROC curves</h2>
 <p class="lead">Each class against all others, as the probability threshold moves. A curve near the top (PR) or the
@@ -217,7 +210,6 @@ mixes up for a visible reason.</p>
 def write_multilabel_report_html(path: Path, figures: Path, *, metrics: dict, title: str) -> None:
     """report.html of a multi-label evaluation (evaluate_multilabel.py's metrics): the headline numbers, the
     per-class table and the per-class decisions picture of `figures`."""
-    esc = html.escape
     micro, macro = metrics["micro"], metrics["macro"]
     tiles = [_tile(f"{metrics['iou']:.3f}", "IoU (mean per image)"), _tile(f"{metrics['map']:.3f}", "mAP"),
              _tile(f"{metrics['accuracy']:.1%}", "exact-set accuracy"), _tile(f"{micro['f1']:.3f}", "micro F1"),
@@ -225,14 +217,8 @@ def write_multilabel_report_html(path: Path, figures: Path, *, metrics: dict, ti
              _tile(f"{micro['recall']:.3f}", "micro recall"), _tile(f"{metrics['threshold']:g}", "threshold"),
              _tile(f"{metrics['evaluated_rows']:,}", f"images evaluated of {metrics['rows']:,}")]
     per_class = metrics["per_class"]
-    names, per_class_note = _per_class_names(per_class)
-    rows = []
-    for name in names:
-        m = per_class[name]
-        ap = "–" if m["average_precision"] is None else f"{m['average_precision']:.3f}"
-        rows.append(f'<tr class="{"low" if m["f1"] < 0.5 else ""}"><td>{esc(str(name))}</td>'
-                    f'<td>{m["precision"]:.3f}</td><td>{m["recall"]:.3f}</td><td>{m["f1"]:.3f}</td>'
-                    f'<td>{ap}</td><td>{m["support"]:,}</td></tr>')
+    per_class_table, per_class_note = _per_class_table(
+        per_class, {"AP": {name: m["average_precision"] for name, m in per_class.items()}})
     body = f"""<p class="lead">How well the multi-label model finds every label of images it did not train on:
 {metrics['evaluated_rows']:,} labeled images, {len(metrics['classes'])} classes, a label predicted when its
 probability reaches {metrics['threshold']:g}. Written by <code>train_pytorch_model evaluate</code>; the numbers are in
@@ -250,8 +236,7 @@ alike; macro averages weigh every class the same.</p>
 <p class="lead">Each class on its own: precision, of the images given the label, the share that have it; recall, of
 the images that have it, the share given it; AP, its average precision over every threshold; support, images that
 have it. {per_class_note}</p>
-<div class="scroll"><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>AP</th><th>support</th>
-</tr>{"".join(rows)}</table></div></section>
+{per_class_table}</section>
 
 <section id="decisions"><h2>Per-class decisions</h2>
 <p class="lead">For each class, the images rightly given the label (true positives), wrongly given it (false
@@ -272,14 +257,27 @@ def _left_out_note(metrics: dict) -> str:
     return f'<p class="note">Left out or worth knowing: {html.escape("; ".join(left_out))}.</p>' if left_out else ""
 
 
-def _per_class_names(per_class: dict) -> tuple[list, str]:
-    """The classes of the per-class table, every one or the PER_CLASS_ROWS with the lowest F1, and its note."""
+def _per_class_table(per_class: dict, extra: dict[str, dict]) -> tuple[str, str]:
+    """The per-class table, and the note that says which classes it shows: precision, recall, F1 and support, then
+    each `extra` column (class -> value; "–" where there is none); every class, or the PER_CLASS_ROWS with the
+    lowest F1."""
+    esc = html.escape
     names = list(per_class)
-    if len(names) <= PER_CLASS_ROWS:
-        return names, "Rows shaded red have an F1 below 0.5."
-    names = sorted(names, key=lambda n: (per_class[n]["f1"], n))[:PER_CLASS_ROWS]
-    return names, (f"The {PER_CLASS_ROWS} of {len(per_class)} classes with the lowest F1; every class is in "
-                   "per_class_metrics.csv.")
+    note = "Rows shaded red have an F1 below 0.5."
+    if len(names) > PER_CLASS_ROWS:
+        names = sorted(names, key=lambda n: (per_class[n]["f1"], n))[:PER_CLASS_ROWS]
+        note = (f"The {PER_CLASS_ROWS} of {len(per_class)} classes with the lowest F1; every class is in "
+                "per_class_metrics.csv.")
+    head = "".join(f"<th>{esc(column)}</th>" for column in ("class", "precision", "recall", "F1", "support", *extra))
+    rows = []
+    for name in names:
+        m = per_class[name]
+        cells = "".join("<td>–</td>" if values.get(name) is None else f"<td>{values[name]:.3f}</td>"
+                        for values in extra.values())
+        rows.append(f'<tr class="{"low" if m["f1"] < 0.5 else ""}"><td>{esc(str(name))}</td>'
+                    f'<td>{m["precision"]:.3f}</td><td>{m["recall"]:.3f}</td><td>{m["f1"]:.3f}</td>'
+                    f'<td>{m["support"]:,}</td>{cells}</tr>')
+    return f'<div class="scroll"><table><tr>{head}</tr>{"".join(rows)}</table></div>', note
 
 
 def _write_page(path: Path, title: str, body: str) -> None:
