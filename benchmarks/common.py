@@ -250,6 +250,13 @@ def run_measurement(kind: str, spec: dict, log_dir: Path, name: str, timeout: fl
     """`kind` in a fresh interpreter; returns its JSON result (stderr goes to <out>/logs/<name>.log)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    # Every measurement's OpenMP threads wait as `train`'s do (cli.main sets it before torch loads; the ceiling
+    # and the baseline import torch themselves): ratios compare runs under one policy.
+    if str(REPO / "src") not in sys.path:
+        sys.path.insert(0, str(REPO / "src"))
+    from train_pytorch_model.cli import bounded_openmp_spinning  # torch-free
+
+    bounded_openmp_spinning(env)
     command = [sys.executable, str(ENTRY), "--measure", kind, "--spec", json.dumps(spec)]
     started = time.perf_counter()
     with open(log_dir / f"{name}.log", "w") as log:

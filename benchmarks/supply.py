@@ -77,7 +77,7 @@ def pipelines(folder: Path, size: int, batch: int):
 
     from train_pytorch_model.data import build_dataset, collate, sample_seed
     from train_pytorch_model.image_directory import load_image_directory
-    from train_pytorch_model.preprocessing import DCT_SCALES, Preprocessing, _full_scale_jpeg
+    from train_pytorch_model.preprocessing import Preprocessing, _full_scale_jpeg
 
     directory = load_image_directory(folder, "Training")
     dataset = build_dataset(directory, {c: i for i, c in enumerate(directory.categories)}, Preprocessing(size),
@@ -104,7 +104,7 @@ def pipelines(folder: Path, size: int, batch: int):
                 with torch.random.fork_rng(devices=[]):
                     torch.default_generator.manual_seed(sample_seed(1, epoch, i))
                     box, _ = dataset.transform.params(*header_sizes[i])
-                reduce = next(s for s in DCT_SCALES if s == 1 or min(box[2], box[3]) >= s * size)
+                reduce = dataset.transform.dct_scale(box)
                 with Image.open(paths[i]) as image:
                     if reduce > 1:
                         image.draft("RGB", (image.width // reduce, image.height // reduce))
@@ -149,13 +149,9 @@ def shard_pipeline(folder: Path, size: int, batch: int, max_side: int) -> tuple[
     return {"ours": ours}, count, convert_ms
 
 
-def measure(folder: Path, size: int, batch: int, rounds: int, shrink: int | None = None) -> dict:
-    """Core-ms per image of each pipeline per round, taking turns; the first pass of each is a warm-up."""
-    convert_ms = None
-    if shrink:
-        runs, count, convert_ms = shard_pipeline(folder, size, batch, shrink)
-    else:
-        runs, count = pipelines(folder, size, batch)
+def measure(runs: dict, count: int, size: int, rounds: int) -> dict:
+    """Core-ms per image of each pipeline (`count` images a pass) per round, taking turns; the first pass of each
+    is a warm-up."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(rounds + 1):
         for name, run in runs.items():
@@ -163,10 +159,7 @@ def measure(folder: Path, size: int, batch: int, rounds: int, shrink: int | None
             assert run(round_) == size
             if round_:
                 times[name].append(1000 * (time.process_time() - start) / count)
-    result = {name: {"core_ms": statistics.median(values), "rounds": values} for name, values in times.items()}
-    if convert_ms is not None:
-        result["convert_once"] = {"core_ms": convert_ms, "max_side": shrink}
-    return result
+    return {name: {"core_ms": statistics.median(values), "rounds": values} for name, values in times.items()}
 
 
 def markdown(report: dict) -> str:
@@ -224,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
             for kind, shape in kinds.items():
                 count = args.images if kind == "imagenet" else args.photos
                 data = write_images(Path(tmp), kind, count, shape)
-                result = measure(Path(tmp) / kind, args.size, args.batch, args.rounds)
+                result = measure(*pipelines(Path(tmp) / kind, args.size, args.batch), args.size, args.rounds)
                 report["kinds"][kind] = {"data": data, "target": shape[3], **result}
                 print(f"  {kind:<13} ours {result['ours']['core_ms']:6.2f}  reference "
                       f"{result['reference']['core_ms']:6.2f} core-ms/image", flush=True)
                 if kind == "photo" and args.shrink:
-                    result = measure(Path(tmp) / kind, args.size, args.batch, args.rounds, shrink=args.shrink)
+                    runs, shard_count, convert_ms = shard_pipeline(Path(tmp) / kind, args.size, args.batch, args.shrink)
+                    result = {**measure(runs, shard_count, args.size, args.rounds),
+                              "convert_once": {"core_ms": convert_ms, "max_side": args.shrink}}
                     shard_bytes = sum(p.stat().st_size for p in (Path(tmp) / "photo-shards").rglob("*.parquet"))
                     report["kinds"]["photo-shards"] = {
                         "data": {**data, "shard_kb": round(shard_bytes / count / 1000, 1)}, "target": shape[3],

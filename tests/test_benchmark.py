@@ -163,8 +163,8 @@ def test_supply_times_our_pipeline_and_the_torchvision_reference_per_image(tmp_p
         assert 0 < row["decode_alone"]["core_ms"] < row["ours"]["core_ms"]
     # the shrunk shards hold smaller files than the photos they came from, and the loader read them
     assert 0 < shards["data"]["shard_kb"] < shards["data"]["mean_kb"]
-    assert shards["ours"]["core_ms"] > 0 and shards["convert_once"] == {"core_ms": pytest.approx(
-        shards["convert_once"]["core_ms"]), "max_side": 128}
+    assert shards["ours"]["core_ms"] > 0 and shards["convert_once"]["core_ms"] > 0
+    assert shards["convert_once"]["max_side"] == 128
     text = (tmp_path / "supply.md").read_text()
     assert "| imagenet (6 JPEGs ~100x75) |" in text and "--max-side 128` (once:" in text
 

@@ -230,7 +230,7 @@ class RandomCropFlip:
             orientation = exif_orientation(image)
             width, height = image.size if orientation < 5 else image.size[::-1]
             box, flip = self.params(height, width)
-            reduce = next(s for s in DCT_SCALES if s == 1 or min(box[2], box[3]) >= s * self.size) if size_hint else 1
+            reduce = self.dct_scale(box) if size_hint else 1
             if reduce == 1 and orientation == 1 and image.format == "JPEG" and image.mode in ("RGB", "L"):
                 pixels = _full_scale_jpeg(image)
                 if pixels is not None:
@@ -239,6 +239,11 @@ class RandomCropFlip:
             draft = (max(1, image.width // reduce), max(1, image.height // reduce)) if reduce > 1 else None
             decoded = _decoded_rgb(image, draft)
         return self._crop_resize(decoded, box, (height, width), flip)
+
+    def dct_scale(self, box: tuple[int, int, int, int]) -> int:
+        """The reduction (8, 4, 2 or 1) a JPEG decodes at for the crop `box`: the largest that still leaves the crop
+        at least `size` pixels a side, so no crop is upsampled from a draft."""
+        return next(s for s in DCT_SCALES if s == 1 or min(box[2], box[3]) >= s * self.size)
 
     def _crop_resize(self, image: Image.Image, box: tuple[int, int, int, int], full: tuple[int, int],
                      flip: bool) -> torch.Tensor:
@@ -261,7 +266,7 @@ class RandomCropFlip:
 def _full_scale_jpeg(image: Image.Image) -> torch.Tensor | None:
     """An opened JPEG (header read by Pillow) decoded by torchvision's libjpeg-turbo as a uint8 batch of one, NCHW
     seen, NHWC in memory. The same pixels as Pillow's decode (both the accurate integer IDCT and fancy chroma
-    upsampling; tests/test_preprocessing.py compares them), 15 % faster on an ImageNet-size file and handed over
+    upsampling; tests/test_augmentation.py compares them), 15 % faster on an ImageNet-size file and handed over
     without Pillow's copy out to numpy. torchvision has no DCT scaling, so only full-scale decodes come here.
     None when torchvision refuses the file (a truncated one, say): Pillow then decodes it as it always did."""
     stream = image.fp
