@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import write_multilabel_mltable
 from train_pytorch_model.cli import main
 from train_pytorch_model.image_directory import default_schema, load_image_directory
 from train_pytorch_model.legacy_format import dump_json
@@ -267,3 +268,49 @@ def test_convert_to_mltable_from_the_cli(tmp_path, capsys):
     directory = load_image_directory(tmp_path / "t", "Training")
     assert directory.layout == "mltable" and directory.categories == ["cat", "dog"]
     assert convert(tmp_path / "t", tmp_path / "t2", "--to", "mltable") == 1  # already an MLTable
+
+
+def multilabel_input(root: Path) -> Path:
+    """conftest's multi-label MLTable (sets of one and several classes, one empty set) plus an unlabeled row,
+    which must stay apart from the empty set."""
+    source = write_multilabel_mltable(root, count=8)
+    with open(source / "images.jsonl", "a", encoding="utf-8") as rows:
+        rows.write('{"image_url": "images/1.png"}\n')
+    return source
+
+
+def label_sets(directory) -> list[tuple[int, list[str]]]:
+    return [(directory.labels[i], directory.label_names(i)) for i in range(len(directory))]
+
+
+@pytest.mark.parametrize("to", ["mltable", "parquet"])
+def test_multilabel_label_sets_survive_conversion_row_by_row(tmp_path, capsys, to):
+    source = multilabel_input(tmp_path / "in")
+    before = load_image_directory(source, "Input", keep_unlabeled=True)
+    expected = label_sets(before)
+    assert before.is_multilabel and any(len(names) > 1 for _, names in expected)
+    assert (0, []) in expected and (-1, []) in expected
+    # An MLTable folder --to mltable is refused as one already; its JSON Lines file is the same table.
+    assert convert(source / "images.jsonl" if to == "mltable" else source, tmp_path / "out", "--to", to) == 0
+    assert "(multi-label)" in capsys.readouterr().out
+    after = load_image_directory(tmp_path / "out", "Input", keep_unlabeled=True)
+    assert after.is_multilabel and label_sets(after) == expected
+    assert sorted(after.categories) == sorted(before.categories)
+    if to == "parquet":
+        import datasets  # a dev dependency: the shards are datasets' Sequence(ClassLabel)
+
+        loaded = datasets.Dataset.from_parquet([str(f) for f in sorted((tmp_path / "out" / "data").iterdir())])
+        assert loaded.features["label"] == datasets.Sequence(datasets.ClassLabel(names=after.categories))
+        # Shards in, shards out (re-sharded): the sets again.
+        assert convert(tmp_path / "out", tmp_path / "again", "--to", "parquet", "--shard-rows", "4") == 0
+        again = load_image_directory(tmp_path / "again", "Input", keep_unlabeled=True)
+        assert len(again.shards.files) == 3 and label_sets(again) == expected
+
+
+def test_multilabel_input_is_refused_for_an_image_directory(tmp_path, capsys):
+    source = multilabel_input(tmp_path / "in")
+    assert convert(source, tmp_path / "out") == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("InvalidDatasetError: ") and str(source) in line and "multi-label" in line
+    assert "--to mltable or --to parquet" in line
+    assert os.listdir(tmp_path) == ["in"]  # no output folder, no staging folder beside it

@@ -14,7 +14,9 @@ Output (`--to`): an ImageDirectory, the layout "Convert to Image Directory" wrot
 (`MLTable` + `images.jsonl` with relative `image_url`s, the same `image/` files); or Parquet shards as
 Hugging Face `datasets` writes them (shards.py: `data/train-NNNNN-of-MMMMM.parquet`, the bytes as they
 came, or shrunk to `--max-side` and re-encoded as JPEG). Parquet shards are also read as input, to be
-re-sharded or shrunk (`--to parquet`). Rows are in sorted path order (table order for tables), so
+re-sharded or shrunk (`--to parquet`). A multi-label input (label lists, tables.py / shards.py) keeps its label
+sets in an MLTable (a list per row) or in shards (`Sequence(ClassLabel)`); an ImageDirectory holds one category
+per image, so it is refused for them. Rows are in sorted path order (table order for tables), so
 the same input always gives the same output. Every file that is left out is reported on stderr with
 the reason; hidden files and folders (.DS_Store, __MACOSX, ...) are never data and are ignored silently.
 
@@ -63,6 +65,7 @@ from .image_directory import (
     walk_files,
 )
 from .input_files import UnreadableInputError, read_input
+from .label_sets import LabelSets
 from .legacy_format import (
     META_FILE,
     dump_json,
@@ -110,6 +113,7 @@ class Conversion:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     root: Path | None = None  # where `files` are, when not the scanned folder
     shards: ShardIndex | None = None  # the input is Parquet shards: `files` name their rows
+    label_sets: LabelSets | None = None  # multi-label: each row's category ids (`labels` is then 0, or -1 unlabeled)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
                      image_column=args.image_column, label_column=args.label_column, shards=shards)
     report_skipped(result.skipped)
     classes = f"{len(result.categories)} classes" if result.categories is not None else "unlabeled"
+    classes += " (multi-label)" if result.label_sets is not None else ""
     kind = {"mltable": "MLTable", "parquet": "Parquet shards"}.get(args.to, "ImageDirectory")
     print(f"Converted {len(result.files)} images, {classes}, to {kind} {args.image_directory}; "
           f"{len(result.skipped)} files skipped.")
@@ -202,6 +207,10 @@ def convert(source: Path, out: Path, *, max_extracted_bytes: int = int(MAX_EXTRA
             elif result.shards is not None:
                 raise InvalidDatasetError(f"Input '{source}' is Parquet shards, which training reads as they are; "
                                           "convert them only --to parquet (to re-shard, or shrink with --max-side).")
+            elif result.label_sets is not None and to == "image_directory":
+                raise InvalidDatasetError(f"Input '{source}' is multi-label (rows with lists of labels); an "
+                                          "ImageDirectory holds one category per image. Convert it --to mltable or "
+                                          "--to parquet, which keep the label sets.")
             elif to == "mltable":
                 write_mltable_folder(stage, result.root or root, result, move=move)
             else:
@@ -284,18 +293,23 @@ def _read_dataset(path: Path, image_column: str | None, label_column: str | None
     """The rows of an ImageDirectory / MLTable / table, read as training reads them; unreadable images skipped."""
     directory = load_image_directory(path, "Input", keep_unlabeled=True,
                                      image_column=image_column, label_column=label_column)
-    result = Conversion(directory.layout, categories=directory.categories, root=directory.root)
+    result = Conversion(directory.layout, categories=directory.categories, root=directory.root,
+                        label_sets=directory.label_sets)
     if directory.shards is not None:  # rows of shards: their bytes are checked as they are written
         result.shards, result.files, result.labels = directory.shards, list(directory.files), list(directory.labels)
         return result
     real_root = os.path.realpath(directory.root)
+    kept = []
     for i, relative in enumerate(directory.files):
         reason = _check_file(relative, directory.path(i), real_root, suffix=False)
         if reason:
             result.skipped.append((relative, reason))
         else:
+            kept.append(i)
             result.files.append(relative)
             result.labels.append(directory.labels[i])
+    if directory.label_sets is not None:
+        result.label_sets = directory.label_sets.subset(kept)
     return result
 
 
@@ -319,12 +333,12 @@ def _check_file(relative: str, path: Path, real_root: str, suffix: bool = True) 
 
 def image_file_name(result: Conversion, row: int) -> str:
     """Where row `row` goes (spec 2.6): `image/<class id>_<row><suffix>`, `image/<row><suffix>` for a row
-    without a label, `image/<path>` for a flat folder."""
+    without a label (or with a multi-label set: no one class id), `image/<path>` for a flat folder."""
     relative = result.files[row]
     if result.layout == "flat":
         return f"{IMAGE_FOLDER}/{relative}"
     suffix = Path(relative).suffix  # original case kept, as designer did
-    label = result.labels[row] if result.categories is not None else -1
+    label = result.labels[row] if result.categories is not None and result.label_sets is None else -1
     return f"{IMAGE_FOLDER}/{label}_{row}{suffix}" if label >= 0 else f"{IMAGE_FOLDER}/{row}{suffix}"
 
 
@@ -345,10 +359,20 @@ def _place_images(stage: Path, root: Path, result: Conversion, move: bool):
         yield i, name
 
 
-def _category(result: Conversion, row: int) -> str | None:
-    if result.categories is None or result.labels[row] < 0:
+def _label_ids(result: Conversion, row: int) -> int | list[int] | None:
+    """Row `row`'s class id (-1: none), or a multi-label row's list of ids (None: unlabeled)."""
+    if result.label_sets is not None:
+        return list(result.label_sets[row]) if result.labels[row] >= 0 else None
+    return result.labels[row] if result.categories is not None else -1
+
+
+def _category(result: Conversion, row: int) -> str | list[str] | None:
+    """Row `row`'s label as a table cell holds it: a category name, a multi-label row's list of names (possibly
+    empty), or None for a row without a label."""
+    ids = _label_ids(result, row)
+    if ids is None or ids == -1:
         return None
-    return result.categories[result.labels[row]]
+    return [result.categories[i] for i in ids] if isinstance(ids, list) else result.categories[ids]
 
 
 def write_image_directory(stage: Path, root: Path, result: Conversion, *, move: bool) -> None:
@@ -380,8 +404,8 @@ def write_mltable_folder(stage: Path, root: Path, result: Conversion, *, move: b
 def write_parquet_shards(stage: Path, root: Path, result: Conversion, options: ShardOptions) -> None:
     """Parquet shards in `stage` (shards.ShardWriter), one row at a time; rows whose image cannot be read (or
     shrunk) are skipped by name. Progress on a terminal."""
-    writer = ShardWriter(stage, result.categories, shard_rows=options.shard_rows,
-                         shard_bytes=options.shard_mib << 20)
+    writer = ShardWriter(stage, result.categories, multilabel=result.label_sets is not None,
+                         shard_rows=options.shard_rows, shard_bytes=options.shard_mib << 20)
     written = 0
     for i, data in _progress(_row_bytes(root, result), len(result.files), "images"):
         relative = result.files[i]
@@ -395,8 +419,8 @@ def write_parquet_shards(stage: Path, root: Path, result: Conversion, options: S
             except ImageDecodeError as exc:
                 result.skipped.append((relative, f"not a readable image ({exc})"))
                 continue
-        label = result.labels[i] if result.categories is not None else -1
-        writer.add(data, stored_path(relative, reencoded) if result.shards is None else relative, label)
+        writer.add(data, stored_path(relative, reencoded) if result.shards is None else relative,
+                   _label_ids(result, i))
         written += 1
     paths = writer.close()
     if not written:

@@ -17,7 +17,7 @@ are read a row group at a time, sequentially, with each file opened once per pro
 - `ShardReader` reads a row group's image bytes; a null image or a row group that cannot be read comes back
   as a per-row reason, and data.py skips those rows by name (`<file> row <n>`) like unreadable image files.
 - `ShardWriter` writes shards `datasets` loads as they are (convert --to parquet): bounded row groups and
-  shards, one row group in memory.
+  shards, one row group in memory; multi-label rows as `Sequence(ClassLabel)` id lists.
 """
 
 from __future__ import annotations
@@ -475,38 +475,45 @@ def _missing(path) -> str:
 # --- writing shards --------------------------------------------------------------------------------------
 
 
-def shard_schema(categories: list[str] | None):
-    """datasets' layout: `image` as its Image feature, `label` as a ClassLabel (absent when unlabeled)."""
+def shard_schema(categories: list[str] | None, multilabel: bool = False):
+    """datasets' layout: `image` as its Image feature, `label` as a ClassLabel (absent when unlabeled), or for
+    multi-label a `Sequence(ClassLabel)`: a list of class ids per row (null: unlabeled, empty: none of them)."""
     import pyarrow as pa
 
     fields = [pa.field("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]
     features = {"image": {"_type": IMAGE_FEATURE}}
     if categories is not None:
-        fields.append(pa.field("label", pa.int64()))
-        features["label"] = {"names": list(categories), "_type": CLASS_LABEL_FEATURE}
+        class_label = {"names": list(categories), "_type": CLASS_LABEL_FEATURE}
+        if multilabel:  # "Sequence", not datasets 4's "List": every datasets version reads it
+            fields.append(pa.field("label", pa.list_(pa.int64())))
+            features["label"] = {"feature": class_label, "_type": "Sequence"}
+        else:
+            fields.append(pa.field("label", pa.int64()))
+            features["label"] = class_label
     metadata = {HF_METADATA_KEY: json.dumps({"info": {"features": features}}).encode()}
     return pa.schema(fields, metadata=metadata)
 
 
 class ShardWriter:
     """Writes rows into `data/train-NNNNN-of-MMMMM.parquet` below `folder` (the Hub's layout), starting a new
-    shard past `shard_rows` rows or `shard_bytes` bytes; at most one row group is held in memory."""
+    shard past `shard_rows` rows or `shard_bytes` bytes; at most one row group is held in memory. A row's label
+    is a class id (-1: none), or with `multilabel` a list of class ids (None: unlabeled)."""
 
-    def __init__(self, folder: Path, categories: list[str] | None, *, shard_rows: int = DEFAULT_SHARD_ROWS,
-                 shard_bytes: int = DEFAULT_SHARD_MIB << 20):
+    def __init__(self, folder: Path, categories: list[str] | None, *, multilabel: bool = False,
+                 shard_rows: int = DEFAULT_SHARD_ROWS, shard_bytes: int = DEFAULT_SHARD_MIB << 20):
         self.folder = Path(folder) / "data"
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.schema = shard_schema(categories)
+        self.schema = shard_schema(categories, multilabel)
         self.labeled = categories is not None
         self.shard_rows, self.shard_bytes = shard_rows, shard_bytes
         self.written: list[Path] = []
         self.sizes: list[int] = []
         self._writer = None
         self._in_shard = self._shard_size = 0
-        self._rows: list[tuple[bytes, str, int]] = []
+        self._rows: list[tuple[bytes, str, int | list[int] | None]] = []
         self._pending = 0
 
-    def add(self, data: bytes, path: str, label: int = -1) -> None:
+    def add(self, data: bytes, path: str, label: int | list[int] | None = -1) -> None:
         if self._in_shard and (self._in_shard >= self.shard_rows
                                or self._shard_size + self._pending + len(data) > self.shard_bytes):
             self._close_shard()
@@ -529,7 +536,7 @@ class ShardWriter:
             self.written.append(path)
         columns = {"image": pa.array([{"bytes": d, "path": p} for d, p, _ in self._rows], self.schema.field(0).type)}
         if self.labeled:
-            columns["label"] = pa.array([label for _, _, label in self._rows], pa.int64())
+            columns["label"] = pa.array([label for _, _, label in self._rows], self.schema.field("label").type)
         self._writer.write_table(pa.table(columns, schema=self.schema), row_group_size=len(self._rows))
         self._shard_size += self._pending
         self._rows, self._pending = [], 0

@@ -396,9 +396,11 @@ def _datastore_path(value: str) -> str | None:
 # --- writing an MLTable --------------------------------------------------------------------------------
 
 
-def write_mltable(folder: Path, rows: Iterator[tuple[str, str | None]], data_file: str = "images.jsonl") -> None:
+def write_mltable(folder: Path, rows: Iterator[tuple[str, str | list[str] | None]],
+                  data_file: str = "images.jsonl") -> None:
     """`MLTable` + JSON Lines in `folder`, the way AutoML for images reads them; `rows` are (relative image
-    path, label or None). Relative `image_url`s resolve against the MLTable's own folder."""
+    path, label, a multi-label row's list of labels, or None). Relative `image_url`s resolve against the
+    MLTable's own folder."""
     with open(folder / data_file, "w", encoding="utf-8", newline="\n") as handle:
         for image, label in rows:
             row = {"image_url": str(PurePosixPath(image))}
