@@ -294,6 +294,48 @@ def test_a_label_outside_the_classlabel_names_is_named_by_row(tmp_path):
         load_image_directory(tmp_path / "s", "Training")
 
 
+def test_labels_without_classlabel_stop_at_the_class_limit(tmp_path, monkeypatch):
+    import train_pytorch_model.shards as shards_module
+
+    monkeypatch.setattr(shards_module, "MAX_CLASSES", 3)
+    image_type = shard_schema(None).field("image").type
+    for name, labels in (("ints", [5, 6, 5, 7, 6, 8, 9]), ("text", ["a", "b", "a", "c", "b", "d", "e"]),
+                         ("lists", [[5], [6, 5], [7], [6, 8], [9], [5], [5]])):
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.table({"image": pa.array(good_rows(7), image_type), "label": pa.array(labels)}),
+                       tmp_path / name / "x.parquet")
+        with pytest.raises(InvalidDatasetError, match=r"shard 'x.parquet' row [35]: label .* is class number 4; "
+                                                      r"at most 3 classes are allowed"):
+            load_image_directory(tmp_path / name, "Training")
+    # Up to the limit: read as before.
+    pq.write_table(pa.table({"image": pa.array(good_rows(4), image_type), "label": pa.array([7, 5, 6, 5])}),
+                   tmp_path / "ints" / "x.parquet")
+    pq.write_table(pa.table({"image": pa.array(good_rows(4), image_type), "label": pa.array(["c", "a", "b", "a"])}),
+                   tmp_path / "text" / "x.parquet")
+    for name in ("ints", "text"):
+        directory = load_image_directory(tmp_path / name, "Training")
+        assert len(directory.categories) == 3 and list(directory.labels) == [2, 0, 1, 0]
+
+
+def test_a_subset_of_shard_rows_is_refused_not_misread(tmp_path):
+    write_shard(tmp_path / "s" / "x.parquet", good_rows(4), [0, 1, 0, 1])
+    directory = load_image_directory(tmp_path / "s", "Training")
+    with pytest.raises(InvalidDatasetError, match="Parquet shards.*a subset of its rows cannot be taken"):
+        directory.subset([1, 3])
+
+
+def test_row_group_sizes_are_computed_once_and_travel_to_workers(tmp_path):
+    import pickle
+
+    from train_pytorch_model.shards import ShardReader
+
+    write_shard(tmp_path / "s" / "x.parquet", good_rows(7), [0, 1] * 3 + [0], row_group_size=3)
+    index = load_image_directory(tmp_path / "s", "Training").shards
+    assert index.group_rows is index.group_rows and list(index.group_rows) == [3, 3, 1]
+    reader = pickle.loads(pickle.dumps(ShardReader(index)))
+    assert list(reader.index.group_rows) == [3, 3, 1] and len(reader.read_group(2)) == 1
+
+
 def test_rows_without_a_label_cannot_train_but_can_be_scored(tmp_path):
     write_shard(tmp_path / "s" / "x.parquet", good_rows(4), [0, -1, 1, 0])
     with pytest.raises(InvalidDatasetError, match=r"1 rows have no label .* first x.parquet row 1"):

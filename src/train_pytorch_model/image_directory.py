@@ -85,7 +85,11 @@ class ImageDirectory:
         return self.root / self.files[i]
 
     def subset(self, rows: list[int]) -> ImageDirectory:
-        """These rows only (same root, categories and schema)."""
+        """These rows only (same root, categories and schema). Not for Parquet shards: their rows are read by
+        position in the shard set (`shards`, data.py's streams), so a subset's row i would be the set's row i."""
+        if self.shards is not None:
+            raise InvalidDatasetError(f"Data '{self.root}' is a set of Parquet shards, whose rows are "
+                                      "read by their position in the shards; a subset of its rows cannot be taken.")
         return replace(self, files=[self.files[i] for i in rows], ids=array("q", (self.ids[i] for i in rows)),
                        labels=array("l", (self.labels[i] for i in rows)),
                        label_sets=self.label_sets.subset(rows) if self.label_sets is not None else None)

@@ -23,6 +23,7 @@ are read a row group at a time, sequentially, with each file opened once per pro
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from .categories import MAX_CLASSES
 from .errors import InvalidDatasetError, quote
 from .input_files import UnreadableInputError, open_input
 from .label_sets import LabelSets
@@ -185,7 +187,7 @@ class ShardIndex:
     rows: int
     file_starts: list[int] = field(default_factory=list)
 
-    @property
+    @functools.cached_property  # read once per row group by ShardReader: computed once, not O(groups) each time
     def group_rows(self) -> np.ndarray:
         return np.diff(np.append(self.groups[:, 2], self.rows))
 
@@ -355,7 +357,8 @@ class LabelColumn:
                                     f"ClassLabel (0 to {len(self.names) - 1}).")
                     ids.append(value)
                 else:
-                    ids.append(self.values.setdefault(value, len(self.values)))
+                    ids.append(self.values[value] if value in self.values
+                               else self._new_value(value, self.file_rows + offset, error))
             self.ids.append(0)
             self.sets.append(ids)
 
@@ -372,15 +375,27 @@ class LabelColumn:
                                 f"its ClassLabel (0 to {len(self.names) - 1}, or -1 for none).")
                 self.ids.extend(data.tolist())
             else:
-                self.ids.extend(self.values.setdefault(v, len(self.values)) if v >= 0 else -1 for v in data.tolist())
+                self.ids.extend(-1 if v < 0 else self.values[v] if v in self.values
+                                else self._new_value(v, self.file_rows + row, error)
+                                for row, v in enumerate(data.tolist()))
         elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
             if self.names is not None:
                 raise error(f"column {quote(self.column)} holds text, but its ClassLabel expects class ids.")
-            self.ids.extend(-1 if v is None or v == "" else self.values.setdefault(v, len(self.values))
-                            for v in values.to_pylist())
+            self.ids.extend(-1 if v is None or v == "" else self.values[v] if v in self.values
+                            else self._new_value(v, self.file_rows + row, error)
+                            for row, v in enumerate(values.to_pylist()))
         else:
             raise error(f"label column {quote(self.column)} is {kind}; class labels are integers (ClassLabel) "
                         "or text.")
+
+    def _new_value(self, value, row: int, error) -> int:
+        """The provisional id of a label value not seen before (without ClassLabel); past MAX_CLASSES it is refused,
+        as tables.py does, before the index of a million labels is built."""
+        if len(self.values) >= MAX_CLASSES:
+            raise error(f"row {row}: label {quote(value)} is class number {MAX_CLASSES + 1}; "
+                        f"at most {MAX_CLASSES} classes are allowed.")
+        self.values[value] = len(self.values)
+        return self.values[value]
 
     def finish(self) -> tuple[array, list[str] | None, LabelSets | None]:
         """(class id per row, class names, multi-label sets or None); (empty, None, None) without a label
@@ -396,7 +411,7 @@ class LabelColumn:
         names = [str(v) for v in ordered]
         if self.sets is not None:
             return self.ids, names, self.sets.renumbered(new_id[:-1].tolist())
-        return array("q", new_id[np.frombuffer(self.ids, dtype=np.int64)].tolist()), names
+        return array("q", new_id[np.frombuffer(self.ids, dtype=np.int64)].tolist()), names, None
 
 
 # --- reading rows ----------------------------------------------------------------------------------------
@@ -507,7 +522,6 @@ class ShardWriter:
         self.labeled = categories is not None
         self.shard_rows, self.shard_bytes = shard_rows, shard_bytes
         self.written: list[Path] = []
-        self.sizes: list[int] = []
         self._writer = None
         self._in_shard = self._shard_size = 0
         self._rows: list[tuple[bytes, str, int | list[int] | None]] = []
@@ -545,7 +559,6 @@ class ShardWriter:
         self._flush()
         if self._writer is not None:
             self._writer.close()
-            self.sizes.append(self.written[-1].stat().st_size)
             self._writer, self._in_shard, self._shard_size = None, 0, 0
 
     def close(self) -> list[Path]:
