@@ -79,3 +79,32 @@ def test_a_full_temporary_folder_is_named_as_such_not_as_the_output(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("TemporaryFolderError"), result.stdout
     assert "temporary extraction folder, not --scored-data" in result.stdout and "TMPDIR" in result.stdout
+
+
+def tar_of_empty_members(archive: Path, count: int) -> Path:
+    """A .tar.gz of `count` empty files: a few KiB that would unpack to `count` files."""
+    import io
+    import tarfile
+
+    with tarfile.open(archive, "w:gz") as tf:
+        for i in range(count):
+            tf.addfile(tarfile.TarInfo(f"data/a/{i}.png"), io.BytesIO(b""))
+    return archive
+
+
+def test_empty_members_count_against_the_limit_and_are_not_all_kept_in_memory(tmp_path, monkeypatch):
+    import tarfile
+
+    archive = tar_of_empty_members(tmp_path / "empty.tar.gz", 2000)
+    assert archive.stat().st_size < 64 << 10
+    held = []
+    next_member = tarfile.TarFile.next
+    monkeypatch.setattr(tarfile.TarFile, "next", lambda self: held.append(len(self.members)) or next_member(self))
+    limit = 1000 * archives.MEMBER_BYTES  # bytes written: none; members: twice what the limit pays for
+    with pytest.raises(InvalidDatasetError, match="unpacks to more than"):
+        archives.extract_archive(archive, tmp_path / "out", limit, [], lambda p, e: e)
+    assert len(list((tmp_path / "out").rglob("*.png"))) <= 1000
+    assert max(held) <= 1  # the members read so far are dropped, not kept by the TarFile
+    skipped = []
+    archives.extract_archive(archive, tmp_path / "whole", 2000 * archives.MEMBER_BYTES, skipped, lambda p, e: e)
+    assert len(list((tmp_path / "whole").rglob("*.png"))) == 2000 and skipped == []

@@ -5,7 +5,8 @@ An archive is a file whose name ends in ARCHIVE_SUFFIXES, or a folder whose only
 mounts an uploaded file's folder). Extraction writes regular files only, never outside the target: members
 with absolute paths, `..`, links or special files are skipped by name, and extraction stops once more than
 the limit (`--max-extracted-gib`, default MAX_EXTRACTED_GIB) has been written (zip bombs; sizes are counted
-as bytes are written, never trusted from headers).
+as bytes are written, never trusted from headers, and each member counts MEMBER_BYTES more, so that millions
+of empty members are bounded too).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from .legacy_format import is_hidden, safe_join
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 MAX_EXTRACTED_GIB = 32.0  # the default limit of both commands' --max-extracted-gib
 MAX_NAME_BYTES = 255  # one path component, as every common file system allows
+# What every member costs against the limit, whatever its size: a tar header's bytes. Empty members are free
+# otherwise, so a small .tar.gz of millions of them would create files (and skip entries) without bound.
+MEMBER_BYTES = 512
 COPY_CHUNK = 1 << 20
 MAX_EXTRACTED_HELP = ("stop when an archive unpacks to more than this many GiB (zip-bomb guard; "
                       "default %(default)s)")
@@ -141,6 +145,7 @@ def _extract_zip(archive: Path, target: Path, budget: _Budget, skipped, write_er
     with zipfile.ZipFile(archive) as zf:
         def members():
             for info in zf.infolist():
+                budget.take(MEMBER_BYTES)
                 if info.is_dir():
                     continue
                 refusal = ("symbolic link (links are never extracted)" if stat.S_ISLNK(info.external_attr >> 16)
@@ -150,10 +155,12 @@ def _extract_zip(archive: Path, target: Path, budget: _Budget, skipped, write_er
 
 
 def _extract_tar(archive: Path, target: Path, budget: _Budget, skipped, write_error: WriteError) -> None:
-    # Iterating reads the (compressed) stream once, in order: no seeking back in .tar.gz.
+    # Reading members in order reads the (compressed) stream once: no seeking back in .tar.gz.
     with tarfile.open(archive, "r:*") as tf:
         def members():
-            for member in tf:
+            while (member := tf.next()) is not None:
+                tf.members = []  # TarFile keeps every member it read: memory would grow with the member count
+                budget.take(MEMBER_BYTES)
                 if member.isdir():
                     continue
                 refusal = ("link (links are never extracted)" if member.issym() or member.islnk()
