@@ -114,6 +114,22 @@ def test_device_path_matches_cpu_path(folder, train):
         assert diff <= limit, (name, diff)
 
 
+def test_a_file_for_the_cpu_path_is_read_once(folder, monkeypatch):
+    """PNG and CMYK go the CPU path in the worker on the bytes the header check read: no second open."""
+    cpu, gpu = both_paths(folder, Preprocessing(image_size=32), train=True)
+    rows = rows_by_name(folder)
+    opened = []
+    open_input = preprocessing.open_input
+    monkeypatch.setattr(preprocessing, "open_input", lambda path, **kw: opened.append(path) or open_input(path, **kw))
+    for name in ("lossless.png", "cmyk.jpg"):
+        image, plan, _, _, failure = gpu[(rows[name], 3)]
+        assert plan is None and failure is None and image.shape == (3, 32, 32)
+    assert opened == []
+    monkeypatch.undo()
+    for name in ("lossless.png", "cmyk.jpg"):
+        assert torch.equal(gpu[(rows[name], 3)][0], cpu[(rows[name], 3)][0])  # the CPU path's pixels
+
+
 def test_crops_follow_the_epoch_and_rotation_keeps_its_shape(folder):
     prep = Preprocessing(image_size=32)
     _, gpu = both_paths(folder, prep, train=True)

@@ -41,7 +41,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from .data import ImageDataset, build_dataset, sample_seed, stack_targets
+from .data import ImageDataset, build_dataset, decoded_item, sample_seed, stack_targets
 from .data import collate as data_collate
 from .errors import InvalidDatasetError
 from .image_directory import ImageDirectory
@@ -147,7 +147,8 @@ class GpuDecodeDataset(torch.utils.data.Dataset):
         except ImageDecodeError as exc:
             return None, None, target, index, str(exc)
         if self.preprocessing.image_size is None or image.format != "JPEG" or image.mode not in DEVICE_JPEG_MODES:
-            decoded, target, index, failure = self.cpu[key]
+            # The CPU path on the bytes read already: the file is not opened twice.
+            decoded, target, index, failure = decoded_item(self.cpu, data, target, index, epoch)
             return decoded, None, target, index, failure
         return data, self._plan(image, full, epoch, index), target, index, None
 
