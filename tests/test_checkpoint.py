@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import FAST_TRAIN, REPO, write_image_folder
 from train_pytorch_model import checkpoint, preemption
 from train_pytorch_model.cli import main
 from train_pytorch_model.errors import CheckpointMismatchError, TrainingInterruptedError
@@ -390,3 +390,13 @@ def test_training_with_a_full_checkpoint_disk_warns_each_epoch_and_writes_its_mo
     for epoch in (1, 2):
         assert f"CheckpointWriteError: Cannot write the checkpoint of epoch {epoch} " in stderr
     assert (tmp_path / "out" / "model").is_file() and list(full_disk.iterdir()) == []
+
+
+def test_a_checkpoint_dir_without_validation_data_trains(tmp_path, resnet18_dir):
+    """No --validation-data (the split is automatic): the checkpoint folder's checks skip the absent input."""
+    data = write_image_folder(tmp_path / "data", {"a": 6, "b": 6})
+    out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
+    assert main(["train", "--untrained-model", str(resnet18_dir), "--training-data", str(data),
+                 "--trained-model", str(out), "--epochs", "1", "--batch-size", "4", *FAST_TRAIN,
+                 "--checkpoint-dir", str(checkpoints)]) == 0
+    assert (out / "model").is_file() and (checkpoints / checkpoint.CHECKPOINT_FILE).is_file()

@@ -186,6 +186,8 @@ def check_request(config: TrainConfig) -> None:
         return
     for role, path in (("output", config.trained_model), ("untrained model", config.untrained_model),
                        ("training data", config.training_data), ("validation data", config.validation_data)):
+        if path is None:  # no --validation-data: split from the training data
+            continue
         folder = path.parent if path.is_file() else path
         if overlap(config.checkpoint_dir, folder) in ("is", "is inside"):
             raise InvalidParameterError("Checkpoint dir", str(config.checkpoint_dir),
@@ -501,17 +503,16 @@ def write_trained_model(out: Path, model: Classifier, spec, classes: list[str], 
                         samples: list[tuple[torch.Tensor, int]] = (), task_info: dict | None = None) -> None:
     from .pyfunc import save_mlflow_model
 
+    task = task_info or {"task": "multiclass"}
     with staged_output(out) as stage:
         schema = train_dir.schema
         write_legacy_trained_files(
             stage, model=model, spec=spec, classes=classes, preprocessing=preprocessing, is_cuda=is_cuda,
             training_schema=schema, training_samples=training_samples(train_dir, schema),
-            extra_info={**(task_info or {"task": "multiclass"}),
-                        "training": {**params, **summary, "mlflow_run_id": run_id}},
+            extra_info={**task, "training": {**params, **summary, "mlflow_run_id": run_id}},
             run_identity=params.get("run_identity"),
         )
         write_training_report(stage, history, summary["best_epoch"], classes, best_predictions, samples)
-        task = task_info or {"task": "multiclass"}
         save_mlflow_model(stage, classes, metadata={"model_name": spec.model_name, "classes": classes,
                                                     **{k: task[k] for k in ("task", "threshold") if k in task}},
                           examples=train_dir, threshold=task.get("threshold"))
