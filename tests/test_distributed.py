@@ -133,6 +133,45 @@ def test_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path, make_im
     assert not (tmp_path / "trained").exists()
 
 
+FINGERPRINT_RANK = """
+import sys
+from train_pytorch_model import checkpoint, distributed
+from train_pytorch_model.image_directory import load_image_directory
+ctx = distributed.setup("cpu")
+print(checkpoint.data_fingerprints(ctx, load_image_directory(sys.argv[1]))[0])
+distributed.teardown(ctx)
+"""
+
+
+def test_the_data_fingerprint_is_rank_0s_on_every_rank(tmp_path, make_image_folder):
+    """Rank 0 alone stats the image files (each would be a round trip per file on a network mount); rank 1, shown a
+    folder whose image changed, still gets rank 0's fingerprint, so every rank checks a checkpoint alike."""
+    import shutil
+
+    from train_pytorch_model import checkpoint
+
+    seen_by_0 = make_image_folder("data", {"a": 2, "b": 2})
+    seen_by_1 = shutil.copytree(seen_by_0, tmp_path / "copy")
+    first = load_image_directory(seen_by_1).files[0]
+    (seen_by_1 / first).write_bytes((seen_by_1 / first).read_bytes() + b"\0")  # one more byte: another stamp
+    expected = checkpoint.data_fingerprint(load_image_directory(seen_by_0))
+    assert checkpoint.data_fingerprint(load_image_directory(seen_by_1)) != expected
+    common = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), LOCAL_WORLD_SIZE="2")
+    processes = [subprocess.Popen([sys.executable, "-c", FINGERPRINT_RANK, str(folder)], cwd=REPO,
+                                  env=env(**common, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank, folder in enumerate((seen_by_0, seen_by_1))]
+    try:
+        results = [process.communicate(timeout=120) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, (stdout, stderr) in zip(processes, results):
+        assert process.returncode == 0, stderr[-3000:]
+        assert stdout.strip() == expected
+
+
 def test_every_rank_gets_its_own_shard_reshuffled_each_epoch(make_image_folder):
     directory = load_image_directory(make_image_folder("data", {"a": 5, "b": 5}))
     dataset = build_dataset(directory, {"a": 0, "b": 1}, Preprocessing(image_size=32), train=True, seed=3)

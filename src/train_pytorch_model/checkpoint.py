@@ -71,6 +71,13 @@ def data_fingerprint(directory: ImageDirectory) -> str:
     return f"{len(directory.files)} images, sha256 {digest.hexdigest()[:16]}"
 
 
+def data_fingerprints(ctx, *directories: ImageDirectory) -> list[str]:
+    """`data_fingerprint` of each directory, taken by rank 0 alone and sent to every rank: one stat per image per
+    job, not per process (a million images on a network mount are a million round trips each), and every rank
+    compares the same fingerprints with the checkpoint's."""
+    return ctx.broadcast_object([data_fingerprint(d) for d in directories] if ctx.is_main else None)
+
+
 def _file_stamp(path: Path) -> str:
     try:
         status = os.stat(path)
@@ -80,15 +87,15 @@ def _file_stamp(path: Path) -> str:
 
 
 def run_identity(*, model_name: str, pretrained: bool, untrained_weights: str, classes: list[str],
-                 train_dir: ImageDirectory, valid_dir: ImageDirectory, hyperparameters: dict, world_size: int,
+                 training_data: str, validation_data: str, hyperparameters: dict, world_size: int,
                  data_streams: int | None = None) -> dict:
     """Everything that decides the training trajectory, the starting weights included (`untrained_weights`:
-    models.weights_digest of the model before its first step). Paths, worker counts and logging are left out,
-    except the streams Parquet shards are read in (`data_streams`, from the worker count), which decide their
-    batches."""
+    models.weights_digest of the model before its first step; `training_data`, `validation_data`: the data's
+    `data_fingerprints`). Paths, worker counts and logging are left out, except the streams Parquet shards are
+    read in (`data_streams`, from the worker count), which decide their batches."""
     identity = {"model_name": model_name, "pretrained": pretrained, "untrained_weights": untrained_weights,
-                "classes": list(classes), "training_data": data_fingerprint(train_dir),
-                "validation_data": data_fingerprint(valid_dir), **hyperparameters, "world_size": world_size}
+                "classes": list(classes), "training_data": training_data, "validation_data": validation_data,
+                **hyperparameters, "world_size": world_size}
     if data_streams is not None:
         identity["data_streams"] = data_streams
     return identity

@@ -101,11 +101,13 @@ def train_model(config: TrainConfig, ctx: distributed.Context) -> dict:
         config, preprocessing = settle(config, ctx, spec, model, training_images=len(data.train),
                                        task=data.task.name)
         configure_torch(config, ctx)
+        # Needed by every run, checkpoint folder or not: the trained model records it, and a restart finds its output.
+        training_data, validation_data = checkpoint.data_fingerprints(ctx, data.train, data.valid)
         identity = checkpoint.run_identity(
             model_name=spec.model_name, pretrained=spec.pretrained, classes=data.classes,
             untrained_weights=weights_digest(model.state_dict()),  # other starting weights: another run
-            train_dir=data.train, valid_dir=data.valid, world_size=ctx.world_size, hyperparameters=config.identity(),
-            data_streams=training_streams(config, ctx, data))
+            training_data=training_data, validation_data=validation_data, world_size=ctx.world_size,
+            hyperparameters=config.identity(), data_streams=training_streams(config, ctx, data))
         if already_written(config, ctx, identity):
             return finish_restart(config, ctx, identity)
         if ctx.is_main:  # now, not after hours of training
