@@ -108,9 +108,6 @@ class MultiClass:
     def validation(self, num_classes: int, device: torch.device) -> ClassValidation:
         return ClassValidation(num_classes, device)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.softmax(dim=1)
-
     def describe(self, m) -> str:
         top5 = f" top-5 {m.valid_top5:.1%}" if m.valid_top5 is not None else ""
         return f"valid loss {m.valid_loss:.4f} top-1 {m.valid_top1:.1%}{top5}"
@@ -190,9 +187,6 @@ class MultiLabel:
 
     def validation(self, num_classes: int, device: torch.device) -> LabelSetValidation:
         return LabelSetValidation(num_classes, device)
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.sigmoid()
 
     def describe(self, m) -> str:
         return (f"valid loss {m.valid_loss:.4f} IoU {m.valid_iou:.1%} F1 micro {m.valid_f1_micro:.1%} "
