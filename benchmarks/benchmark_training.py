@@ -14,7 +14,8 @@ between measurements), interleaved over `--repeats` rounds so background load hi
             index building, worker start-up and model writing excluded).
 - baseline: a loop shaped like the original module: PIL decode + resize + ToTensor + Normalize in the main
             process, no workers, no overlap, fp32.
-- eval:     validation throughput through Trainer.evaluate vs an in-memory inference ceiling.
+- eval:     validation throughput inside `train` (Trainer.evaluate, and the BatchNorm re-estimation before it) vs an
+            in-memory inference ceiling.
 - workers:  `train` with --num-workers 0, 1, 2, ... (the data behind default_num_workers).
 - index:    load_image_directory on generated images.lst files of 100k and 1M rows: seconds and memory.
 - memory:   peak memory of `train` at 2k vs 20k rows (the 20k-row images.lst repeats the generated files).
