@@ -45,3 +45,23 @@ def test_summary_lines_fit_the_width():
         lines = fit_width(parts, width).splitlines()
         assert len(lines) > 1 and all(len(line) <= min(width, 120) for line in lines)
         assert " ".join(" ".join(lines).split()) == " ".join(" ".join(parts).split())
+
+
+def test_the_bar_counts_every_step_and_names_the_phases(monkeypatch):
+    """The bar's count follows each step (tqdm redraws it at most 10 times a second, so a test on a terminal
+    cannot rely on seeing every count drawn); the loss is shown from print steps, and a phase renames the bar."""
+    import io
+
+    stream = io.StringIO()
+    monkeypatch.setattr(progress.sys, "stderr", stream)
+    shown = Progress(epochs=2, batch_size=4, print_freq=2, terminal=True)
+    shown.start_epoch(0, 3)
+    counts = []
+    for step in (1, 2, 3):
+        shown.step(step, 0.25 if step == 2 else None)
+        counts.append(shown.bar.n)
+    assert counts == [1, 2, 3] and shown.bar.postfix == "loss=0.2500"
+    shown.phase("validation")
+    assert stream.getvalue().rsplit("\r", 1)[-1].startswith("epoch 1/2 validation: 100%")
+    shown.end_epoch()
+    assert shown.bar is None and len(shown.epoch_seconds) == 1
