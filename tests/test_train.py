@@ -360,6 +360,15 @@ def test_the_old_ema_update_is_caught_by_the_host_read_count(monkeypatch):
     new.update_parameters(model)
     assert torch.allclose(new.module[0].weight, expected)
     assert int(new.n_averaged) == 5 and set(new.state_dict()) == set(old.state_dict())
+    # The tensor lists are kept between steps: still right after a checkpoint is loaded into the average (in
+    # place), and rebuilt for another model.
+    new.load_state_dict(old.state_dict())
+    new.update_parameters(model)
+    assert torch.allclose(new.module[0].weight, old.module[0].weight * 0.9 + model[0].weight * 0.1)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    expected = new.module[0].weight * 0.9 + other[0].weight * 0.1
+    new.update_parameters(other)
+    assert torch.allclose(new.module[0].weight, expected)
 
 
 @pytest.mark.parametrize("flags", [

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -162,16 +163,23 @@ class WeightAverage(AveragedModel):
         super().__init__(model, use_buffers=True)
         self.decay = decay
         self.n_averaged += 1  # the copy made above is the first average
+        self._pairs: tuple[weakref.ref, list, list, list, list] | None = None
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        averaged = [*self.module.parameters(), *self.module.buffers()]
-        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
-        floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
-        torch._foreach_lerp_([averaged[i] for i in floats], [current[i] for i in floats], 1 - self.decay)
-        counts = [i for i, t in enumerate(averaged) if not t.is_floating_point()]  # BatchNorm's batch counters
-        if counts:
-            torch._foreach_copy_([averaged[i] for i in counts], [current[i] for i in counts])
+        # The tensor lists are built once per model (walking a ResNet-50's modules every step costs more host
+        # time than the kernels): the weights and buffers are the same tensors, updated in place, all run long.
+        if self._pairs is None or self._pairs[0]() is not model:
+            averaged = [*self.module.parameters(), *self.module.buffers()]
+            current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+            floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+            counts = [i for i, t in enumerate(averaged) if not t.is_floating_point()]  # BatchNorm's batch counters
+            self._pairs = (weakref.ref(model), [averaged[i] for i in floats], [current[i] for i in floats],
+                           [averaged[i] for i in counts], [current[i] for i in counts])
+        _, averaged_floats, current_floats, averaged_counts, current_counts = self._pairs
+        torch._foreach_lerp_(averaged_floats, current_floats, 1 - self.decay)
+        if averaged_counts:
+            torch._foreach_copy_(averaged_counts, current_counts)
         self.n_averaged += 1
 
 
