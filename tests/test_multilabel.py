@@ -213,6 +213,12 @@ def test_score_and_evaluate_a_multilabel_model(multilabel_model, tmp_path):
         assert main(["evaluate", "--scored-data", str(source), "--evaluation", str(evaluation)]) == 0
         metrics = json.loads((evaluation / "metrics.json").read_text())
         assert metrics["task"] == "multilabel" and metrics["evaluated_rows"] == 24
+        # The threshold score used, where the table recorded it (Parquet); a CSV does not, and none is guessed.
+        report = (evaluation / "report.html").read_text()
+        if source == scored:
+            assert metrics["threshold"] == 0.5 and "probability reaches 0.5." in report
+        else:
+            assert metrics["threshold"] is None and "does not record the threshold" in report
         truth = np.array([[c in r["label"] for c in sorted(MULTILABEL_CLASSES)] for r in rows])
         expected = multilabel_metrics.summary(truth, probabilities)
         assert metrics["iou"] == pytest.approx(expected["iou"]) and metrics["map"] == pytest.approx(expected["map"])

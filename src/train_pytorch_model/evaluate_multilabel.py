@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from .errors import InvalidDatasetError, NotLabeledDatasetError, quote
 from .label_sets import as_label_list
-from .multilabel_metrics import DEFAULT_THRESHOLD, per_class, summary
+from .multilabel_metrics import per_class, summary
 from .predictions import (
     ERROR_COLUMN,
     LABEL_COLUMN,
@@ -92,11 +92,13 @@ def evaluate_multilabel_table(table: pd.DataFrame, label_column: str = LABEL_COL
         truth[row, [index[n] for n in truth_sets[i]]] = True
         predicted[row, [index[n] for n in predicted_sets[i] if n in index]] = True
     probabilities = np.hstack([probabilities, np.zeros((len(truth), len(unknown)))])
-    threshold = float(table.attrs.get(THRESHOLD_ATTR, DEFAULT_THRESHOLD))
-    overall = summary(truth, probabilities, threshold, predicted=predicted)
+    # The predicted sets are the table's own; the threshold `score` used is shown where the table recorded it (a
+    # Parquet file does, a CSV keeps no metadata: None, shown as not recorded, rather than a guess).
+    threshold = float(table.attrs[THRESHOLD_ATTR]) if THRESHOLD_ATTR in table.attrs else None
+    overall = summary(truth, probabilities, predicted=predicted)
     micro = _averaged(truth, predicted, "micro")
     macro = _averaged(truth, predicted, "macro")
-    classwise = per_class(truth, probabilities, threshold, predicted=predicted)
+    classwise = per_class(truth, probabilities, predicted=predicted)
     metrics = {
         "task": "multilabel",
         "rows": int(len(table)), "evaluated_rows": int(use.sum()),
@@ -138,7 +140,7 @@ def summary_text(metrics: dict, folder) -> str:
     from pathlib import Path
 
     lines = [f"Evaluated {metrics['evaluated_rows']} of {metrics['rows']} rows (multi-label, threshold "
-             f"{metrics['threshold']:g}).",
+             f"{threshold_text(metrics['threshold'])}).",
              f"IoU {metrics['iou']:.3f}, exact-set accuracy {metrics['accuracy']:.2%}, mAP {metrics['map']:.3f}",
              f"Micro F1 {metrics['micro']['f1']:.3f}, macro F1 {metrics['macro']['f1']:.3f}",
              f"{'class':>16}  precision  recall     f1     AP  support"]
@@ -149,3 +151,7 @@ def summary_text(metrics: dict, folder) -> str:
     lines.append(f"Metrics: {Path(folder) / 'metrics.json'}")
     lines.append(f"Report (open it in a browser): {Path(folder) / 'report.html'}")
     return "\n".join(lines)
+
+
+def threshold_text(threshold: float | None) -> str:
+    return "not recorded" if threshold is None else f"{threshold:g}"

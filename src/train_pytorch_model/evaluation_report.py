@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import InvalidParameterError
+from .evaluate_multilabel import threshold_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -214,15 +215,17 @@ def write_multilabel_report_html(path: Path, figures: Path, *, metrics: dict, ti
     tiles = [_tile(f"{metrics['iou']:.3f}", "IoU (mean per image)"), _tile(f"{metrics['map']:.3f}", "mAP"),
              _tile(f"{metrics['accuracy']:.1%}", "exact-set accuracy"), _tile(f"{micro['f1']:.3f}", "micro F1"),
              _tile(f"{macro['f1']:.3f}", "macro F1"), _tile(f"{micro['precision']:.3f}", "micro precision"),
-             _tile(f"{micro['recall']:.3f}", "micro recall"), _tile(f"{metrics['threshold']:g}", "threshold"),
+             _tile(f"{micro['recall']:.3f}", "micro recall"), _tile(threshold_text(metrics["threshold"]), "threshold"),
              _tile(f"{metrics['evaluated_rows']:,}", f"images evaluated of {metrics['rows']:,}")]
     per_class = metrics["per_class"]
     per_class_table, per_class_note = _per_class_table(
         per_class, {"AP": {name: m["average_precision"] for name, m in per_class.items()}})
+    predicted_when = ("the predicted labels as scored (a CSV does not record the threshold)"
+                      if metrics["threshold"] is None
+                      else f"a label predicted when its probability reaches {metrics['threshold']:g}")
     body = f"""<p class="lead">How well the multi-label model finds every label of images it did not train on:
-{metrics['evaluated_rows']:,} labeled images, {len(metrics['classes'])} classes, a label predicted when its
-probability reaches {metrics['threshold']:g}. Written by <code>train_pytorch_model evaluate</code>; the numbers are in
-metrics.json next to this page.</p>
+{metrics['evaluated_rows']:,} labeled images, {len(metrics['classes'])} classes, {predicted_when}. Written by
+<code>train_pytorch_model evaluate</code>; the numbers are in metrics.json next to this page.</p>
 <nav><a href="#summary">Summary</a><a href="#per-class">Per class</a><a href="#decisions">Per-class decisions</a></nav>
 
 <section id="summary"><h2>Headline metrics</h2>
