@@ -138,6 +138,55 @@ def test_the_metrics_are_automls_at_threshold_half():
     assert m["map"] == pytest.approx((1 + 1 + 0.5) / 3)
 
 
+def test_the_validation_pass_sums_what_the_metrics_need_and_nothing_that_grows_with_the_images():
+    """Training's validation (tasks.LabelSetValidation) keeps per-class sums, not every image's probabilities:
+    IoU, F1 and exact match equal scikit-learn's on the whole set; AP is scikit-learn's on the logits rounded
+    to their histogram bin, and within a hair of the exact AP."""
+    from sklearn.metrics import average_precision_score
+
+    from train_pytorch_model.distributed import Context
+    from train_pytorch_model.tasks import LabelSetValidation
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(257, 7, generator=generator) * 3
+    targets = (torch.rand(257, 7, generator=generator) < 0.3).float()
+    targets[:, 6] = 0  # a class no image has: left out of mAP, F1 0
+    logits[:5] = 40.0  # beyond the histogram's range: ties at its top
+    validation = LabelSetValidation(7, torch.device("cpu"))
+    state = (validation.sums, validation.decisions, validation.histogram)
+    sizes = [t.numel() for t in state]
+    for start in range(0, 257, 50):
+        validation.add(logits[start:start + 50], targets[start:start + 50])
+    assert [t.numel() for t in state] == sizes  # the same few tensors, whatever the number of images
+    result = validation.result(Context(torch.device("cpu")))
+
+    truth = targets.numpy() > 0.5
+    exact = multilabel_metrics.summary(truth, logits.sigmoid().numpy())
+    for name in ("iou", "f1_micro", "f1_macro", "exact_match"):
+        assert result[name] == pytest.approx(exact[name], abs=1e-12), name
+    bins = multilabel_metrics.score_bins(logits, validation.bins).numpy()
+    rounded = np.mean([average_precision_score(truth[:, k], bins[:, k]) for k in range(6)])
+    assert result["map"] == pytest.approx(rounded, abs=1e-12)
+    assert result["map"] == pytest.approx(exact["map"], abs=1e-3) and result["map"] != exact["map"]
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).mean()
+    assert result["loss"] == pytest.approx(float(loss), rel=1e-6)
+    # No image (a rank's share can be empty): the pass says so rather than dividing by zero.
+    assert LabelSetValidation(7, torch.device("cpu")).result(Context(torch.device("cpu")))["loss"] == float("inf")
+
+
+def test_the_validation_histogram_stays_bounded_for_many_classes():
+    """2,048 bins a class (1/64 of a logit) up to 4,096 classes; past that fewer, so the histogram stays within
+    HISTOGRAM_CELLS (64 MiB of int32) up to 131,072 classes, more than MAX_CLASSES allows."""
+    from train_pytorch_model.categories import MAX_CLASSES
+
+    assert multilabel_metrics.histogram_bins(4) == multilabel_metrics.histogram_bins(4096) == 2048
+    for classes in (4097, 20_000, MAX_CLASSES):
+        bins = multilabel_metrics.histogram_bins(classes)
+        assert 64 <= bins < 2048 and 2 * classes * bins <= multilabel_metrics.HISTOGRAM_CELLS
+    edges = multilabel_metrics.score_bins(torch.tensor([-100.0, -16.0, 0.0, 15.99, 16.0, 100.0]), 2048)
+    assert edges.tolist() == [0, 0, 1024, 2047, 2047, 2047]
+
+
 # --- end to end -------------------------------------------------------------------------------------------
 
 

@@ -58,6 +58,12 @@ class Context:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor.tolist()
 
+    def all_reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over all ranks (in place)."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every rank's rows (an (n, k) tensor, int64 or float; n may differ, even be 0), concatenated in rank order, on
         every rank. Padded to the longest, as all_gather needs equal shapes."""

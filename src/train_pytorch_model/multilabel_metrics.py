@@ -9,6 +9,12 @@ one sigmoid per class). A class is predicted when its probability reaches the th
 - map: mean average precision, the macro average over the classes that have a positive image (average
   precision is undefined for a class without one).
 - exact_match: the fraction of images whose predicted set is exactly the true set (subset accuracy).
+
+`evaluate` has the whole table and computes them exactly (scikit-learn). Training's validation pass must not hold
+every image's probabilities (memory would grow with the validation set, and DDP would gather them on every rank):
+it sums, per class, the decisions at the threshold (exact IoU, F1 and exact match) and a histogram of the logits
+(`score_bins`), from which `binned_average_precisions` gives each class's AP with tied scores inside a bin, as
+if the scores had been rounded to 1/64 of a logit: scikit-learn's AP of the bin indices, to the last digit.
 """
 
 from __future__ import annotations
@@ -19,6 +25,46 @@ import numpy as np
 
 DEFAULT_THRESHOLD = 0.5
 SUMMARY = ("iou", "f1_micro", "f1_macro", "map", "exact_match")
+LOGIT_RANGE = 16.0  # sigmoid(±16) is within 1.2e-7 of 0 and 1: logits beyond are ties at the ends
+MAX_BINS = 2048  # 1/64 of a logit per bin
+HISTOGRAM_CELLS = 1 << 24  # classes x bins x (negatives, positives), int32: 64 MiB at most, 2,048 bins to 4,096 classes
+
+
+def histogram_bins(num_classes: int) -> int:
+    """Bins per class for validation AP: MAX_BINS, fewer when that many classes would make the histogram large."""
+    return max(64, min(MAX_BINS, HISTOGRAM_CELLS // (2 * max(num_classes, 1))))
+
+
+def score_bins(logits, bins: int):
+    """Each logit's bin, 0 (lowest) to bins - 1 (torch, on the logits' device)."""
+    scaled = (logits.float().clamp(-LOGIT_RANGE, LOGIT_RANGE) + LOGIT_RANGE) * (bins / (2 * LOGIT_RANGE))
+    return scaled.long().clamp_(max=bins - 1)
+
+
+def binned_average_precisions(histogram: np.ndarray) -> list[float | None]:
+    """Each class's average precision from `histogram` (2 x classes x bins: negatives, positives per bin, low to
+    high); scikit-learn's formula, sum over thresholds of (recall step) x precision, with each bin one threshold.
+    None for a class without a positive image."""
+    negatives, positives = (np.cumsum(h[:, ::-1], axis=1, dtype=np.int64) for h in histogram)
+    total = positives[:, -1]
+    precision = positives / np.maximum(positives + negatives, 1)
+    recall_steps = np.diff(positives, axis=1, prepend=0) / np.maximum(total, 1)[:, None]
+    ap = (recall_steps * precision).sum(axis=1)
+    return [float(a) if t > 0 else None for a, t in zip(ap, total)]
+
+
+def summary_from_counts(images: float, iou_sum: float, exact: float, decisions: np.ndarray,
+                        histogram: np.ndarray) -> dict[str, float]:
+    """`summary`'s numbers from a validation pass's sums: `decisions` is 3 x classes (true positives, false
+    positives, false negatives), `histogram` as binned_average_precisions takes it."""
+    true_pos, false_pos, false_neg = (d.astype(np.float64) for d in decisions)
+    f1_denominators = 2 * true_pos + false_pos + false_neg
+    f1 = np.divide(2 * true_pos, f1_denominators, out=np.zeros_like(true_pos), where=f1_denominators > 0)
+    micro_denominator = f1_denominators.sum()
+    f1_micro = float(2 * true_pos.sum() / micro_denominator) if micro_denominator else 0.0
+    defined = [ap for ap in binned_average_precisions(histogram) if ap is not None]
+    return {"iou": iou_sum / images, "f1_micro": f1_micro, "f1_macro": float(f1.mean()),
+            "map": float(np.mean(defined)) if defined else 0.0, "exact_match": exact / images}
 
 
 def predicted_sets(probabilities: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:

@@ -6,8 +6,8 @@
 
 `resolve_task` decides from the data and `--task`; the trainer calls the chosen strategy (`MultiClass` or
 `MultiLabel`) and never asks which task it is. Validation metrics are summed on the device batch by batch
-(multi-class) or gathered once per pass (multi-label: its metrics need every image's probabilities), so
-neither adds a host sync per step.
+for both tasks (multi-label: decisions and a logit histogram per class, multilabel_metrics.py), so neither adds
+a host sync per step nor holds memory that grows with the validation set.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .distributed import Context
 from .errors import InvalidDatasetError, InvalidParameterError, SingleLabelFormatError
 from .image_directory import ImageDirectory
 from .label_sets import LabelSets
-from .multilabel_metrics import DEFAULT_THRESHOLD, SUMMARY, summary
+from .multilabel_metrics import DEFAULT_THRESHOLD, SUMMARY, histogram_bins, score_bins, summary_from_counts
 
 log = logging.getLogger(__name__)
 
@@ -219,26 +219,39 @@ class ClassValidation:
 
 
 class LabelSetValidation:
-    """A multi-label validation pass: the loss summed on the device; every image's probabilities and true set kept
-    there (images x classes) and brought to the host once, where scikit-learn computes the metrics."""
+    """A multi-label validation pass, summed on the device batch by batch and over ranks once at the end: the loss;
+    the images, their IoUs and exact matches; per class the true/false positives and false negatives at the
+    threshold, and a histogram of the logits of the images with and without the label (for AP)."""
 
     def __init__(self, num_classes: int, device: torch.device):
         self.num_classes, self.device = num_classes, device
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.rows: list[torch.Tensor] = []  # per image: the probabilities, then the true set as 0/1
+        self.bins = histogram_bins(num_classes)
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, images, IoU, exact matches
+        self.decisions = torch.zeros(3, num_classes, dtype=torch.int64, device=device)
+        self.histogram = torch.zeros(2 * num_classes * self.bins, dtype=torch.int32, device=device)
+        self.cell_of_class = torch.arange(num_classes, device=device) * self.bins
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        truth = targets > 0.5
+        predicted = logits.sigmoid() >= MultiLabel.threshold  # as score and the MLflow model decide
+        both, either = (truth & predicted).sum(1), (truth | predicted).sum(1)
+        iou = torch.where(either > 0, both.double() / either.clamp(min=1), 1.0)  # none true or predicted: a match
         # The mean over classes per image, summed over images: the training loss's scale.
-        self.loss_sum += F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum().double()
-        self.rows.append(torch.cat([logits.sigmoid(), (targets > 0.5).float()], dim=1))
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(1).sum()
+        self.sums[0] += loss.double()
+        self.sums[1] += len(logits)
+        self.sums[2] += iou.sum()
+        self.sums[3] += (truth == predicted).all(1).sum()
+        self.decisions += torch.stack([(truth & predicted).sum(0), (~truth & predicted).sum(0),
+                                       (truth & ~predicted).sum(0)])
+        cells = truth.long() * (self.num_classes * self.bins) + self.cell_of_class + score_bins(logits, self.bins)
+        self.histogram.index_add_(0, cells.flatten(), torch.ones(cells.numel(), dtype=torch.int32, device=self.device))
 
     def result(self, ctx: Context) -> dict:
-        rows = torch.cat(self.rows) if self.rows else torch.zeros(0, 2 * self.num_classes, device=self.device)
-        (loss_sum,) = ctx.all_reduce_sum([self.loss_sum.item()])
-        rows = ctx.gather_rows(rows).cpu()  # every rank's images (DDP), on the host
-        probabilities, truth = rows[:, :self.num_classes], rows[:, self.num_classes:] > 0.5
-        seen = len(rows)
-        if seen == 0:
+        loss_sum, images, iou_sum, exact = ctx.all_reduce_sum(self.sums.tolist())  # the one sync of a validation
+        if images == 0:
             return {"loss": math.inf, "top1": None, "top5": None, **dict.fromkeys(SUMMARY, 0.0)}
-        return {"loss": loss_sum / seen, "top1": None, "top5": None,
-                **summary(truth.numpy(), probabilities.numpy(), MultiLabel.threshold)}
+        decisions, histogram = ctx.all_reduce_tensor(self.decisions), ctx.all_reduce_tensor(self.histogram)
+        return {"loss": loss_sum / images, "top1": None, "top5": None,
+                **summary_from_counts(images, iou_sum, exact, decisions.cpu().numpy(),
+                                      histogram.view(2, self.num_classes, self.bins).cpu().numpy())}
