@@ -163,24 +163,30 @@ class WeightAverage(AveragedModel):
         super().__init__(model, use_buffers=True)
         self.decay = decay
         self.n_averaged += 1  # the copy made above is the first average
-        self._pairs: tuple[weakref.ref, list, list, list, list] | None = None
+        self._source: weakref.ref | None = None  # the model `_lists` were built for
+        self._lists: tuple[list, list, list, list] = ([], [], [], [])
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        # The tensor lists are built once per model (walking a ResNet-50's modules every step costs more host
-        # time than the kernels): the weights and buffers are the same tensors, updated in place, all run long.
-        if self._pairs is None or self._pairs[0]() is not model:
-            averaged = [*self.module.parameters(), *self.module.buffers()]
-            current = [t.detach() for t in (*model.parameters(), *model.buffers())]
-            floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
-            counts = [i for i, t in enumerate(averaged) if not t.is_floating_point()]  # BatchNorm's batch counters
-            self._pairs = (weakref.ref(model), [averaged[i] for i in floats], [current[i] for i in floats],
-                           [averaged[i] for i in counts], [current[i] for i in counts])
-        _, averaged_floats, current_floats, averaged_counts, current_counts = self._pairs
+        averaged_floats, current_floats, averaged_counts, current_counts = self._tensor_lists(model)
         torch._foreach_lerp_(averaged_floats, current_floats, 1 - self.decay)
         if averaged_counts:
             torch._foreach_copy_(averaged_counts, current_counts)
         self.n_averaged += 1
+
+    def _tensor_lists(self, model: nn.Module) -> tuple[list, list, list, list]:
+        """(averaged, current) floating-point weights and buffers, then (averaged, current) integer buffers
+        (BatchNorm's batch counters), built once per model: walking a ResNet-50's modules every step costs more
+        host time than the kernels, and the tensors are the same all run long (updated in place)."""
+        if self._source is None or self._source() is not model:
+            averaged = [*self.module.parameters(), *self.module.buffers()]
+            current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+            floats = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+            counts = [i for i, t in enumerate(averaged) if not t.is_floating_point()]
+            self._source = weakref.ref(model)
+            self._lists = ([averaged[i] for i in floats], [current[i] for i in floats],
+                           [averaged[i] for i in counts], [current[i] for i in counts])
+        return self._lists
 
 
 def make_ema(model: nn.Module, decay: float) -> WeightAverage | None:
