@@ -185,6 +185,7 @@ def test_the_validation_histogram_stays_bounded_for_many_classes():
         assert 64 <= bins < 2048 and 2 * classes * bins <= multilabel_metrics.HISTOGRAM_CELLS
     edges = multilabel_metrics.score_bins(torch.tensor([-100.0, -16.0, 0.0, 15.99, 16.0, 100.0]), 2048)
     assert edges.tolist() == [0, 0, 1024, 2047, 2047, 2047]
+    assert 0 <= int(multilabel_metrics.score_bins(torch.tensor([float("nan")]), 2048)) < 2048
 
 
 # --- end to end -------------------------------------------------------------------------------------------

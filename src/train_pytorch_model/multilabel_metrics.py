@@ -36,9 +36,10 @@ def histogram_bins(num_classes: int) -> int:
 
 
 def score_bins(logits, bins: int):
-    """Each logit's bin, 0 (lowest) to bins - 1 (torch, on the logits' device)."""
+    """Each logit's bin, 0 (lowest) to bins - 1 (torch, on the logits' device). A NaN logit (a model that
+    diverged on this batch) lands in a bin too: an index out of range would be a device-side assert on a GPU."""
     scaled = (logits.float().clamp(-LOGIT_RANGE, LOGIT_RANGE) + LOGIT_RANGE) * (bins / (2 * LOGIT_RANGE))
-    return scaled.long().clamp_(max=bins - 1)
+    return scaled.long().clamp_(0, bins - 1)
 
 
 def binned_average_precisions(histogram: np.ndarray) -> list[float | None]:
